@@ -1,0 +1,302 @@
+//! The configuration: loading, validation and the typed model every other module reads.
+//!
+//! Pipeline: file text → [`raw::RawConfig`] (serde, strict: unknown keys are errors) →
+//! [`validate`] (collects every problem, each with file, line and column) → [`Config`],
+//! whose types cannot hold an invalid value. Nothing outside this module sees raw types.
+
+pub mod raw;
+mod summary;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was loaded from; relative paths inside it resolve against its folder.
+    pub source: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub log: LogConfig,
+    /// `None` when the file has no `[admin]` table: no admin server runs.
+    pub admin: Option<AdminConfig>,
+    /// In file order of their names (sorted), never empty.
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<Arc<PoolConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 0 in the file means one per CPU, resolved here.
+    pub worker_threads: usize,
+    /// How long established connections may finish after SIGTERM/SIGINT. Default 30s.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// One of error|warn|info|debug|trace. Default info.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// When set, every non-GET request needs `Authorization: Bearer <token>`.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// Never empty, no address twice in the whole file.
+    pub binds: Vec<SocketAddr>,
+    /// Name of a pool that exists in the same config.
+    pub pool: String,
+    /// `None` = unlimited. Beyond it, new clients are accepted and closed at once.
+    pub max_connections: Option<NonZeroUsize>,
+    /// listen(2) backlog. Default 1024.
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+    RandomTwo,
+    SourceHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failback {
+    Immediate,
+    Manual,
+    /// Only after the better tier stayed usable for this long.
+    After(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUpstreamDown {
+    Close,
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllDown {
+    TryAll,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Balance,
+    /// Per attempt. Default 2s.
+    pub connect_timeout: Duration,
+    /// Tries per client connection, each on a different upstream; at least 1. Default 3.
+    pub connect_attempts: usize,
+    /// Start a parallel attempt when one has not connected by then. Default off.
+    pub hedge_after: Option<Duration>,
+    /// No byte either way for this long closes both sides. Default 1h; "off" disables.
+    pub idle_timeout: Option<Duration>,
+    pub failback: Failback,
+    pub on_upstream_down: OnUpstreamDown,
+    pub drain_after_failback: Option<Duration>,
+    /// A tier is active only with at least this many usable upstreams; at least 1.
+    pub min_usable: usize,
+    pub when_all_down: WhenAllDown,
+    /// Keepalive idle time on both sides' sockets. Default 60s; "off" disables.
+    pub tcp_keepalive: Option<Duration>,
+    /// Never empty; addresses and names unique within the pool.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub health: HealthConfig,
+    pub outlier: OutlierConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Resolved at load time.
+    pub address: SocketAddr,
+    /// The address as written (`host:port` or `ip:port`), for display.
+    pub target: String,
+    pub name: Option<String>,
+    /// 0 is the primary tier, 1 the first backup, and so on.
+    pub priority: u32,
+    /// 1..=256, default 1.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub fast_interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Bytes sent after connect (escapes already decoded).
+    pub send: Vec<u8>,
+    /// The reply must start with these bytes; empty = connect alone is enough.
+    pub expect: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", Problems(problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+/// One thing wrong in a config file, at a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    /// Dotted path of the key, e.g. `pools.pg.connect_timeout`; empty for syntax errors.
+    pub key: String,
+    pub message: String,
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if it had been read from `path` (used in messages and to
+    /// resolve relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        validate::parse(text, path)
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolConfig>> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// What `switchyard check` prints: listeners, pools, tiers, effective settings.
+    pub fn summary(&self) -> String {
+        summary::render(self)
+    }
+}
+
+// === impl PoolConfig ===
+
+impl PoolConfig {
+    /// The distinct priorities in use, best first.
+    pub fn priorities(&self) -> Vec<u32> {
+        let mut priorities: Vec<u32> = self.upstreams.iter().map(|u| u.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        priorities
+    }
+}
+
+// === impl UpstreamConfig ===
+
+impl UpstreamConfig {
+    /// How operators see this upstream: its name, else its address as written.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.target)
+    }
+}
+
+// === impl Problem ===
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConnections => "least_connections",
+            Balance::RandomTwo => "random_two",
+            Balance::SourceHash => "source_hash",
+        })
+    }
+}
+
+impl fmt::Display for Failback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failback::Immediate => f.write_str("immediate"),
+            Failback::Manual => f.write_str("manual"),
+            Failback::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+impl fmt::Display for OnUpstreamDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnUpstreamDown::Close => "close",
+            OnUpstreamDown::Keep => "keep",
+        })
+    }
+}
+
+impl fmt::Display for WhenAllDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WhenAllDown::TryAll => "try_all",
+            WhenAllDown::Reject => "reject",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! The human summary printed by `switchyard check`: every effective setting, defaults
+//! filled in, so an operator sees what the proxy will actually do.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use super::{Config, PoolConfig};
+
+pub(super) fn render(config: &Config) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail; the results are ignored for that reason only.
+    let _ = writeln!(out, "{}: configuration is valid", config.source.display());
+    let _ = writeln!(
+        out,
+        "runtime: worker_threads {}, shutdown_grace {}; log: level {}, format {}",
+        config.runtime.worker_threads,
+        human(config.runtime.shutdown_grace),
+        config.log.level,
+        match config.log.format {
+            super::LogFormat::Text => "text",
+            super::LogFormat::Json => "json",
+        },
+    );
+    match &config.admin {
+        Some(admin) => {
+            let token = match &admin.token_file {
+                Some(path) => format!("token from {}", path.display()),
+                None => "no token".to_string(),
+            };
+            let _ = writeln!(out, "admin: {} ({token})", admin.listen);
+        }
+        None => {
+            let _ = writeln!(out, "admin: off");
+        }
+    }
+    for listener in &config.listeners {
+        let binds: Vec<String> = listener.binds.iter().map(ToString::to_string).collect();
+        let max = listener
+            .max_connections
+            .map_or("unlimited".to_string(), |m| m.to_string());
+        let _ = writeln!(
+            out,
+            "listener {}: bind {} -> pool {} (max_connections {max}, backlog {})",
+            listener.name,
+            binds.join(", "),
+            listener.pool,
+            listener.backlog,
+        );
+    }
+    for pool in &config.pools {
+        render_pool(&mut out, pool);
+    }
+    out
+}
+
+fn render_pool(out: &mut String, pool: &PoolConfig) {
+    let _ = writeln!(out, "pool {}:", pool.name);
+    let _ = writeln!(
+        out,
+        "  balance {}, connect_timeout {}, connect_attempts {}, hedge_after {}, idle_timeout {}",
+        pool.balance,
+        human(pool.connect_timeout),
+        pool.connect_attempts,
+        off_or(pool.hedge_after),
+        off_or(pool.idle_timeout),
+    );
+    let _ = writeln!(
+        out,
+        "  failback {}, on_upstream_down {}, drain_after_failback {}, min_usable {}, when_all_down {}, tcp_keepalive {}",
+        pool.failback,
+        pool.on_upstream_down,
+        off_or(pool.drain_after_failback),
+        pool.min_usable,
+        pool.when_all_down,
+        off_or(pool.tcp_keepalive),
+    );
+    for (rank, priority) in pool.priorities().into_iter().enumerate() {
+        let role = if rank == 0 {
+            "primary".to_string()
+        } else {
+            format!("backup {rank}")
+        };
+        let members: Vec<String> = pool
+            .upstreams
+            .iter()
+            .filter(|u| u.priority == priority)
+            .map(|u| {
+                let mut s = match &u.name {
+                    Some(name) => format!("{name} ({})", u.target),
+                    None => u.target.clone(),
+                };
+                if u.target != u.address.to_string() {
+                    let _ = write!(s, " = {}", u.address);
+                }
+                if u.weight != 1 {
+                    let _ = write!(s, " weight {}", u.weight);
+                }
+                s
+            })
+            .collect();
+        let _ = writeln!(out, "  tier {priority} ({role}): {}", members.join(", "));
+    }
+    let h = &pool.health;
+    if h.enabled {
+        let _ = writeln!(
+            out,
+            "  health: interval {}, fast_interval {}, timeout {}, rise {}, fall {}, send \"{}\", expect \"{}\"",
+            human(h.interval),
+            human(h.fast_interval),
+            human(h.timeout),
+            h.rise,
+            h.fall,
+            escape(&h.send),
+            escape(&h.expect),
+        );
+    } else {
+        let _ = writeln!(out, "  health: disabled (upstreams count as up)");
+    }
+    let o = &pool.outlier;
+    let _ = writeln!(
+        out,
+        "  outlier: consecutive_failures {}, base_ejection {}, max_ejection {}",
+        o.consecutive_failures,
+        human(o.base_ejection),
+        human(o.max_ejection),
+    );
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn off_or(d: Option<Duration>) -> String {
+    d.map_or("off".to_string(), human)
+}
+
+/// The inverse of the config's escapes, so the summary can be pasted back into a file.
+fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\r' => out.push_str("\\r"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            b'\\' => out.push_str("\\\\"),
+            b'"' => out.push_str("\\x22"),
+            0x20..=0x7e => out.push(b as char),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,632 @@
+//! Raw config → typed [`Config`], collecting every problem with its position.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::raw::{OneOrMany, RawConfig, RawListener, RawPool, RawUpstream, S};
+use super::*;
+
+/// Weights are capped so that a weighted round-robin cycle stays small.
+const MAX_WEIGHT: i64 = 256;
+/// More attempts than this only delay the client's error.
+const MAX_CONNECT_ATTEMPTS: i64 = 16;
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut v = Validator {
+        file: path,
+        text,
+        problems: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let key = v.enclosing_table(span.start);
+            v.report(span, &key, e.message().trim().replace('\n', "; "));
+            return Err(ConfigError::Invalid {
+                problems: v.problems,
+            });
+        }
+    };
+    let config = v.config(raw, path);
+    if let (true, Some(config)) = (v.problems.is_empty(), config) {
+        return Ok(config);
+    }
+    v.problems.sort_by_key(|p| (p.line, p.column));
+    Err(ConfigError::Invalid {
+        problems: v.problems,
+    })
+}
+
+// === impl Validator ===
+
+impl Validator<'_> {
+    fn report(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    /// Serde errors do not carry the key path; the nearest table header above does.
+    fn enclosing_table(&self, offset: usize) -> String {
+        let before = &self.text[..offset.min(self.text.len())];
+        before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn config(&mut self, raw: RawConfig, path: &Path) -> Option<Config> {
+        let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+
+        let worker_threads = self.int(
+            &raw.runtime.worker_threads,
+            "runtime.worker_threads",
+            0,
+            1024,
+        );
+        let shutdown_grace = self.duration(&raw.runtime.shutdown_grace, "runtime.shutdown_grace");
+        let level = self.choice(
+            &raw.log.level,
+            "log.level",
+            &["error", "warn", "info", "debug", "trace"],
+        );
+        let format = self
+            .choice(&raw.log.format, "log.format", &["text", "json"])
+            .map(|f| {
+                if f == "json" {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Text
+                }
+            });
+
+        let admin = raw.admin.as_ref().map(|admin| {
+            let listen = self.socket_addr(&admin.get_ref().listen, "admin.listen");
+            let token_file = admin
+                .get_ref()
+                .token_file
+                .as_ref()
+                .map(|f| base_dir.join(f.get_ref()));
+            (listen, token_file)
+        });
+
+        let pool_names: HashSet<&str> = raw.pools.keys().map(|k| k.get_ref().as_str()).collect();
+        let mut pools = Vec::new();
+        for (name, pool) in &raw.pools {
+            self.name(name, "pools");
+            if let Some(pool) = self.pool(name.get_ref(), pool) {
+                pools.push(Arc::new(pool));
+            }
+        }
+
+        if raw.listeners.is_empty() {
+            self.report(
+                0..0,
+                "listeners",
+                "no listener is defined; add a [listeners.NAME] table with `bind` and `pool`",
+            );
+        }
+        let mut binds_seen: HashMap<SocketAddr, String> = HashMap::new();
+        let mut listeners = Vec::new();
+        for (name, listener) in &raw.listeners {
+            self.name(name, "listeners");
+            if let Some(listener) =
+                self.listener(name.get_ref(), listener, &pool_names, &mut binds_seen)
+            {
+                listeners.push(listener);
+            }
+        }
+
+        let worker_threads = worker_threads? as usize;
+        Some(Config {
+            source: path.to_path_buf(),
+            runtime: RuntimeConfig {
+                worker_threads: if worker_threads == 0 {
+                    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+                } else {
+                    worker_threads
+                },
+                shutdown_grace: shutdown_grace?,
+            },
+            log: LogConfig {
+                level: level?.to_string(),
+                format: format?,
+            },
+            admin: match admin {
+                None => None,
+                Some((listen, token_file)) => Some(AdminConfig {
+                    listen: listen?,
+                    token_file,
+                }),
+            },
+            listeners,
+            pools,
+        })
+    }
+
+    fn name(&mut self, name: &S<String>, table: &str) {
+        let valid = !name.get_ref().is_empty()
+            && name
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            self.report(
+                name.span(),
+                &format!("{table}.{}", name.get_ref()),
+                format!(
+                    "{:?} is not a valid name; names use only letters, digits, '_', '.' and '-'",
+                    name.get_ref()
+                ),
+            );
+        }
+    }
+
+    fn listener(
+        &mut self,
+        name: &str,
+        raw: &S<RawListener>,
+        pools: &HashSet<&str>,
+        binds_seen: &mut HashMap<SocketAddr, String>,
+    ) -> Option<ListenerConfig> {
+        let key = |field: &str| format!("listeners.{name}.{field}");
+        let l = raw.get_ref();
+
+        let bind_key = key("bind");
+        let entries: Vec<(String, Range<usize>)> = match l.bind.get_ref() {
+            OneOrMany::One(addr) => vec![(addr.clone(), l.bind.span())],
+            OneOrMany::Many(list) => list
+                .iter()
+                .map(|a| (a.get_ref().clone(), a.span()))
+                .collect(),
+        };
+        if entries.is_empty() {
+            self.report(
+                l.bind.span(),
+                &bind_key,
+                "the bind list is empty; give at least one address like \"0.0.0.0:5432\"",
+            );
+        }
+        let mut binds = Vec::new();
+        let mut ok = !entries.is_empty();
+        for (text, span) in entries {
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if let Some(other) = binds_seen.insert(addr, name.to_string()) {
+                        self.report(span, &bind_key, format!("address {addr} is already bound by listener {other:?}; each address may be bound once"));
+                        ok = false;
+                    }
+                    binds.push(addr);
+                }
+                Err(_) => {
+                    self.report(span, &bind_key, format!("{text:?} is not a bind address; use ip:port, e.g. \"0.0.0.0:5432\" or \"[::]:5432\""));
+                    ok = false;
+                }
+            }
+        }
+
+        let pool = l.pool.get_ref();
+        if !pools.contains(pool.as_str()) {
+            let mut defined: Vec<&str> = pools.iter().copied().collect();
+            defined.sort_unstable();
+            let defined = if defined.is_empty() {
+                "none".to_string()
+            } else {
+                defined.join(", ")
+            };
+            self.report(
+                l.pool.span(),
+                &key("pool"),
+                format!("pool {pool:?} is not defined; defined pools: {defined}"),
+            );
+            ok = false;
+        }
+        let max_connections = self.int(
+            &l.max_connections,
+            &key("max_connections"),
+            0,
+            i64::from(u32::MAX),
+        );
+        let backlog = self.int(&l.backlog, &key("backlog"), 1, 65535);
+
+        if !ok {
+            return None;
+        }
+        Some(ListenerConfig {
+            name: name.to_string(),
+            binds,
+            pool: pool.clone(),
+            max_connections: NonZeroUsize::new(max_connections? as usize),
+            backlog: backlog? as u32,
+        })
+    }
+
+    fn pool(&mut self, name: &str, raw: &S<RawPool>) -> Option<PoolConfig> {
+        let key = |field: &str| format!("pools.{name}.{field}");
+        let p = raw.get_ref();
+
+        let balance = self
+            .choice(
+                &p.balance,
+                &key("balance"),
+                &[
+                    "round_robin",
+                    "least_connections",
+                    "random_two",
+                    "source_hash",
+                ],
+            )
+            .map(|b| match b {
+                "least_connections" => Balance::LeastConnections,
+                "random_two" => Balance::RandomTwo,
+                "source_hash" => Balance::SourceHash,
+                _ => Balance::RoundRobin,
+            });
+        let connect_timeout = self.duration(&p.connect_timeout, &key("connect_timeout"));
+        let connect_attempts = self.int(
+            &p.connect_attempts,
+            &key("connect_attempts"),
+            1,
+            MAX_CONNECT_ATTEMPTS,
+        );
+        let hedge_after = self.optional_duration(&p.hedge_after, &key("hedge_after"));
+        let idle_timeout = self.optional_duration(&p.idle_timeout, &key("idle_timeout"));
+        let failback = match p.failback.get_ref().as_str() {
+            "immediate" => Some(Failback::Immediate),
+            "manual" => Some(Failback::Manual),
+            other => match parse_duration(other) {
+                Some(d) => Some(Failback::After(d)),
+                None => {
+                    self.report(p.failback.span(), &key("failback"), format!("{other:?} is not allowed; use \"immediate\", \"manual\" or a duration like \"30s\""));
+                    None
+                }
+            },
+        };
+        let on_upstream_down = self
+            .choice(
+                &p.on_upstream_down,
+                &key("on_upstream_down"),
+                &["close", "keep"],
+            )
+            .map(|c| {
+                if c == "keep" {
+                    OnUpstreamDown::Keep
+                } else {
+                    OnUpstreamDown::Close
+                }
+            });
+        let drain_after_failback =
+            self.optional_duration(&p.drain_after_failback, &key("drain_after_failback"));
+        let min_usable = self.int(&p.min_usable, &key("min_usable"), 1, 1024);
+        let when_all_down = self
+            .choice(
+                &p.when_all_down,
+                &key("when_all_down"),
+                &["try_all", "reject"],
+            )
+            .map(|c| {
+                if c == "reject" {
+                    WhenAllDown::Reject
+                } else {
+                    WhenAllDown::TryAll
+                }
+            });
+        let tcp_keepalive = self.optional_duration(&p.tcp_keepalive, &key("tcp_keepalive"));
+
+        let upstreams = self.upstreams(name, p, raw.span());
+        let health = self.health(name, p);
+        let outlier = self.outlier(name, p);
+
+        Some(PoolConfig {
+            name: name.to_string(),
+            balance: balance?,
+            connect_timeout: connect_timeout?,
+            connect_attempts: connect_attempts? as usize,
+            hedge_after: hedge_after?,
+            idle_timeout: idle_timeout?,
+            failback: failback?,
+            on_upstream_down: on_upstream_down?,
+            drain_after_failback: drain_after_failback?,
+            min_usable: min_usable? as usize,
+            when_all_down: when_all_down?,
+            tcp_keepalive: tcp_keepalive?,
+            upstreams: upstreams?,
+            health: health?,
+            outlier: outlier?,
+        })
+    }
+
+    fn upstreams(
+        &mut self,
+        pool: &str,
+        p: &RawPool,
+        pool_span: Range<usize>,
+    ) -> Option<Vec<UpstreamConfig>> {
+        let key = format!("pools.{pool}.upstreams");
+        if p.upstreams.get_ref().is_empty() {
+            let span = if p.upstreams.span().is_empty() {
+                pool_span
+            } else {
+                p.upstreams.span()
+            };
+            self.report(span, &key, "the upstream list is empty; give at least one, e.g. upstreams = [{ address = \"10.0.0.1:5432\" }]");
+            return None;
+        }
+        let mut addresses = HashSet::new();
+        let mut names = HashSet::new();
+        let mut all = Vec::new();
+        let mut ok = true;
+        for raw in p.upstreams.get_ref() {
+            match self.upstream(&key, raw.get_ref()) {
+                Some(u) => {
+                    if !addresses.insert(u.address) {
+                        self.report(raw.get_ref().address.span(), &format!("{key}.address"), format!("{} appears twice in this pool; each upstream address may appear once", u.address));
+                        ok = false;
+                    }
+                    if let Some(name) = &u.name
+                        && !names.insert(name.clone())
+                    {
+                        self.report(raw.span(), &format!("{key}.name"), format!("upstream name {name:?} appears twice in this pool; names must be unique"));
+                        ok = false;
+                    }
+                    all.push(u);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(all)
+    }
+
+    fn upstream(&mut self, key: &str, raw: &RawUpstream) -> Option<UpstreamConfig> {
+        let address = self.upstream_addr(&raw.address, &format!("{key}.address"));
+        let priority = self.int(&raw.priority, &format!("{key}.priority"), 0, 1000);
+        let weight = self.int(&raw.weight, &format!("{key}.weight"), 1, MAX_WEIGHT);
+        if let Some(name) = &raw.name {
+            self.name(name, &format!("{key}.name"));
+        }
+        Some(UpstreamConfig {
+            address: address?,
+            target: raw.address.get_ref().clone(),
+            name: raw.name.as_ref().map(|n| n.get_ref().clone()),
+            priority: priority? as u32,
+            weight: weight? as u32,
+        })
+    }
+
+    fn health(&mut self, pool: &str, p: &RawPool) -> Option<HealthConfig> {
+        let key = |field: &str| format!("pools.{pool}.health.{field}");
+        let h = &p.health;
+        let interval = self.duration(&h.interval, &key("interval"));
+        let fast_interval = self.duration(&h.fast_interval, &key("fast_interval"));
+        let timeout = self.duration(&h.timeout, &key("timeout"));
+        let rise = self.int(&h.rise, &key("rise"), 1, 1000);
+        let fall = self.int(&h.fall, &key("fall"), 1, 1000);
+        let send = self.bytes(&h.send, &key("send"));
+        let expect = self.bytes(&h.expect, &key("expect"));
+        Some(HealthConfig {
+            enabled: h.enabled,
+            interval: interval?,
+            fast_interval: fast_interval?,
+            timeout: timeout?,
+            rise: rise? as u32,
+            fall: fall? as u32,
+            send: send?,
+            expect: expect?,
+        })
+    }
+
+    fn outlier(&mut self, pool: &str, p: &RawPool) -> Option<OutlierConfig> {
+        let key = |field: &str| format!("pools.{pool}.outlier.{field}");
+        let o = &p.outlier;
+        let consecutive_failures = self.int(
+            &o.consecutive_failures,
+            &key("consecutive_failures"),
+            1,
+            1000,
+        );
+        let base_ejection = self.duration(&o.base_ejection, &key("base_ejection"));
+        let max_ejection = self.duration(&o.max_ejection, &key("max_ejection"));
+        if let (Some(base), Some(max)) = (base_ejection, max_ejection)
+            && max < base
+        {
+            self.report(
+                o.max_ejection.span(),
+                &key("max_ejection"),
+                format!(
+                    "must be at least base_ejection ({})",
+                    humantime::format_duration(base)
+                ),
+            );
+            return None;
+        }
+        Some(OutlierConfig {
+            consecutive_failures: consecutive_failures? as u32,
+            base_ejection: base_ejection?,
+            max_ejection: max_ejection?,
+        })
+    }
+
+    // --- value checks; each reports its own problem and returns None on failure ---
+
+    fn int(&mut self, value: &S<i64>, key: &str, min: i64, max: i64) -> Option<i64> {
+        let v = *value.get_ref();
+        if (min..=max).contains(&v) {
+            Some(v)
+        } else {
+            self.report(
+                value.span(),
+                key,
+                format!("{v} is out of range; allowed: {min} to {max}"),
+            );
+            None
+        }
+    }
+
+    fn choice<'c>(&mut self, value: &S<String>, key: &str, allowed: &[&'c str]) -> Option<&'c str> {
+        let found = allowed
+            .iter()
+            .find(|a| **a == value.get_ref().as_str())
+            .copied();
+        if found.is_none() {
+            self.report(
+                value.span(),
+                key,
+                format!(
+                    "{:?} is not allowed; use one of: {}",
+                    value.get_ref(),
+                    allowed.join(", ")
+                ),
+            );
+        }
+        found
+    }
+
+    fn duration(&mut self, value: &S<String>, key: &str) -> Option<Duration> {
+        let parsed = parse_duration(value.get_ref());
+        if parsed.is_none() {
+            self.report(value.span(), key, format!("{:?} is not a duration; use a positive number with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
+        }
+        parsed
+    }
+
+    fn optional_duration(&mut self, value: &S<String>, key: &str) -> Option<Option<Duration>> {
+        if value.get_ref() == "off" {
+            return Some(None);
+        }
+        let parsed = parse_duration(value.get_ref());
+        if parsed.is_none() {
+            self.report(value.span(), key, format!("{:?} is not allowed; use \"off\" or a positive duration with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
+        }
+        parsed.map(Some)
+    }
+
+    fn socket_addr(&mut self, value: &S<String>, key: &str) -> Option<SocketAddr> {
+        let parsed = value.get_ref().parse::<SocketAddr>().ok();
+        if parsed.is_none() {
+            self.report(
+                value.span(),
+                key,
+                format!(
+                    "{:?} is not an address; use ip:port, e.g. \"127.0.0.1:9900\"",
+                    value.get_ref()
+                ),
+            );
+        }
+        parsed
+    }
+
+    fn upstream_addr(&mut self, value: &S<String>, key: &str) -> Option<SocketAddr> {
+        let text = value.get_ref();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(addr);
+        }
+        let has_port = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !has_port {
+            self.report(value.span(), key, format!("{text:?} is not an address; use ip:port or host:port, e.g. \"10.0.0.1:5432\" or \"db1.internal:5432\""));
+            return None;
+        }
+        match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
+            Ok(Some(addr)) => Some(addr),
+            Ok(None) => {
+                self.report(
+                    value.span(),
+                    key,
+                    format!("host of {text:?} resolved to no address"),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(value.span(), key, format!("cannot resolve {text:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn bytes(&mut self, value: &S<String>, key: &str) -> Option<Vec<u8>> {
+        match unescape(value.get_ref()) {
+            Ok(bytes) => Some(bytes),
+            Err(message) => {
+                self.report(value.span(), key, message);
+                None
+            }
+        }
+    }
+}
+
+/// A positive duration with a unit; `None` for anything else (bare numbers, zero).
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if !text.ends_with(|c: char| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+/// Decodes the escapes of health `send`/`expect`: `\r \n \t \\ \xNN`.
+pub(crate) fn unescape(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('r') => out.push(b'\r'),
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some('\\') => out.push(b'\\'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                match u8::from_str_radix(&hex, 16) {
+                    Ok(b) if hex.len() == 2 => out.push(b),
+                    _ => {
+                        return Err(format!(
+                            "\\x{hex} is not a valid escape; \\x takes two hex digits, e.g. \\x00"
+                        ));
+                    }
+                }
+            }
+            other => {
+                let shown = other.map(String::from).unwrap_or_default();
+                return Err(format!(
+                    "\\{shown} is not a valid escape; allowed: \\r \\n \\t \\\\ \\xNN"
+                ));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+//! `switchyard demo`.
+
+pub fn main() -> Result<(), String> {
+    Ok(())
+}

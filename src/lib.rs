@@ -1,0 +1,96 @@
+//! switchyard: a Layer-4 (TCP) proxy with built-in failover.
+//!
+//! Data flows config → routing snapshot → proxy (and, later, health and admin); reload
+//! and shutdown are the two lifecycle edges. `main.rs` only parses arguments, sets up
+//! logging and calls [`run`]; tests call [`Proxy::start`] on listeners bound to port 0.
+
+#![deny(unsafe_code)]
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod shutdown;
+pub mod snapshot;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::info;
+
+use config::Config;
+use proxy::listener::{BoundListener, ListenerContext, accept_loop};
+use shutdown::Shutdown;
+use snapshot::{RoutingSnapshot, SharedSnapshot};
+
+/// A running proxy: what tests, the demo and (later) the admin API look at.
+#[derive(Debug)]
+pub struct Proxy {
+    pub snapshot: SharedSnapshot,
+    pub listeners: Vec<RunningListener>,
+}
+
+#[derive(Debug)]
+pub struct RunningListener {
+    pub context: Arc<ListenerContext>,
+    pub addrs: Vec<SocketAddr>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Starts accepting on `listeners` (already bound) with routing from `config`.
+    /// Returns at once; the proxy runs until `shutdown` begins.
+    pub fn start(config: &Config, listeners: Vec<BoundListener>, shutdown: &Shutdown) -> Self {
+        let snapshot: SharedSnapshot =
+            Arc::new(ArcSwap::from_pointee(RoutingSnapshot::all_up(config)));
+        let listeners = listeners
+            .into_iter()
+            .map(|bound| {
+                let context = Arc::new(ListenerContext::new(&bound.config, snapshot.clone()));
+                let addrs = bound.local_addrs();
+                for socket in bound.sockets {
+                    tokio::spawn(accept_loop(socket, context.clone(), shutdown.clone()));
+                }
+                RunningListener { context, addrs }
+            })
+            .collect();
+        Self {
+            snapshot,
+            listeners,
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&RunningListener> {
+        self.listeners.iter().find(|l| l.context.name == name)
+    }
+}
+
+/// Binds every listener of `config`, in order; the first failure is returned.
+pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError> {
+    config.listeners.iter().map(BoundListener::bind).collect()
+}
+
+/// Serves until `shutdown` begins, then lets connections finish for
+/// `runtime.shutdown_grace` and closes the rest.
+pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: Shutdown) {
+    for listener in &listeners {
+        for addr in listener.local_addrs() {
+            info!(listener = %listener.config.name, %addr, pool = %listener.config.pool, "listening");
+        }
+    }
+    let _proxy = Proxy::start(&config, listeners, &shutdown);
+    shutdown.stopping().await;
+    let grace = config.runtime.shutdown_grace;
+    info!(
+        open = shutdown.open_connections(),
+        grace = %humantime::format_duration(grace),
+        "shutting down: stopped accepting, waiting for connections to finish"
+    );
+    let closed = shutdown.drain(grace).await;
+    info!(closed, "shutdown complete");
+}

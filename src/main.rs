@@ -1,0 +1,182 @@
+//! Command line: parse, set up logging, load config, bind, run. No proxy logic here.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use switchyard::config::{Config, LogFormat};
+use switchyard::shutdown::Shutdown;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A TCP proxy with built-in failover"
+)]
+struct Cli {
+    /// Log output format (overrides the config's log.format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Log level or filter, e.g. "debug" (overrides RUST_LOG and the config's log.level).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(short = 'c', long = "config", default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print what it sets up.
+    Check {
+        #[arg(short = 'c', long = "config", default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Ask a running instance's admin API for its pools and upstreams.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Self-contained failover demonstration on loopback.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { ref config } => check(config),
+        Command::Run { ref config } => run(&cli, config),
+        Command::Demo => {
+            init_logging(&cli, "warn", LogFormat::Text);
+            exit_code(switchyard::demo::main())
+        }
+        Command::Status { .. } => {
+            eprintln!(
+                "error: `switchyard status` needs the admin API, which this build does not include yet"
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            print!("{}", config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli, path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(cli, &config.log.level, config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listeners = match switchyard::bind_all(&config) {
+            Ok(listeners) => listeners,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        let shutdown = Shutdown::new();
+        if let Err(e) = watch_signals(shutdown.clone()) {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(1);
+        }
+        info!(config = %config.source.display(), "switchyard started");
+        switchyard::run(config, listeners, shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM/SIGINT begin a graceful shutdown. SIGHUP is caught so that it never kills
+/// the process (its default action).
+fn watch_signals(shutdown: Shutdown) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => info!("SIGTERM received"),
+                _ = interrupt.recv() => info!("SIGINT received"),
+                _ = hangup.recv() => {
+                    warn!("SIGHUP received: hot reload is not available in this build; configuration unchanged");
+                    continue;
+                }
+            }
+            shutdown.begin();
+        }
+    });
+    Ok(())
+}
+
+fn init_logging(cli: &Cli, config_level: &str, config_format: LogFormat) {
+    let filter = match (&cli.log_level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => EnvFilter::try_new(level),
+        (None, Ok(env)) if !env.is_empty() => EnvFilter::try_new(env),
+        _ => EnvFilter::try_new(config_level),
+    }
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match cli.log_format {
+        Some(LogFormatArg::Json) => true,
+        Some(LogFormatArg::Text) => false,
+        None => config_format == LogFormat::Json,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn exit_code(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The hot path: one task per client connection, from routing to the end of the copy.
+//!
+//! A connection loads the routing snapshot once, connects, then keeps only the chosen
+//! upstream's shared counters; the snapshot is dropped before the copy so that a
+//! connection open for hours never pins old routing state.
+
+pub mod connect;
+pub mod copy;
+pub mod listener;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info};
+
+use crate::pool::attempt_order;
+use crate::shutdown::Shutdown;
+use copy::Counters;
+use listener::ListenerContext;
+
+/// Decrements a gauge when the connection ends, however it ends.
+struct Active<'a>(&'a AtomicU64);
+
+impl<'a> Active<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+pub(crate) async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    context: &ListenerContext,
+    shutdown: &Shutdown,
+) {
+    let span = tracing::debug_span!(
+        "conn",
+        listener = %context.name,
+        client.addr = %peer,
+        upstream = tracing::field::Empty,
+    );
+    async {
+        let _active = Active::enter(&context.stats.connections_active);
+        let route = context.snapshot.load().pool(&context.pool).cloned();
+        let Some(route) = route else {
+            // Only possible while a reload removes the pool under a listener.
+            context.stats.connections_failed.fetch_add(1, Relaxed);
+            return;
+        };
+        let order = attempt_order(&route, peer.ip());
+        if order.is_empty() {
+            context.stats.rejected_no_upstream.fetch_add(1, Relaxed);
+            debug!("no usable upstream and when_all_down = reject; closing client");
+            return;
+        }
+        let connected = tokio::select! {
+            connected = connect::connect(&route, &order) => connected,
+            _ = shutdown.force_closed() => return,
+        };
+        let (upstream_stream, index) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                context.stats.connections_failed.fetch_add(1, Relaxed);
+                info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                return;
+            }
+        };
+        let upstream = route.upstreams[index].clone();
+        let idle_timeout = route.config.idle_timeout;
+        connect::tune(&client, route.config.tcp_keepalive);
+        drop(route);
+
+        tracing::Span::current().record("upstream", upstream.label());
+        upstream.stats.connections_total.fetch_add(1, Relaxed);
+        let _upstream_active = Active::enter(&upstream.stats.connections_active);
+        let outcome = copy::copy_bidirectional(
+            client,
+            upstream_stream,
+            idle_timeout,
+            Counters {
+                listener: &context.stats.bytes_in,
+                upstream: &upstream.stats.bytes_sent,
+            },
+            Counters {
+                listener: &context.stats.bytes_out,
+                upstream: &upstream.stats.bytes_received,
+            },
+            shutdown.force_closed(),
+        )
+        .await;
+        debug!(
+            upstream = upstream.label(),
+            end = ?outcome.end,
+            sent = outcome.client_to_upstream,
+            received = outcome.upstream_to_client,
+            "connection closed"
+        );
+    }
+    .instrument(span)
+    .await
+}

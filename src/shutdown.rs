@@ -1,0 +1,70 @@
+//! Graceful shutdown: stop accepting, let connections finish within a grace period,
+//! then close what is left.
+//!
+//! Tokens rather than a broadcast channel, so a task that starts after shutdown began
+//! still sees it; the task tracker knows when every connection task has ended.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Cheap to clone; every clone controls the same shutdown.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    stop_accepting: CancellationToken,
+    force_close: CancellationToken,
+    connections: TaskTracker,
+}
+
+// === impl Shutdown ===
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Listeners stop accepting; established connections go on.
+    pub fn begin(&self) {
+        self.stop_accepting.cancel();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop_accepting.is_cancelled()
+    }
+
+    /// Resolves once [`begin`](Self::begin) was called.
+    pub async fn stopping(&self) {
+        self.stop_accepting.cancelled().await;
+    }
+
+    /// Resolves when established connections must close now.
+    pub async fn force_closed(&self) {
+        self.force_close.cancelled().await;
+    }
+
+    pub(crate) fn connections(&self) -> &TaskTracker {
+        &self.connections
+    }
+
+    /// Number of connections still open.
+    pub fn open_connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Waits up to `grace` for connections to finish, then closes the rest and waits for
+    /// their tasks to end. Returns how many had to be closed.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.connections.close();
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.connections.len();
+        self.force_close.cancel();
+        self.connections.wait().await;
+        left
+    }
+}
