@@ -1,1 +1,270 @@
+use std::path::Path;
+use std::time::Duration;
 
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("t.toml"))
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match parse(text) {
+        Err(ConfigError::Invalid { problems }) => problems,
+        other => panic!("expected invalid config, got {other:?}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+[listeners.db]
+bind = "127.0.0.1:5432"
+pool = "pg"
+
+[pools.pg]
+upstreams = [{ address = "127.0.0.1:6000" }, { address = "127.0.0.1:6001", priority = 1, weight = 3, name = "dr" }]
+"#;
+
+#[test]
+fn every_shipped_config_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files = vec![root.join("switchyard.toml")];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for file in files {
+        if let Err(e) = Config::load(&file) {
+            panic!("{} does not parse:\n{e}", file.display());
+        }
+    }
+}
+
+#[test]
+fn defaults_follow_the_spec() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.runtime.shutdown_grace, Duration::from_secs(30));
+    assert!(config.runtime.worker_threads >= 1);
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert_eq!(config.admin, None);
+    let l = &config.listeners[0];
+    assert_eq!(l.max_connections, None);
+    assert_eq!(l.backlog, 1024);
+    let p = &config.pools[0];
+    assert_eq!(p.balance, Balance::RoundRobin);
+    assert_eq!(p.connect_timeout, Duration::from_secs(2));
+    assert_eq!(p.connect_attempts, 3);
+    assert_eq!(p.hedge_after, None);
+    assert_eq!(p.idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(p.failback, Failback::Immediate);
+    assert_eq!(p.on_upstream_down, OnUpstreamDown::Close);
+    assert_eq!(p.drain_after_failback, None);
+    assert_eq!(p.min_usable, 1);
+    assert_eq!(p.when_all_down, WhenAllDown::TryAll);
+    assert_eq!(p.tcp_keepalive, Some(Duration::from_secs(60)));
+    let h = &p.health;
+    assert!(h.enabled);
+    assert_eq!(
+        (h.interval, h.fast_interval, h.timeout, h.rise, h.fall),
+        (
+            Duration::from_secs(2),
+            Duration::from_millis(250),
+            Duration::from_secs(1),
+            2,
+            3
+        )
+    );
+    assert!(h.send.is_empty() && h.expect.is_empty());
+    let o = &p.outlier;
+    assert_eq!(
+        (o.consecutive_failures, o.base_ejection, o.max_ejection),
+        (3, Duration::from_secs(10), Duration::from_secs(300))
+    );
+    assert_eq!(p.upstreams[1].weight, 3);
+    assert_eq!(p.upstreams[1].label(), "dr");
+    assert_eq!(p.upstreams[0].label(), "127.0.0.1:6000");
+    assert_eq!(p.priorities(), vec![0, 1]);
+}
+
+#[test]
+fn choices_and_durations_are_typed() {
+    let text = MINIMAL.replace(
+        "[pools.pg]",
+        "[pools.pg]\nbalance = \"source_hash\"\nfailback = \"90s\"\nhedge_after = \"50ms\"\nidle_timeout = \"off\"\ntcp_keepalive = \"off\"\nwhen_all_down = \"reject\"\non_upstream_down = \"keep\"",
+    );
+    let config = parse(&text).unwrap();
+    let p = &config.pools[0];
+    assert_eq!(p.balance, Balance::SourceHash);
+    assert_eq!(p.failback, Failback::After(Duration::from_secs(90)));
+    assert_eq!(p.hedge_after, Some(Duration::from_millis(50)));
+    assert_eq!(p.idle_timeout, None);
+    assert_eq!(p.tcp_keepalive, None);
+    assert_eq!(p.when_all_down, WhenAllDown::Reject);
+    assert_eq!(p.on_upstream_down, OnUpstreamDown::Keep);
+}
+
+#[test]
+fn bind_accepts_a_list_including_ipv6() {
+    let text = MINIMAL.replace(
+        "bind = \"127.0.0.1:5432\"",
+        "bind = [\"127.0.0.1:5432\", \"[::1]:5432\"]",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.listeners[0].binds.len(), 2);
+    assert!(config.listeners[0].binds[1].is_ipv6());
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_file_order() {
+    let text = r#"
+[listeners.db]
+bind = "nowhere"
+pool = "missing"
+
+[pools.pg]
+connect_timeout = "fast"
+connect_attempts = 0
+upstreams = [{ address = "127.0.0.1:1", weight = 0 }]
+"#;
+    let found = problems(text);
+    let summary: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|p| (p.line, p.column, p.key.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (3, 8, "listeners.db.bind"),
+            (4, 8, "listeners.db.pool"),
+            (7, 19, "pools.pg.connect_timeout"),
+            (8, 20, "pools.pg.connect_attempts"),
+            (9, 50, "pools.pg.upstreams.weight"),
+        ]
+    );
+    let message = parse(text).unwrap_err().to_string();
+    assert!(
+        message.starts_with("t.toml:3:8: listeners.db.bind: \"nowhere\" is not a bind address"),
+        "{message}"
+    );
+    assert!(message.contains("allowed: 1 to 16"), "{message}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_name_and_line() {
+    let found = problems(&MINIMAL.replace("pool = \"pg\"", "pool = \"pg\"\nmax_conns = 5"));
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].line, found[0].column), (5, 1));
+    assert!(
+        found[0].message.contains("unknown field `max_conns`"),
+        "{}",
+        found[0].message
+    );
+    assert!(
+        found[0].message.contains("`max_connections`"),
+        "lists what is allowed"
+    );
+
+    let found = problems("[logging]\nlevel = \"info\"\n");
+    assert!(found[0].message.contains("unknown field `logging`"));
+}
+
+#[test]
+fn semantic_rules() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[pools.pg]",
+            "[pools.pg]\nfailback = \"sometimes\"",
+            "use \"immediate\", \"manual\" or a duration",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\nbalance = \"fastest\"",
+            "use one of: round_robin, least_connections, random_two, source_hash",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\nmin_usable = 0",
+            "0 is out of range; allowed: 1 to 1024",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\nidle_timeout = \"0s\"",
+            "is not allowed; use \"off\" or a positive duration",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\nhealth = { fall = 0 }",
+            "pools.pg.health.fall",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\nhealth = { send = '\\q' }",
+            "\\q is not a valid escape",
+        ),
+        (
+            "[pools.pg]",
+            "[pools.pg]\noutlier = { base_ejection = \"1m\", max_ejection = \"10s\" }",
+            "must be at least base_ejection (1m)",
+        ),
+        (
+            "6000\" }",
+            "6001\" }",
+            "127.0.0.1:6001 appears twice in this pool",
+        ),
+        ("name = \"dr\"", "name = \"d r\"", "is not a valid name"),
+        (
+            "[listeners.db]",
+            "[listeners.\"d b\"]",
+            "is not a valid name",
+        ),
+        (
+            "\"127.0.0.1:6000\"",
+            "\"127.0.0.1:99999\"",
+            "is not an address",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let text = MINIMAL.replace(from, to);
+        let found = problems(&text);
+        assert!(
+            found.iter().any(|p| p.to_string().contains(expected)),
+            "{to}: expected {expected:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn no_listener_is_an_error() {
+    let found = problems("[pools.pg]\nupstreams = [{ address = \"127.0.0.1:1\" }]\n");
+    assert!(found[0].message.contains("no listener is defined"));
+}
+
+#[test]
+fn host_names_are_resolved_at_load() {
+    let config = parse(&MINIMAL.replace("127.0.0.1:6000", "localhost:6000")).unwrap();
+    let upstream = &config.pools[0].upstreams[0];
+    assert!(upstream.address.ip().is_loopback());
+    assert_eq!(upstream.target, "localhost:6000");
+}
+
+#[test]
+fn escapes_decode_to_bytes() {
+    use super::validate::unescape;
+    assert_eq!(unescape(r"PING\r\n").unwrap(), b"PING\r\n");
+    assert_eq!(
+        unescape(r"\x00\xff\t\\").unwrap(),
+        vec![0, 0xff, b'\t', b'\\']
+    );
+    assert!(unescape(r"\x0").is_err());
+    assert!(unescape(r"\xzz").is_err());
+    assert!(unescape("trailing\\").is_err());
+}
+
+#[test]
+fn durations_need_a_unit_and_must_be_positive() {
+    use super::validate::parse_duration;
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+    assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("5"), None);
+    assert_eq!(parse_duration("0s"), None);
+    assert_eq!(parse_duration("-1s"), None);
+}

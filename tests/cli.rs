@@ -1,0 +1,281 @@
+//! The command line as an operator uses it: real child processes, exit codes, signals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use common::*;
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .expect("run switchyard")
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Polls the child until it exits, within `limit`.
+async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "switchyard did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `switchyard run` on a config whose listener binds a free port.
+async fn run_child(
+    tag: &str,
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> (ChildGuard, std::net::SocketAddr) {
+    let port = closed_port().port();
+    let dir = temp_dir(tag);
+    let path = dir.join("run.toml");
+    let config = format!("{extra}\n{}", one_pool_config(&[(upstream, 0)], ""))
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start switchyard");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + SOON;
+    while echo_round_trip(addr, b"ready?").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "switchyard did not start serving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (ChildGuard(child), addr)
+}
+
+#[test]
+fn check_accepts_every_shipped_config_and_prints_the_summary() {
+    let mut files = vec![PathBuf::from("config/switchyard.toml")];
+    for entry in std::fs::read_dir("config/examples").unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    assert!(files.len() >= 3);
+    for file in files {
+        let out = switchyard(&["check", "-c", file.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("configuration is valid"), "{stdout}");
+        assert!(stdout.contains("tier 0 (primary)"), "{stdout}");
+        assert!(
+            stdout.contains("health:") && stdout.contains("outlier:"),
+            "{stdout}"
+        );
+    }
+    let out = switchyard(&["check", "--config", "config/switchyard.toml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("listener db: bind 127.0.0.1:15432 -> pool postgres"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tier 1 (backup 1): standby (127.0.0.1:5433)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("connect_attempts 3, hedge_after off, idle_timeout 1h"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_rejects_each_bad_file_naming_file_line_column_and_what_is_wrong() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("tests/bad-configs").unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an `# expect:` line", path.display()));
+        let (position, message) = expect.split_once(' ').unwrap();
+        let out = switchyard(&["check", "-c", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", path.display());
+        let located = format!("{}:{position}: ", path.display());
+        assert!(
+            stderr.contains(&located),
+            "{}: expected {located:?} in {stderr:?}",
+            path.display()
+        );
+        assert!(
+            stderr.contains(message),
+            "{}: expected {message:?} in {stderr:?}",
+            path.display()
+        );
+        assert!(
+            stderr.starts_with("error: "),
+            "one clear sentence first: {stderr:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+}
+
+#[test]
+fn check_on_a_missing_file_exits_1_and_bad_usage_exits_2() {
+    let out = switchyard(&["check", "-c", "/nonexistent/switchyard.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot read config file /nonexistent/switchyard.toml")
+    );
+    assert_eq!(switchyard(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(
+        switchyard(&["check", "--no-such-flag"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        switchyard(&["run", "--log-format", "xml"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn run_exits_1_with_one_sentence_when_the_port_is_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = temp_dir("port-in-use");
+    let path = dir.join("busy.toml");
+    let config = one_pool_config(&[(closed_port(), 0)], "")
+        .replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
+    std::fs::write(&path, config).unwrap();
+    let out = switchyard(&["run", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listener \"front\" cannot bind"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(Path::new(&path).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_lets_connections_finish_then_exits_0() {
+    let upstream = Server::echo().await;
+    let (mut child, addr) = run_child(
+        "sigterm",
+        upstream.addr,
+        "[runtime]\nshutdown_grace = \"20s\"",
+    )
+    .await;
+
+    let mut established = TcpStream::connect(addr).await.unwrap();
+    established.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    established.read_exact(&mut buf).await.unwrap();
+
+    send_signal(&child.0, "TERM");
+    let deadline = Instant::now() + SOON;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The established connection keeps flowing during the grace period.
+    established.write_all(b"during").await.unwrap();
+    established.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "exited while a connection was open"
+    );
+
+    // Once it ends, the process exits 0 well before the grace period is over.
+    drop(established);
+    let status = wait_exit(&mut child.0, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_grace_remaining_connections_are_closed_and_it_exits_0() {
+    let upstream = Server::echo().await;
+    let (mut child, addr) = run_child(
+        "grace",
+        upstream.addr,
+        "[runtime]\nshutdown_grace = \"500ms\"",
+    )
+    .await;
+    let mut established = TcpStream::connect(addr).await.unwrap();
+    established.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    established.read_exact(&mut b).await.unwrap();
+
+    let signalled = Instant::now();
+    send_signal(&child.0, "INT");
+    assert!(
+        is_closed(&mut established, SOON).await,
+        "connection closed after the grace period"
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(450),
+        "closed before the grace period ended"
+    );
+    let status = wait_exit(&mut child.0, SOON).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_kill_the_process() {
+    let upstream = Server::echo().await;
+    let (mut child, addr) = run_child("sighup", upstream.addr, "").await;
+    send_signal(&child.0, "HUP");
+    // SIGHUP's default action would end the process before these round trips are done.
+    for _ in 0..50 {
+        echo_round_trip(addr, b"still here")
+            .await
+            .expect("still serving after SIGHUP");
+    }
+    assert!(child.0.try_wait().unwrap().is_none());
+}

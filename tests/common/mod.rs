@@ -1,0 +1,227 @@
+//! Shared test fixtures: an in-process proxy on port 0, loopback upstreams of several
+//! behaviours, and polling with a deadline instead of sleeps.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use switchyard::Proxy;
+use switchyard::config::Config;
+use switchyard::shutdown::Shutdown;
+
+/// Generous bound for anything that should happen "at once" on a loaded 2-core machine.
+pub const SOON: Duration = Duration::from_secs(10);
+
+pub struct TestProxy {
+    pub proxy: Proxy,
+    pub shutdown: Shutdown,
+    pub config: Config,
+}
+
+impl TestProxy {
+    /// The first bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.proxy.listener(name).expect("listener exists").addrs[0]
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.begin();
+    }
+}
+
+/// Starts a proxy in this runtime from TOML text (binds should use port 0).
+pub fn start_proxy(toml: &str) -> TestProxy {
+    let config = Config::parse(toml, Path::new("test.toml"))
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
+    let listeners = switchyard::bind_all(&config).expect("bind test listeners");
+    let shutdown = Shutdown::new();
+    let proxy = Proxy::start(&config, listeners, &shutdown);
+    TestProxy {
+        proxy,
+        shutdown,
+        config,
+    }
+}
+
+/// A config with one listener `front` on port 0 forwarding to pool `p` whose upstreams
+/// are `(address, priority)`; `pool_extra` lines go into `[pools.p]`.
+pub fn one_pool_config(upstreams: &[(SocketAddr, u32)], pool_extra: &str) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|(addr, priority)| format!("{{ address = \"{addr}\", priority = {priority} }}"))
+        .collect();
+    format!(
+        "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\n{pool_extra}\nupstreams = [{}]\n\n[pools.p.health]\nenabled = false\n",
+        list.join(", ")
+    )
+}
+
+/// A loopback server; dropping it closes the listener and every connection it holds.
+pub struct Server {
+    pub addr: SocketAddr,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Serves every accepted connection with `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                connections.spawn(handler(stream));
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self { addr, tasks }
+    }
+
+    /// Echoes every byte; on EOF from the client, shuts down its write side.
+    pub async fn echo() -> Self {
+        Self::start(|mut stream: TcpStream| async move {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+        .await
+    }
+
+    /// Sends `name` and a newline on accept, then echoes.
+    pub async fn named(name: &'static str) -> Self {
+        Self::start(move |mut stream: TcpStream| async move {
+            if stream
+                .write_all(format!("{name}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
+    }
+
+    pub fn stop(self) {}
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// An address where nothing listens (connects are refused).
+pub fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// A listening socket whose accept queue is full and never drained: the kernel drops
+/// new SYNs, so connects neither succeed nor fail until the client gives up.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl BlackHole {
+    pub fn new() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("inet");
+        let mut fillers = Vec::new();
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(stream) => fillers.push(stream),
+                Err(_) => break,
+            }
+        }
+        let probe = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(probe.is_err(), "the black hole still accepts connections");
+        Self {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads one line (without the newline) from a fresh connection's greeting.
+pub async fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = stream.read(&mut byte).await?;
+        if n == 0 || byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Connects, sends `payload`, reads the same number of bytes back and checks them.
+pub async fn echo_round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(payload).await?;
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await?;
+    if back != payload {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data);
+    data
+}
+
+/// True when the peer closed: a read returns EOF or an error.
+pub async fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
