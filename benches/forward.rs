@@ -35,7 +35,7 @@ type BoxError = Box<dyn Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
 /// Direct and proxied runs per metric; the table shows the median.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 /// Read and write size of the client and the upstreams in bulk transfers.
 const BUFFER_SIZE: usize = 64 * 1024;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -147,6 +147,7 @@ async fn run(started: Instant) -> Result<()> {
                     ping_pong(echo, plan.round_trip_warmup, plan.round_trips),
                 )
                 .await?;
+            eprintln!("{via:?} p50 {:.1}", micros(percentile(&samples, 0.50)));
             table.rows[p50].push(via, micros(percentile(&samples, 0.50)));
             table.rows[p99].push(via, micros(percentile(&samples, 0.99)));
         }
@@ -490,28 +491,44 @@ impl Table {
     }
 
     fn print(&self) {
+        let title = format!("metric (median of {ROUNDS} rounds)");
         let width = self
             .rows
             .iter()
             .map(|r| r.name.chars().count())
+            .chain([title.chars().count()])
             .max()
             .unwrap_or(0);
         println!(
-            "{:<width$} | {:>10} | {:>10} | {:>6}",
-            "metric (median)", "direct", "switchyard", "ratio"
+            "{title:<width$} | {:>10} | {:>10} | {:>5} | {:>11} | worse when",
+            "direct", "switchyard", "ratio", "round range"
         );
-        println!("{:-<width$}-+-{:-<10}-+-{:-<10}-+-{:-<6}", "", "", "", "");
+        println!(
+            "{:-<width$}-+-{:-<10}-+-{:-<10}-+-{:-<5}-+-{:-<11}-+-{:-<10}",
+            "", "", "", "", "", ""
+        );
         for row in &self.rows {
             let direct = median(&row.direct);
             let proxied = median(&row.proxied);
-            let slower = match row.better {
-                Better::Higher => "(<1 slower)",
-                Better::Lower => "(>1 slower)",
+            // Each round's direct and proxied runs are neighbours in time; the spread of
+            // their ratios shows how far the median ratio can be trusted.
+            let (low, high) = row
+                .direct
+                .iter()
+                .zip(&row.proxied)
+                .map(|(d, p)| p / d)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                    (lo.min(r), hi.max(r))
+                });
+            let range = format!("{low:.2}-{high:.2}");
+            let worse = match row.better {
+                Better::Higher => "ratio < 1",
+                Better::Lower => "ratio > 1",
             };
-            // The name is padded by characters, not bytes ("µ" is two bytes).
+            // Padded by characters, not bytes ("µ" is two bytes).
             let pad = width - row.name.chars().count();
             println!(
-                "{}{:pad$} | {:>10.prec$} | {:>10.prec$} | {:>6.2} {slower}",
+                "{}{:pad$} | {:>10.prec$} | {:>10.prec$} | {:>5.2} | {range:>11} | {worse}",
                 row.name,
                 "",
                 direct,
@@ -522,8 +539,11 @@ impl Table {
         }
         println!();
         println!(
-            "ratio = switchyard / direct. Absolute numbers on a shared machine are noise; \
-             the ratio is the figure to compare."
+            "ratio = switchyard / direct; round range = lowest and highest ratio of one round's \
+             direct and switchyard runs."
+        );
+        println!(
+            "Absolute numbers on a shared machine are noise; the ratio is the figure to compare."
         );
     }
 }

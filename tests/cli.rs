@@ -34,13 +34,12 @@ impl Drop for ChildGuard {
     }
 }
 
-fn send_signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success());
+fn send_signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers; `pid` is our own child, still unreaped
+    // (the guard reaps it only on drop), so the pid cannot have been reused.
+    let result = unsafe { libc::kill(pid, signal) };
+    assert_eq!(result, 0, "kill failed: {}", std::io::Error::last_os_error());
 }
 
 /// Polls the child until it exits, within `limit`.
@@ -217,7 +216,7 @@ async fn sigterm_stops_accepting_lets_connections_finish_then_exits_0() {
     let mut buf = [0u8; 6];
     established.read_exact(&mut buf).await.unwrap();
 
-    send_signal(&child.0, "TERM");
+    send_signal(&child.0, libc::SIGTERM);
     let deadline = Instant::now() + SOON;
     while TcpStream::connect(addr).await.is_ok() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
@@ -253,7 +252,7 @@ async fn after_shutdown_grace_remaining_connections_are_closed_and_it_exits_0() 
     established.read_exact(&mut b).await.unwrap();
 
     let signalled = Instant::now();
-    send_signal(&child.0, "INT");
+    send_signal(&child.0, libc::SIGINT);
     assert!(
         is_closed(&mut established, SOON).await,
         "connection closed after the grace period"
@@ -270,7 +269,7 @@ async fn after_shutdown_grace_remaining_connections_are_closed_and_it_exits_0() 
 async fn sighup_does_not_kill_the_process() {
     let upstream = Server::echo().await;
     let (mut child, addr) = run_child("sighup", upstream.addr, "").await;
-    send_signal(&child.0, "HUP");
+    send_signal(&child.0, libc::SIGHUP);
     // SIGHUP's default action would end the process before these round trips are done.
     for _ in 0..50 {
         echo_round_trip(addr, b"still here")
