@@ -13,13 +13,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::Proxy;
 use crate::config::Config;
 use crate::metrics::ConnectFailure;
 use crate::shutdown::Shutdown;
-use crate::Proxy;
 
 const CLIENT_EVERY: Duration = Duration::from_millis(5);
 const KILL_AT: Duration = Duration::from_millis(1000);
@@ -61,7 +61,8 @@ pub fn main() -> Result<(), String> {
 }
 
 async fn run() -> Result<(), String> {
-    let primary = DemoUpstream::start("primary", "127.0.0.1:0".parse().map_err(|_| "addr")?).await?;
+    let primary =
+        DemoUpstream::start("primary", "127.0.0.1:0".parse().map_err(|_| "addr")?).await?;
     let backup = DemoUpstream::start("backup", "127.0.0.1:0".parse().map_err(|_| "addr")?).await?;
 
     let config_text = format!(
@@ -111,8 +112,12 @@ upstreams = [
     let primary = DemoUpstream::start("primary", primary_addr).await?;
     let restarted_at = start.elapsed();
 
-    clients.await.map_err(|e| format!("client stream failed: {e}"))?;
-    let detected = first_failure.await.map_err(|e| format!("monitor failed: {e}"))?;
+    clients
+        .await
+        .map_err(|e| format!("client stream failed: {e}"))?;
+    let detected = first_failure
+        .await
+        .map_err(|e| format!("monitor failed: {e}"))?;
     let records = records.lock().await.clone();
     primary.kill();
     backup.kill();
@@ -174,7 +179,11 @@ async fn greet(front: SocketAddr) -> Option<&'static str> {
 /// The first connect attempt on the primary that failed, as the proxy counted it.
 async fn watch_first_failure(proxy: Proxy, start: Instant) -> Option<(Duration, ConnectFailure)> {
     let route = proxy.snapshot.load().pool("demo")?.clone();
-    let primary = route.upstreams.iter().find(|u| u.label() == "primary")?.clone();
+    let primary = route
+        .upstreams
+        .iter()
+        .find(|u| u.label() == "primary")?
+        .clone();
     while start.elapsed() < END_AT {
         for reason in ConnectFailure::ALL {
             if primary.stats.connect_failures(reason) > 0 {
@@ -204,7 +213,10 @@ fn print_timeline(
 
     println!("timeline");
     println!("  {}  clients served by the primary", ms(Duration::ZERO));
-    println!("  {}  primary killed: listener closed, its connections dropped", ms(killed_at));
+    println!(
+        "  {}  primary killed: listener closed, its connections dropped",
+        ms(killed_at)
+    );
     match detected {
         Some((at, reason)) => println!(
             "  {}  detection: first connect attempt on the primary failed ({reason}); the client was retried on the backup",
@@ -242,7 +254,10 @@ fn print_timeline(
     let mut total = PhaseStats::default();
     for (name, from, to) in phases {
         let mut phase = PhaseStats::default();
-        for r in sorted.iter().filter(|r| r.started >= from && r.started < to) {
+        for r in sorted
+            .iter()
+            .filter(|r| r.started >= from && r.started < to)
+        {
             phase.clients += 1;
             match r.served_by {
                 Some("primary") => phase.primary += 1,
@@ -323,7 +338,11 @@ impl DemoUpstream {
 }
 
 async fn greet_and_echo(mut stream: TcpStream, name: &str) {
-    if stream.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+    if stream
+        .write_all(format!("{name}\n").as_bytes())
+        .await
+        .is_err()
+    {
         return;
     }
     let (mut read, mut write) = stream.split();

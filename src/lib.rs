@@ -8,8 +8,11 @@
 
 pub mod balance;
 pub mod config;
+pub mod controller;
 pub mod demo;
 pub mod error;
+pub mod events;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -19,22 +22,25 @@ pub mod snapshot;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tracing::info;
 
 use config::Config;
+use controller::{Controller, ControllerHandle};
+use events::EventLog;
 use proxy::listener::{BoundListener, ListenerContext, accept_loop};
 use shutdown::Shutdown;
-use snapshot::{RoutingSnapshot, SharedSnapshot};
+use snapshot::SharedSnapshot;
 
 /// A running proxy: what tests, the demo and (later) the admin API look at.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Proxy {
     pub snapshot: SharedSnapshot,
     pub listeners: Vec<RunningListener>,
+    pub events: Arc<EventLog>,
+    pub controller: ControllerHandle,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RunningListener {
     pub context: Arc<ListenerContext>,
     pub addrs: Vec<SocketAddr>,
@@ -43,11 +49,15 @@ pub struct RunningListener {
 // === impl Proxy ===
 
 impl Proxy {
-    /// Starts accepting on `listeners` (already bound) with routing from `config`.
-    /// Returns at once; the proxy runs until `shutdown` begins.
+    /// Starts the controller (and with it the health checks) and accepting on
+    /// `listeners` (already bound). Returns at once; everything runs until `shutdown`
+    /// begins.
     pub fn start(config: &Config, listeners: Vec<BoundListener>, shutdown: &Shutdown) -> Self {
-        let snapshot: SharedSnapshot =
-            Arc::new(ArcSwap::from_pointee(RoutingSnapshot::all_up(config)));
+        let events = Arc::new(EventLog::new());
+        let controller = Controller::new(config, events.clone());
+        let snapshot = controller.snapshot();
+        let handle = controller.handle();
+        tokio::spawn(controller.run(shutdown.clone()));
         let listeners = listeners
             .into_iter()
             .map(|bound| {
@@ -62,6 +72,8 @@ impl Proxy {
         Self {
             snapshot,
             listeners,
+            events,
+            controller: handle,
         }
     }
 

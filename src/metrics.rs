@@ -4,7 +4,7 @@
 //! value that is a few increments behind. Objects here outlive routing snapshots, so a
 //! reload or failover never resets a counter of an upstream that stays.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Why a connect attempt to an upstream failed; the `reason` label of
 /// `switchyard_upstream_connect_failures_total`.
@@ -42,7 +42,20 @@ pub struct UpstreamStats {
     pub connections_total: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Failed connect attempts on real traffic since the last success (passive check).
+    pub connect_failures_in_a_row: AtomicU32,
     connect_failures: [AtomicU64; ConnectFailure::ALL.len()],
+}
+
+/// Per-pool counters, kept across reloads by pool name.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Active tier moved to a worse tier (or away from a tier with nothing usable).
+    pub failovers: AtomicU64,
+    /// Active tier moved back to a better tier.
+    pub failbacks: AtomicU64,
 }
 
 // === impl ConnectFailure ===
@@ -95,5 +108,9 @@ impl UpstreamStats {
 
     pub fn connect_failures(&self, reason: ConnectFailure) -> u64 {
         self.connect_failures[reason as usize].load(Relaxed)
+    }
+
+    pub fn connect_failures_total(&self) -> u64 {
+        self.connect_failures.iter().map(|c| c.load(Relaxed)).sum()
     }
 }

@@ -5,8 +5,18 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::config::WhenAllDown;
+use tokio::time::Instant;
+
+use crate::config::{Failback, WhenAllDown};
 use crate::snapshot::PoolRoute;
+
+/// The controller's choice of active tier and the failback hold clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierDecision {
+    pub active: Option<usize>,
+    /// Since when a better tier than `active` has been preferred (failback duration).
+    pub better_since: Option<Instant>,
+}
 
 /// SPEC §3: the lowest tier with at least `min_usable` usable upstreams; if none has
 /// that many, the lowest with any; `None` when nothing is usable. `usable_counts` is
@@ -16,6 +26,47 @@ pub fn preferred_tier(usable_counts: &[usize], min_usable: usize) -> Option<usiz
         .iter()
         .position(|&n| n >= min_usable.max(1))
         .or_else(|| usable_counts.iter().position(|&n| n > 0))
+}
+
+/// SPEC §3 failover and failback for one pool. `current` is the active tier, `counts`
+/// the usable upstreams per tier (best first). Survival is never delayed: when the
+/// current tier has nothing usable or a worse tier is preferred, the move is immediate.
+/// Only moving to a *better* tier obeys `failback`; with a duration, that tier must stay
+/// preferred for the whole duration, and any interruption restarts the clock.
+pub fn decide_active_tier(
+    current: Option<usize>,
+    counts: &[usize],
+    min_usable: usize,
+    failback: Failback,
+    better_since: Option<Instant>,
+    now: Instant,
+) -> TierDecision {
+    let settle = |active| TierDecision {
+        active,
+        better_since: None,
+    };
+    let preferred = preferred_tier(counts, min_usable);
+    let (Some(current), Some(preferred)) = (current, preferred) else {
+        return settle(preferred);
+    };
+    if counts.get(current).copied().unwrap_or(0) == 0 || preferred >= current {
+        return settle(Some(preferred));
+    }
+    match failback {
+        Failback::Immediate => settle(Some(preferred)),
+        Failback::Manual => settle(Some(current)),
+        Failback::After(hold) => {
+            let since = better_since.unwrap_or(now);
+            if now.saturating_duration_since(since) >= hold {
+                settle(Some(preferred))
+            } else {
+                TierDecision {
+                    active: Some(current),
+                    better_since: Some(since),
+                }
+            }
+        }
+    }
 }
 
 /// Upstream indices (into `route.upstreams`) to try for a client, best first, at most

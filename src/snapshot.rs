@@ -1,24 +1,32 @@
-//! The routing snapshot: an immutable picture of every pool's tiers, usable upstreams
-//! and pickers, published through one `ArcSwap`.
+//! The routing snapshot: an immutable picture of every pool's tiers, upstream states,
+//! usable upstreams and pickers, published through one `ArcSwap`.
 //!
-//! The hot path loads it once per connection and never locks; whoever changes routing
-//! (failover, failback, reload) builds a new snapshot and swaps it whole. Per-upstream
-//! objects ([`Upstream`]) are shared between snapshots so counters survive the swap.
+//! The hot path loads it once per connection and never locks; the controller is the
+//! only writer and replaces it whole. Per-upstream objects ([`Upstream`]) are shared
+//! between snapshots so counters survive every swap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Member, Picker, member_key};
-use crate::config::{Config, PoolConfig, UpstreamConfig};
-use crate::metrics::UpstreamStats;
+use crate::config::{PoolConfig, UpstreamConfig};
+use crate::controller::Feedback;
+use crate::health::state::State;
+use crate::metrics::{PoolStats, UpstreamStats};
 use crate::pool::preferred_tier;
 
 /// Where the hot path reads routing state from.
 pub type SharedSnapshot = Arc<ArcSwap<RoutingSnapshot>>;
 
-#[derive(Debug, Default)]
+/// Connections of one upstream are spread over this many close buckets, so that
+/// `drain_after_failback` can close them in even waves.
+pub const CLOSE_BUCKETS: usize = 32;
+
+#[derive(Debug, Default, Clone)]
 pub struct RoutingSnapshot {
     pools: HashMap<String, Arc<PoolRoute>>,
 }
@@ -27,22 +35,34 @@ pub struct RoutingSnapshot {
 /// address stay in the config.
 #[derive(Debug)]
 pub struct Upstream {
+    /// Unique in the process; how the controller recognises feedback about it.
+    pub id: u64,
     pub pool: String,
     pub config: UpstreamConfig,
     pub stats: UpstreamStats,
+}
+
+/// Closes the established connections of one upstream, all at once or bucket by bucket.
+/// Each connection holds one bucket's token, chosen at random when it starts.
+#[derive(Debug)]
+pub struct Closer {
+    buckets: [CancellationToken; CLOSE_BUCKETS],
 }
 
 /// One pool as routing sees it at one moment.
 #[derive(Debug)]
 pub struct PoolRoute {
     pub config: Arc<PoolConfig>,
+    pub stats: Arc<PoolStats>,
     /// In config order; every other index in this struct points here.
     pub upstreams: Box<[Arc<Upstream>]>,
-    pub usable: Box<[bool]>,
+    pub states: Box<[State]>,
+    pub closers: Box<[Arc<Closer>]>,
     /// Best priority first.
     pub tiers: Box<[Tier]>,
     /// Index into `tiers`; `None` when no upstream is usable.
     pub active_tier: Option<usize>,
+    pub(crate) feedback: Feedback,
 }
 
 #[derive(Debug)]
@@ -58,26 +78,6 @@ pub struct Tier {
 // === impl RoutingSnapshot ===
 
 impl RoutingSnapshot {
-    /// A snapshot where every upstream counts as usable: what the proxy starts with
-    /// (SPEC §3: every upstream counts as up until its first check completes).
-    pub fn all_up(config: &Config) -> Self {
-        let pools = config
-            .pools
-            .iter()
-            .map(|pool| {
-                let upstreams: Vec<Arc<Upstream>> = pool
-                    .upstreams
-                    .iter()
-                    .map(|u| Arc::new(Upstream::new(&pool.name, u.clone())))
-                    .collect();
-                let usable = vec![true; upstreams.len()];
-                let route = PoolRoute::with_preferred_tier(pool.clone(), upstreams, usable);
-                (pool.name.clone(), Arc::new(route))
-            })
-            .collect();
-        Self { pools }
-    }
-
     pub fn pool(&self, name: &str) -> Option<&Arc<PoolRoute>> {
         self.pools.get(name)
     }
@@ -85,13 +85,22 @@ impl RoutingSnapshot {
     pub fn pools(&self) -> impl Iterator<Item = &Arc<PoolRoute>> {
         self.pools.values()
     }
+
+    /// A copy with `route` in place of its pool's previous route.
+    pub fn with_pool(&self, route: Arc<PoolRoute>) -> Self {
+        let mut pools = self.pools.clone();
+        pools.insert(route.config.name.clone(), route);
+        Self { pools }
+    }
 }
 
 // === impl Upstream ===
 
 impl Upstream {
     pub fn new(pool: &str, config: UpstreamConfig) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, Relaxed),
             pool: pool.to_string(),
             config,
             stats: UpstreamStats::default(),
@@ -103,16 +112,62 @@ impl Upstream {
     }
 }
 
+// === impl Closer ===
+
+impl Closer {
+    pub fn new() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| CancellationToken::new()),
+        }
+    }
+
+    /// The token a new connection watches.
+    pub fn token(&self) -> CancellationToken {
+        self.buckets[fastrand::usize(..CLOSE_BUCKETS)].clone()
+    }
+
+    pub fn close_all(&self) {
+        self.buckets.iter().for_each(CancellationToken::cancel);
+    }
+
+    pub fn close_bucket(&self, bucket: usize) {
+        if let Some(token) = self.buckets.get(bucket) {
+            token.cancel();
+        }
+    }
+}
+
+impl Default for Closer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 // === impl PoolRoute ===
 
+/// Everything the controller hands over to build a route.
+#[derive(Debug)]
+pub struct RouteParts {
+    pub config: Arc<PoolConfig>,
+    pub stats: Arc<PoolStats>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub states: Vec<State>,
+    pub closers: Vec<Arc<Closer>>,
+    pub active_tier: Option<usize>,
+    pub feedback: Feedback,
+}
+
 impl PoolRoute {
-    /// Builds the route with `active_tier` chosen by the controller (failback rules).
-    pub fn new(
-        config: Arc<PoolConfig>,
-        upstreams: Vec<Arc<Upstream>>,
-        usable: Vec<bool>,
-        active_tier: Option<usize>,
-    ) -> Self {
+    pub fn new(parts: RouteParts) -> Self {
+        let RouteParts {
+            config,
+            stats,
+            upstreams,
+            states,
+            closers,
+            active_tier,
+            feedback,
+        } = parts;
         let tiers = config
             .priorities()
             .into_iter()
@@ -120,9 +175,12 @@ impl PoolRoute {
                 let members: Box<[usize]> = (0..upstreams.len())
                     .filter(|&i| upstreams[i].config.priority == priority)
                     .collect();
-                let usable_members: Box<[usize]> =
-                    members.iter().copied().filter(|&i| usable[i]).collect();
-                let picker_members: Vec<Member> = usable_members
+                let usable: Box<[usize]> = members
+                    .iter()
+                    .copied()
+                    .filter(|&i| states[i].is_usable())
+                    .collect();
+                let picker_members: Vec<Member> = usable
                     .iter()
                     .map(|&i| Member {
                         key: member_key(&config.name, &upstreams[i].config.address),
@@ -133,29 +191,58 @@ impl PoolRoute {
                     priority,
                     members,
                     picker: Picker::new(config.balance, &picker_members),
-                    usable: usable_members,
+                    usable,
                 }
             })
             .collect();
         Self {
             config,
+            stats,
             upstreams: upstreams.into_boxed_slice(),
-            usable: usable.into_boxed_slice(),
+            states: states.into_boxed_slice(),
+            closers: closers.into_boxed_slice(),
             tiers,
             active_tier,
+            feedback,
         }
     }
 
-    /// Builds the route with the tier that SPEC §3 prefers for these states, ignoring
-    /// failback hold-downs.
-    pub fn with_preferred_tier(
-        config: Arc<PoolConfig>,
-        upstreams: Vec<Arc<Upstream>>,
-        usable: Vec<bool>,
-    ) -> Self {
-        let mut route = Self::new(config, upstreams, usable, None);
-        let counts: Vec<usize> = route.tiers.iter().map(|t| t.usable.len()).collect();
-        route.active_tier = preferred_tier(&counts, route.config.min_usable);
+    /// A route for `config` with the given states, fresh counters and closers, no
+    /// controller, and the tier SPEC §3 prefers (no failback hold). For tests and tools.
+    pub fn standalone(config: Arc<PoolConfig>, states: Vec<State>) -> Self {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Upstream::new(&config.name, u.clone())))
+            .collect();
+        let mut route = Self::new(RouteParts {
+            closers: upstreams.iter().map(|_| Arc::default()).collect(),
+            stats: Arc::default(),
+            upstreams,
+            states,
+            active_tier: None,
+            feedback: Feedback::detached(),
+            config,
+        });
+        route.active_tier = preferred_tier(&route.usable_counts(), route.config.min_usable);
         route
+    }
+
+    /// Usable upstreams per tier, best tier first.
+    pub fn usable_counts(&self) -> Vec<usize> {
+        self.tiers.iter().map(|t| t.usable.len()).collect()
+    }
+
+    /// The active tier's priority, if any.
+    pub fn active_priority(&self) -> Option<u32> {
+        self.active_tier.map(|t| self.tiers[t].priority)
+    }
+
+    pub fn upstream_index(&self, label_or_address: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| {
+            u.label() == label_or_address
+                || u.config.target == label_or_address
+                || u.config.address.to_string() == label_or_address
+        })
     }
 }

@@ -39,7 +39,12 @@ fn send_signal(child: &Child, signal: libc::c_int) {
     // SAFETY: kill(2) takes plain integers; `pid` is our own child, still unreaped
     // (the guard reaps it only on drop), so the pid cannot have been reused.
     let result = unsafe { libc::kill(pid, signal) };
-    assert_eq!(result, 0, "kill failed: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        result,
+        0,
+        "kill failed: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Polls the child until it exits, within `limit`.

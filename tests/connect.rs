@@ -14,11 +14,17 @@ use tokio::time::Instant;
 use common::*;
 use switchyard::metrics::ConnectFailure;
 
+const NO_EJECTION: &str = "outlier = { consecutive_failures = 1000 }";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_primary_port_every_client_is_served_by_the_backup() {
     let primary = closed_port();
     let backup = Server::named("backup").await;
-    let proxy = start_proxy(&one_pool_config(&[(primary, 0), (backup.addr, 1)], ""));
+    // Passive ejection off: the connect retry alone must hide the dead primary.
+    let proxy = start_proxy(&one_pool_config(
+        &[(primary, 0), (backup.addr, 1)],
+        NO_EJECTION,
+    ));
     let addr = proxy.addr("front");
 
     let mut clients = tokio::task::JoinSet::new();
@@ -140,7 +146,7 @@ async fn attempts_go_to_distinct_upstreams_of_the_active_tier_before_the_backup(
     let backup = Server::named("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(dead[0], 0), (dead[1], 0), (backup.addr, 1)],
-        "connect_attempts = 3",
+        &format!("connect_attempts = 3\n{NO_EJECTION}"),
     ));
     for _ in 0..10 {
         let mut stream = TcpStream::connect(proxy.addr("front")).await.unwrap();

@@ -1,10 +1,10 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::Arc;
 
 use super::*;
 use crate::config::Config;
-use crate::snapshot::{PoolRoute, Upstream};
+use crate::health::state::State;
+use crate::snapshot::PoolRoute;
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
@@ -32,13 +32,13 @@ upstreams = [
 "#
     );
     let config = Config::parse(&text, Path::new("t.toml")).unwrap();
-    let pool = config.pools[0].clone();
-    let upstreams = pool
-        .upstreams
+    let states = usable
         .iter()
-        .map(|u| Arc::new(Upstream::new("p", u.clone())))
+        .map(|&u| if u { State::Up } else { State::Down })
         .collect();
-    PoolRoute::new(pool, upstreams, usable.to_vec(), active)
+    let mut route = PoolRoute::standalone(config.pools[0].clone(), states);
+    route.active_tier = active;
+    route
 }
 
 fn names(route: &PoolRoute) -> Vec<&str> {
@@ -113,14 +113,66 @@ fn attempt_order_rotates_the_first_choice_within_the_active_tier() {
 }
 
 #[test]
-fn with_preferred_tier_applies_min_usable() {
-    let config_route = route([true, false, true, true], Some(0), "min_usable = 2");
-    let rebuilt = PoolRoute::with_preferred_tier(
-        config_route.config.clone(),
-        config_route.upstreams.to_vec(),
-        config_route.usable.to_vec(),
+fn standalone_routes_start_on_the_preferred_tier() {
+    let config = route([true; 4], None, "").config.clone();
+    let primary_down = PoolRoute::standalone(
+        config.clone(),
+        vec![State::Down, State::Ejected, State::Up, State::Up],
     );
-    // No tier has two usable upstreams, so the lowest with any stays active.
-    assert_eq!(rebuilt.active_tier, Some(0));
-    assert_eq!(names(&rebuilt)[0], "a");
+    assert_eq!(primary_down.active_tier, Some(1));
+    assert_eq!(names(&primary_down), ["c", "d"]);
+    let drained = PoolRoute::standalone(
+        config,
+        vec![State::Drain, State::Maint, State::Down, State::Down],
+    );
+    assert_eq!(drained.active_tier, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn decide_active_tier_table() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    use crate::config::Failback;
+
+    let t0 = Instant::now();
+    let s = |secs: u64| t0 + Duration::from_secs(secs);
+    let hold = Failback::After(Duration::from_secs(3));
+    // (name, current, usable counts, min_usable, failback, better_since, now) -> (active, better_since)
+    type Case<'a> = (
+        &'a str,
+        Option<usize>,
+        &'a [usize],
+        usize,
+        Failback,
+        Option<Instant>,
+        Instant,
+        Option<usize>,
+        Option<Instant>,
+    );
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        ("start: preferred",              None,    &[1, 1], 1, Failback::Manual,    None,       t0,   Some(0), None),
+        ("stable",                        Some(0), &[1, 1], 1, hold,                None,       t0,   Some(0), None),
+        ("failover is immediate",         Some(0), &[0, 1], 1, Failback::Manual,    None,       t0,   Some(1), None),
+        ("failover below min_usable",     Some(0), &[1, 2], 2, hold,                None,       t0,   Some(1), None),
+        ("all down",                      Some(0), &[0, 0], 1, hold,                None,       t0,   None,    None),
+        ("back from all down at once",    None,    &[1, 1], 1, Failback::Manual,    None,       t0,   Some(0), None),
+        ("failback immediate",            Some(1), &[1, 1], 1, Failback::Immediate, None,       t0,   Some(0), None),
+        ("failback manual waits",         Some(1), &[1, 1], 1, Failback::Manual,    None,       t0,   Some(1), None),
+        ("failback hold starts clock",    Some(1), &[1, 1], 1, hold,                None,       s(5), Some(1), Some(s(5))),
+        ("failback hold keeps clock",     Some(1), &[1, 1], 1, hold,                Some(s(5)), s(7), Some(1), Some(s(5))),
+        ("failback hold elapsed",         Some(1), &[1, 1], 1, hold,                Some(s(5)), s(8), Some(0), None),
+        ("flap resets clock",             Some(1), &[0, 1], 1, hold,                Some(s(5)), s(7), Some(1), None),
+        ("survival beats manual",         Some(1), &[1, 0], 1, Failback::Manual,    None,       t0,   Some(0), None),
+        ("survival beats hold",           Some(1), &[1, 0], 1, hold,                None,       t0,   Some(0), None),
+    ];
+    for (name, current, counts, min_usable, failback, since, now, active, better_since) in cases {
+        let d = decide_active_tier(*current, counts, *min_usable, *failback, *since, *now);
+        assert_eq!(
+            (d.active, d.better_since),
+            (*active, *better_since),
+            "{name}"
+        );
+    }
 }

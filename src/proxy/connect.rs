@@ -48,10 +48,13 @@ pub async fn connect(
             finished = in_flight.next() => {
                 let Some((upstream, result)) = finished else { break };
                 match result {
-                    Ok(stream) => return Ok((stream, upstream)),
+                    Ok(stream) => {
+                        route.feedback.connect_succeeded(&route.upstreams[upstream]);
+                        return Ok((stream, upstream));
+                    }
                     Err(reason) => {
                         let failed = &route.upstreams[upstream];
-                        failed.stats.count_connect_failure(reason);
+                        route.feedback.connect_failed(failed, reason);
                         debug!(pool = %config.name, upstream = failed.label(), %reason, "connect attempt failed");
                         last_failure = (upstream, reason);
                         if started < order.len() {
@@ -65,6 +68,7 @@ pub async fn connect(
                 }
             }
             _ = sleep_until(hedge_at.unwrap_or_else(Instant::now)), if can_hedge => {
+                route.feedback.slow(&route.upstreams[order[started - 1]]);
                 in_flight.push(start(started));
                 started += 1;
                 hedge_at = config.hedge_after.map(|d| Instant::now() + d);

@@ -74,6 +74,7 @@ pub(crate) async fn serve(
             }
         };
         let upstream = route.upstreams[index].clone();
+        let close = route.closers[index].token();
         let idle_timeout = route.config.idle_timeout;
         connect::tune(&client, route.config.tcp_keepalive);
         drop(route);
@@ -93,7 +94,12 @@ pub(crate) async fn serve(
                 listener: &context.stats.bytes_out,
                 upstream: &upstream.stats.bytes_received,
             },
-            shutdown.force_closed(),
+            async {
+                tokio::select! {
+                    _ = shutdown.force_closed() => {}
+                    _ = close.cancelled() => {}
+                }
+            },
         )
         .await;
         debug!(

@@ -1,0 +1,649 @@
+//! The controller: the only writer of routing state.
+//!
+//! It owns every upstream's live state, applies what health checks, passive failures
+//! and operators report (all by message), decides each pool's active tier, records an
+//! event for every transition, closes connections where policy says so, and publishes
+//! a new routing snapshot when anything routing-relevant changed. One writer means no
+//! lost updates and no compare-and-swap loops; the hot path only ever reads.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tracing::debug;
+
+use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
+use crate::events::{EventKind, EventLog};
+use crate::health::state::{AdminOverride, State, UpstreamState};
+use crate::health::{CheckFailure, Checker};
+use crate::metrics::{ConnectFailure, PoolStats};
+use crate::pool::decide_active_tier;
+use crate::shutdown::Shutdown;
+use crate::snapshot::{
+    CLOSE_BUCKETS, Closer, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot, Upstream,
+};
+
+/// What the controller is told.
+#[derive(Debug)]
+pub enum Message {
+    /// An active check finished; the reply is the interval until the next one.
+    CheckResult {
+        upstream: u64,
+        result: Result<(), CheckFailure>,
+        reply: oneshot::Sender<Duration>,
+    },
+    /// A connect attempt on real traffic failed; `in_a_row` counts since the last success.
+    ConnectFailed {
+        upstream: u64,
+        reason: ConnectFailure,
+        in_a_row: u32,
+    },
+    /// A connect attempt was slow enough to be hedged: check the upstream now.
+    Slow { upstream: u64 },
+    /// Operator override: `None` returns the upstream to health-check control.
+    SetAdmin {
+        pool: String,
+        upstream: String,
+        admin: Option<AdminOverride>,
+        reply: oneshot::Sender<Result<State, String>>,
+    },
+    /// Operator's manual failback; the reply is the new active tier's priority.
+    Failback {
+        pool: String,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+}
+
+/// Sends messages to the controller; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ControllerHandle {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+/// The hot path's fire-and-forget reports about upstreams. Detached (reporting
+/// nowhere) for routes built without a controller.
+#[derive(Debug, Clone)]
+pub struct Feedback(Option<mpsc::UnboundedSender<Message>>);
+
+pub struct Controller {
+    pools: Vec<PoolState>,
+    snapshot: SharedSnapshot,
+    events: Arc<EventLog>,
+    handle: ControllerHandle,
+    rx: mpsc::UnboundedReceiver<Message>,
+}
+
+struct PoolState {
+    config: Arc<PoolConfig>,
+    stats: Arc<PoolStats>,
+    slots: Vec<Slot>,
+    /// Index into the pool's tiers (best first).
+    active_tier: Option<usize>,
+    better_since: Option<Instant>,
+    drains: Vec<GradualClose>,
+}
+
+struct Slot {
+    upstream: Arc<Upstream>,
+    state: UpstreamState,
+    /// The state last published and announced.
+    shown: State,
+    /// Why the next transition happens, set by whatever caused it.
+    reason: Option<String>,
+    closer: Arc<Closer>,
+    checker: Option<Checker>,
+}
+
+/// Closes the connections that stayed on lower tiers after a failback, one bucket at a
+/// time, spread evenly over `drain_after_failback`.
+struct GradualClose {
+    closers: Vec<Arc<Closer>>,
+    started: Instant,
+    duration: Duration,
+    next_bucket: usize,
+}
+
+// === impl ControllerHandle ===
+
+impl ControllerHandle {
+    pub fn send(&self, message: Message) {
+        // Fails only once the controller has stopped, at shutdown: nothing to do then.
+        let _ = self.tx.send(message);
+    }
+
+    /// Sets or clears an operator override; returns the upstream's new state.
+    pub async fn set_admin(
+        &self,
+        pool: &str,
+        upstream: &str,
+        admin: Option<AdminOverride>,
+    ) -> Result<State, String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::SetAdmin {
+            pool: pool.to_string(),
+            upstream: upstream.to_string(),
+            admin,
+            reply,
+        });
+        answer
+            .await
+            .map_err(|_| "the controller has stopped".to_string())?
+    }
+
+    /// Manual failback; returns the priority of the new active tier.
+    pub async fn failback(&self, pool: &str) -> Result<u32, String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Failback {
+            pool: pool.to_string(),
+            reply,
+        });
+        answer
+            .await
+            .map_err(|_| "the controller has stopped".to_string())?
+    }
+
+    fn feedback(&self) -> Feedback {
+        Feedback(Some(self.tx.clone()))
+    }
+}
+
+// === impl Feedback ===
+
+impl Feedback {
+    pub fn detached() -> Self {
+        Self(None)
+    }
+
+    pub(crate) fn connect_failed(&self, upstream: &Upstream, reason: ConnectFailure) {
+        upstream.stats.count_connect_failure(reason);
+        let in_a_row = upstream
+            .stats
+            .connect_failures_in_a_row
+            .fetch_add(1, Relaxed)
+            .saturating_add(1);
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Message::ConnectFailed {
+                upstream: upstream.id,
+                reason,
+                in_a_row,
+            });
+        }
+    }
+
+    pub(crate) fn connect_succeeded(&self, upstream: &Upstream) {
+        // Read first: most connects succeed, and a store on every one would bounce the
+        // cache line between cores.
+        if upstream.stats.connect_failures_in_a_row.load(Relaxed) != 0 {
+            upstream.stats.connect_failures_in_a_row.store(0, Relaxed);
+        }
+    }
+
+    pub(crate) fn slow(&self, upstream: &Upstream) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Message::Slow {
+                upstream: upstream.id,
+            });
+        }
+    }
+}
+
+// === impl Controller ===
+
+impl Controller {
+    /// Live state for every pool of `config`, every upstream up (SPEC §3: until its
+    /// first check completes), and the first snapshot published.
+    pub fn new(config: &Config, events: Arc<EventLog>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = ControllerHandle { tx };
+        let pools: Vec<PoolState> = config
+            .pools
+            .iter()
+            .map(|pool| PoolState {
+                config: pool.clone(),
+                stats: Arc::default(),
+                slots: pool
+                    .upstreams
+                    .iter()
+                    .map(|u| Slot {
+                        upstream: Arc::new(Upstream::new(&pool.name, u.clone())),
+                        state: UpstreamState::new(),
+                        shown: State::Up,
+                        reason: None,
+                        closer: Arc::default(),
+                        checker: None,
+                    })
+                    .collect(),
+                active_tier: None,
+                better_since: None,
+                drains: Vec::new(),
+            })
+            .collect();
+        let mut controller = Self {
+            pools,
+            snapshot: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
+            events,
+            handle,
+            rx,
+        };
+        let now = Instant::now();
+        for p in 0..controller.pools.len() {
+            let pool = &mut controller.pools[p];
+            let counts = pool.usable_counts();
+            pool.active_tier = crate::pool::preferred_tier(&counts, pool.config.min_usable);
+            controller.publish(p);
+        }
+        debug!(pools = controller.pools.len(), at = ?now, "controller ready");
+        controller
+    }
+
+    pub fn snapshot(&self) -> SharedSnapshot {
+        self.snapshot.clone()
+    }
+
+    pub fn handle(&self) -> ControllerHandle {
+        self.handle.clone()
+    }
+
+    /// Starts the health checks and applies messages and timers until shutdown.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        for pool in &mut self.pools {
+            if !pool.config.health.enabled {
+                continue;
+            }
+            for slot in &mut pool.slots {
+                slot.checker = Some(Checker::spawn(
+                    slot.upstream.clone(),
+                    pool.config.health.clone(),
+                    self.handle.clone(),
+                ));
+            }
+        }
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.stopping() => return,
+                message = self.rx.recv() => match message {
+                    Some(message) => self.handle_message(message),
+                    None => return,
+                },
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    for p in 0..self.pools.len() {
+                        self.refresh(p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_message(&mut self, message: Message) {
+        let now = Instant::now();
+        match message {
+            Message::CheckResult {
+                upstream,
+                result,
+                reply,
+            } => {
+                let Some((p, u)) = self.find(upstream) else {
+                    return;
+                };
+                let pool = &mut self.pools[p];
+                let health = &pool.config.health;
+                let slot = &mut pool.slots[u];
+                let stats = &slot.upstream.stats;
+                match result {
+                    Ok(()) => stats.checks_passed.fetch_add(1, Relaxed),
+                    Err(_) => stats.checks_failed.fetch_add(1, Relaxed),
+                };
+                slot.state
+                    .on_check(result.is_ok(), health.rise, health.fall, now);
+                slot.reason = Some(match result {
+                    Ok(()) => "check passed".to_string(),
+                    Err(failure) => failure.to_string(),
+                });
+                let interval = if slot.state.is_deciding() {
+                    health.fast_interval
+                } else {
+                    health.interval
+                };
+                let _ = reply.send(interval);
+                self.refresh(p);
+            }
+            Message::ConnectFailed {
+                upstream,
+                reason,
+                in_a_row,
+            } => {
+                let Some((p, u)) = self.find(upstream) else {
+                    return;
+                };
+                let pool = &mut self.pools[p];
+                let slot = &mut pool.slots[u];
+                if let Some(checker) = &slot.checker {
+                    checker.check_now();
+                }
+                if let Some(ejected_for) =
+                    slot.state
+                        .outlier
+                        .on_failures(in_a_row, &pool.config.outlier, now)
+                {
+                    slot.upstream
+                        .stats
+                        .connect_failures_in_a_row
+                        .store(0, Relaxed);
+                    slot.reason = Some(format!(
+                        "{in_a_row} consecutive failures (connect {reason}); ejected for {}",
+                        humantime::format_duration(ejected_for)
+                    ));
+                    self.refresh(p);
+                }
+            }
+            Message::Slow { upstream } => {
+                if let Some((p, u)) = self.find(upstream)
+                    && let Some(checker) = &self.pools[p].slots[u].checker
+                {
+                    checker.check_now();
+                }
+            }
+            Message::SetAdmin {
+                pool,
+                upstream,
+                admin,
+                reply,
+            } => {
+                let _ = reply.send(self.set_admin(&pool, &upstream, admin));
+            }
+            Message::Failback { pool, reply } => {
+                let _ = reply.send(self.manual_failback(&pool));
+            }
+        }
+    }
+
+    fn set_admin(
+        &mut self,
+        pool: &str,
+        upstream: &str,
+        admin: Option<AdminOverride>,
+    ) -> Result<State, String> {
+        let p = self.pool_index(pool)?;
+        let slots = &mut self.pools[p].slots;
+        let u = slots
+            .iter()
+            .position(|s| {
+                let c = &s.upstream.config;
+                c.label() == upstream || c.target == upstream || c.address.to_string() == upstream
+            })
+            .ok_or_else(|| {
+                format!("pool {pool:?} has no upstream named or addressed {upstream:?}")
+            })?;
+        slots[u].state.set_admin(admin);
+        slots[u].reason = Some("admin".to_string());
+        self.refresh(p);
+        Ok(self.pools[p].slots[u].shown)
+    }
+
+    fn manual_failback(&mut self, pool: &str) -> Result<u32, String> {
+        let p = self.pool_index(pool)?;
+        let state = &self.pools[p];
+        let counts = state.usable_counts();
+        let preferred = crate::pool::preferred_tier(&counts, state.config.min_usable);
+        let priorities = state.config.priorities();
+        match (state.active_tier, preferred) {
+            (Some(active), Some(preferred)) if preferred < active => {
+                self.switch_tier(
+                    p,
+                    Some(preferred),
+                    "manual failback".to_string(),
+                    Instant::now(),
+                );
+                self.publish(p);
+                Ok(priorities[preferred])
+            }
+            (Some(active), _) => Err(format!(
+                "pool {pool:?} is already on the best usable tier (priority {})",
+                priorities[active]
+            )),
+            (None, _) => Err(format!("pool {pool:?} has no usable upstream")),
+        }
+    }
+
+    /// Applies time and state to pool `p`: ends ejections, announces transitions, closes
+    /// connections per policy, decides the active tier, advances gradual closes, and
+    /// publishes if routing changed.
+    fn refresh(&mut self, p: usize) {
+        let now = Instant::now();
+        let events = self.events.clone();
+        let pool = &mut self.pools[p];
+        let mut changed = false;
+        for slot in &mut pool.slots {
+            if slot.state.outlier.expire(now) && slot.reason.is_none() {
+                slot.reason = Some("ejection time over".to_string());
+            }
+            let new = slot.state.state(now);
+            if new != slot.shown {
+                let reason = slot.reason.take().unwrap_or_default();
+                events.record(
+                    EventKind::Upstream,
+                    &pool.config.name,
+                    Some(slot.upstream.label()),
+                    slot.shown.as_str(),
+                    new.as_str(),
+                    &reason,
+                );
+                let close = new == State::Maint
+                    || (new == State::Down
+                        && pool.config.on_upstream_down == OnUpstreamDown::Close);
+                if close {
+                    slot.closer.close_all();
+                    slot.closer = Arc::default();
+                }
+                slot.shown = new;
+                changed = true;
+            }
+            slot.reason = None;
+        }
+
+        let counts = pool.usable_counts();
+        let decision = decide_active_tier(
+            pool.active_tier,
+            &counts,
+            pool.config.min_usable,
+            pool.config.failback,
+            pool.better_since,
+            now,
+        );
+        pool.better_since = decision.better_since;
+        if decision.active != pool.active_tier {
+            let reason = tier_reason(pool, decision.active, &counts);
+            self.switch_tier(p, decision.active, reason, now);
+            changed = true;
+        }
+        self.advance_gradual_closes(p, now);
+        if changed {
+            self.publish(p);
+        }
+    }
+
+    fn switch_tier(&mut self, p: usize, to: Option<usize>, reason: String, now: Instant) {
+        let pool = &mut self.pools[p];
+        let priorities = pool.config.priorities();
+        let name = |t: Option<usize>| t.map_or("none".to_string(), |t| priorities[t].to_string());
+        self.events.record(
+            EventKind::Tier,
+            &pool.config.name,
+            None,
+            &name(pool.active_tier),
+            &name(to),
+            &reason,
+        );
+        match (pool.active_tier, to) {
+            (Some(from), Some(to)) if to < from => {
+                pool.stats.failbacks.fetch_add(1, Relaxed);
+                if let Some(duration) = pool.config.drain_after_failback {
+                    pool.start_gradual_close(to, duration, now);
+                }
+            }
+            (Some(from), Some(to)) if to > from => {
+                pool.stats.failovers.fetch_add(1, Relaxed);
+            }
+            (Some(_), None) => {
+                pool.stats.failovers.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        pool.active_tier = to;
+        pool.better_since = None;
+    }
+
+    fn advance_gradual_closes(&mut self, p: usize, now: Instant) {
+        let pool = &mut self.pools[p];
+        for drain in &mut pool.drains {
+            while drain.next_bucket < CLOSE_BUCKETS && drain.due(drain.next_bucket) <= now {
+                for closer in &drain.closers {
+                    closer.close_bucket(drain.next_bucket);
+                }
+                drain.next_bucket += 1;
+            }
+        }
+        pool.drains.retain(|d| d.next_bucket < CLOSE_BUCKETS);
+    }
+
+    fn publish(&mut self, p: usize) {
+        let pool = &self.pools[p];
+        let route = PoolRoute::new(RouteParts {
+            config: pool.config.clone(),
+            stats: pool.stats.clone(),
+            upstreams: pool.slots.iter().map(|s| s.upstream.clone()).collect(),
+            states: pool.slots.iter().map(|s| s.shown).collect(),
+            closers: pool.slots.iter().map(|s| s.closer.clone()).collect(),
+            active_tier: pool.active_tier,
+            feedback: self.handle.feedback(),
+        });
+        let next = self.snapshot.load().with_pool(Arc::new(route));
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// The earliest moment something changes without a message: an ejection ends, a
+    /// failback hold elapses, or a gradual close is due.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadlines = Vec::new();
+        for pool in &self.pools {
+            deadlines.extend(
+                pool.slots
+                    .iter()
+                    .filter_map(|s| s.state.outlier.ejected_until()),
+            );
+            if let (Some(since), Failback::After(hold)) = (pool.better_since, pool.config.failback)
+            {
+                deadlines.push(since + hold);
+            }
+            deadlines.extend(
+                pool.drains
+                    .iter()
+                    .filter(|d| d.next_bucket < CLOSE_BUCKETS)
+                    .map(|d| d.due(d.next_bucket)),
+            );
+        }
+        deadlines.into_iter().min()
+    }
+
+    fn find(&self, upstream: u64) -> Option<(usize, usize)> {
+        self.pools.iter().enumerate().find_map(|(p, pool)| {
+            pool.slots
+                .iter()
+                .position(|s| s.upstream.id == upstream)
+                .map(|u| (p, u))
+        })
+    }
+
+    fn pool_index(&self, pool: &str) -> Result<usize, String> {
+        self.pools
+            .iter()
+            .position(|p| p.config.name == pool)
+            .ok_or_else(|| format!("no pool named {pool:?}"))
+    }
+}
+
+/// Why the active tier moves from `pool.active_tier` to `to`.
+fn tier_reason(pool: &PoolState, to: Option<usize>, counts: &[usize]) -> String {
+    let priorities = pool.config.priorities();
+    match (pool.active_tier, to) {
+        (Some(from), Some(to)) if to > from => {
+            if counts[from] == 0 {
+                format!("tier {} has no usable upstream", priorities[from])
+            } else {
+                format!(
+                    "tier {} has {} usable upstream(s), fewer than min_usable {}",
+                    priorities[from], counts[from], pool.config.min_usable
+                )
+            }
+        }
+        (Some(from), Some(_)) if counts[from] == 0 => {
+            format!("tier {} has no usable upstream", priorities[from])
+        }
+        (Some(_), Some(_)) => match pool.config.failback {
+            Failback::Immediate => "failback: a better tier is usable".to_string(),
+            Failback::After(hold) => format!(
+                "failback: a better tier stayed usable for {}",
+                humantime::format_duration(hold)
+            ),
+            Failback::Manual => "manual failback".to_string(),
+        },
+        (Some(_), None) => "no usable upstream in any tier".to_string(),
+        (None, _) => "an upstream is usable again".to_string(),
+    }
+}
+
+// === impl PoolState ===
+
+impl PoolState {
+    /// Usable upstreams per tier, best tier first, from the announced states.
+    fn usable_counts(&self) -> Vec<usize> {
+        self.config
+            .priorities()
+            .into_iter()
+            .map(|priority| {
+                self.slots
+                    .iter()
+                    .filter(|s| s.upstream.config.priority == priority && s.shown.is_usable())
+                    .count()
+            })
+            .collect()
+    }
+
+    /// After failing back to tier `to`: connections on every worse tier close gradually;
+    /// new connections to those upstreams get fresh closers and are not affected.
+    fn start_gradual_close(&mut self, to: usize, duration: Duration, now: Instant) {
+        let priorities = self.config.priorities();
+        let mut closers = Vec::new();
+        for slot in &mut self.slots {
+            let tier = priorities
+                .iter()
+                .position(|&p| p == slot.upstream.config.priority)
+                .unwrap_or(0);
+            if tier > to {
+                closers.push(std::mem::take(&mut slot.closer));
+            }
+        }
+        if !closers.is_empty() {
+            self.drains.push(GradualClose {
+                closers,
+                started: now,
+                duration,
+                next_bucket: 0,
+            });
+        }
+    }
+}
+
+// === impl GradualClose ===
+
+impl GradualClose {
+    /// When bucket `k` closes: the buckets are spread evenly, the last at the end.
+    fn due(&self, k: usize) -> Instant {
+        self.started + self.duration.mul_f64((k + 1) as f64 / CLOSE_BUCKETS as f64)
+    }
+}

@@ -1,0 +1,178 @@
+//! Active health checks: one task per upstream that connects (and optionally sends and
+//! expects bytes) at `interval`, or `fast_interval` while the upstream's state is being
+//! decided, and reports each result to the controller.
+//!
+//! The checker owns no state: the controller applies the result and answers with the
+//! interval to wait, so the schedule always follows the state it just computed. A
+//! passive failure on real traffic wakes the checker for an immediate check.
+
+pub mod outlier;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthConfig;
+use crate::controller::{ControllerHandle, Message};
+use crate::metrics::ConnectFailure;
+use crate::snapshot::Upstream;
+
+/// The first check of every upstream starts within this, spread at random so that many
+/// upstreams are not all connected to at the same instant.
+const FIRST_CHECK_SPREAD: Duration = Duration::from_millis(20);
+
+/// Why an active check failed; becomes the reason of a `down` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckFailure {
+    Connect(ConnectFailure),
+    /// Connected, but sending or the expected reply did not finish within the timeout.
+    Timeout,
+    ExpectMismatch,
+    /// The upstream closed before the expected reply was complete.
+    Closed,
+    Io,
+}
+
+/// The controller's end of one checker task.
+#[derive(Debug)]
+pub struct Checker {
+    check_now: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+// === impl CheckFailure ===
+
+impl CheckFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckFailure::Connect(ConnectFailure::Refused) => "connect refused",
+            CheckFailure::Connect(ConnectFailure::Reset) => "connection reset",
+            CheckFailure::Connect(ConnectFailure::Unreachable) => "unreachable",
+            CheckFailure::Connect(ConnectFailure::Timeout) => "connect timeout",
+            CheckFailure::Connect(ConnectFailure::Error) => "connect error",
+            CheckFailure::Timeout => "check timeout",
+            CheckFailure::ExpectMismatch => "expect mismatch",
+            CheckFailure::Closed => "closed before reply",
+            CheckFailure::Io => "check I/O error",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl Checker ===
+
+impl Checker {
+    /// Starts checking `upstream`; results go to `controller`.
+    pub fn spawn(
+        upstream: Arc<Upstream>,
+        health: HealthConfig,
+        controller: ControllerHandle,
+    ) -> Self {
+        let check_now = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        tokio::spawn(check_loop(
+            upstream,
+            health,
+            controller,
+            check_now.clone(),
+            stop.clone(),
+        ));
+        Self { check_now, stop }
+    }
+
+    /// Runs a check now (or right after the one in progress).
+    pub fn check_now(&self) {
+        self.check_now.notify_one();
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn check_loop(
+    upstream: Arc<Upstream>,
+    health: HealthConfig,
+    controller: ControllerHandle,
+    check_now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut next = Instant::now() + FIRST_CHECK_SPREAD.mul_f64(fastrand::f64());
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = sleep_until(next) => {}
+            _ = check_now.notified() => {}
+        }
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = check(upstream.config.address, &health) => result,
+        };
+        let (reply, interval) = oneshot::channel();
+        controller.send(Message::CheckResult {
+            upstream: upstream.id,
+            result,
+            reply,
+        });
+        let Ok(interval) = interval.await else {
+            return;
+        };
+        // ±10% so that checks started together drift apart.
+        next = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+    }
+}
+
+/// One check: connect, then send and expect if configured, all within `timeout`.
+pub async fn check(addr: SocketAddr, health: &HealthConfig) -> Result<(), CheckFailure> {
+    let deadline = Instant::now() + health.timeout;
+    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+        Err(_) => return Err(CheckFailure::Connect(ConnectFailure::Timeout)),
+        Ok(Err(e)) => return Err(CheckFailure::Connect(ConnectFailure::from_io(&e))),
+        Ok(Ok(stream)) => stream,
+    };
+    let exchange = async {
+        if !health.send.is_empty() {
+            stream
+                .write_all(&health.send)
+                .await
+                .map_err(|_| CheckFailure::Io)?;
+        }
+        if health.expect.is_empty() {
+            return Ok(());
+        }
+        let mut reply = vec![0u8; health.expect.len()];
+        let mut got = 0;
+        while got < reply.len() {
+            let n = stream
+                .read(&mut reply[got..])
+                .await
+                .map_err(|_| CheckFailure::Io)?;
+            if n == 0 {
+                return Err(CheckFailure::Closed);
+            }
+            if reply[got..got + n] != health.expect[got..got + n] {
+                return Err(CheckFailure::ExpectMismatch);
+            }
+            got += n;
+        }
+        Ok(())
+    };
+    timeout_at(deadline, exchange)
+        .await
+        .unwrap_or(Err(CheckFailure::Timeout))
+}
