@@ -330,15 +330,15 @@ impl Controller {
                         .outlier
                         .on_failures(in_a_row, &pool.config.outlier, now)
                 {
-                    slot.upstream
-                        .stats
-                        .connect_failures_in_a_row
-                        .store(0, Relaxed);
                     slot.reason = Some(format!(
                         "{in_a_row} consecutive failures (connect {reason}); ejected for {}",
                         humantime::format_duration(ejected_for)
                     ));
+                    let upstream = slot.upstream.clone();
                     self.refresh(p);
+                    // Only now that the snapshot excludes it: until then the count
+                    // keeps it last in attempt orders.
+                    upstream.stats.connect_failures_in_a_row.store(0, Relaxed);
                 }
             }
             Message::Slow { upstream } => {

@@ -75,8 +75,34 @@ pub fn decide_active_tier(
 /// that are usable but not active (held by failback), as a last resort before failing
 /// the client. With nothing usable: every upstream in priority order (`try_all`) or
 /// nothing (`reject`).
+///
+/// An upstream that has just failed `consecutive_failures` attempts in a row goes last:
+/// the controller is about to eject it, and clients arriving before the new snapshot
+/// is published should not pay for it again.
 pub fn attempt_order(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
-    let limit = route.config.connect_attempts;
+    let mut order = candidates(route, client);
+    let threshold = route.config.outlier.consecutive_failures;
+    let failing = |&i: &usize| {
+        route.upstreams[i]
+            .stats
+            .connect_failures_in_a_row
+            .load(Relaxed)
+            >= threshold
+    };
+    if order.iter().any(failing) {
+        let (mut healthy, suspects): (Vec<usize>, Vec<usize>) =
+            order.iter().copied().partition(|i| !failing(i));
+        healthy.extend(suspects);
+        order = healthy;
+    }
+    order.truncate(route.config.connect_attempts);
+    order
+}
+
+fn candidates(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
+    // One more than the limit, so that demoting a failing upstream can bring in the
+    // next candidate instead of shortening the list.
+    let limit = route.config.connect_attempts + 1;
     let mut order = Vec::with_capacity(limit);
     let Some(active) = route.active_tier else {
         if route.config.when_all_down == WhenAllDown::TryAll {

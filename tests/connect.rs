@@ -161,3 +161,27 @@ async fn attempts_go_to_distinct_upstreams_of_the_active_tier_before_the_backup(
         );
     }
 }
+
+#[tokio::test]
+async fn an_upstream_that_closes_before_any_byte_is_a_failed_attempt_the_client_never_sees() {
+    // Accepts, then closes at once without a word: like a dying server's accept queue.
+    let slammer = Server::start(|stream: TcpStream| async move { drop(stream) }).await;
+    let backup = Server::named("backup").await;
+    let proxy = start_proxy(&one_pool_config(
+        &[(slammer.addr, 0), (backup.addr, 1)],
+        NO_EJECTION,
+    ));
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(proxy.addr("front")).await.unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), "backup");
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert_eq!(
+        route.upstreams[0]
+            .stats
+            .connect_failures(ConnectFailure::Reset),
+        5
+    );
+    let stats = &proxy.proxy.listener("front").unwrap().context.stats;
+    assert_eq!(stats.connections_failed.load(Relaxed), 0);
+}

@@ -220,7 +220,13 @@ impl Validator<'_> {
         for (text, span) in entries {
             match text.parse::<SocketAddr>() {
                 Ok(addr) => {
-                    if let Some(other) = binds_seen.insert(addr, name.to_string()) {
+                    // Port 0 asks the kernel for a free port: two of them never collide.
+                    let taken = if addr.port() == 0 {
+                        None
+                    } else {
+                        binds_seen.insert(addr, name.to_string())
+                    };
+                    if let Some(other) = taken {
                         self.report(span, &bind_key, format!("address {addr} is already bound by listener {other:?}; each address may be bound once"));
                         ok = false;
                     }

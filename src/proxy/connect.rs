@@ -21,12 +21,18 @@ use crate::snapshot::PoolRoute;
 
 type Attempt = Pin<Box<dyn Future<Output = (usize, Result<TcpStream, ConnectFailure>)> + Send>>;
 
-/// Tries `order` (indices into `route.upstreams`) until one connects. Returns the
-/// stream and the index of the upstream that accepted.
-pub async fn connect(
-    route: &PoolRoute,
-    order: &[usize],
-) -> Result<(TcpStream, usize), ConnectError> {
+/// A connected upstream.
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: TcpStream,
+    /// Index into `route.upstreams`.
+    pub upstream: usize,
+    /// How many entries of the order were used (tried or cancelled).
+    pub attempts: usize,
+}
+
+/// Tries `order` (indices into `route.upstreams`) until one connects.
+pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, ConnectError> {
     let config = &route.config;
     let start = |i: usize| -> Attempt {
         let upstream = order[i];
@@ -50,7 +56,7 @@ pub async fn connect(
                 match result {
                     Ok(stream) => {
                         route.feedback.connect_succeeded(&route.upstreams[upstream]);
-                        return Ok((stream, upstream));
+                        return Ok(Connected { stream, upstream, attempts: started });
                     }
                     Err(reason) => {
                         let failed = &route.upstreams[upstream];

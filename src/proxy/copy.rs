@@ -13,7 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-const BUFFER_SIZE: usize = 16 * 1024;
+/// Measured with `cargo bench --bench forward`: 64 KiB nearly doubles bulk throughput
+/// over 16 KiB; the memory it holds per connection is what the zero-copy work removes.
+const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Where one direction adds its bytes.
 pub struct Counters<'a> {

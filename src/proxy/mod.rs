@@ -10,10 +10,14 @@ pub mod listener;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use socket2::SockRef;
 
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
+use crate::metrics::ConnectFailure;
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use copy::Counters;
@@ -61,15 +65,33 @@ pub(crate) async fn serve(
             debug!("no usable upstream and when_all_down = reject; closing client");
             return;
         }
-        let connected = tokio::select! {
-            connected = connect::connect(&route, &order) => connected,
-            _ = shutdown.force_closed() => return,
-        };
-        let (upstream_stream, index) = match connected {
-            Ok(connected) => connected,
-            Err(e) => {
+        let mut remaining = order.as_slice();
+        let (upstream_stream, index) = loop {
+            let connected = tokio::select! {
+                connected = connect::connect(&route, remaining) => connected,
+                _ = shutdown.force_closed() => return,
+            };
+            let connected = match connected {
+                Ok(connected) => connected,
+                Err(e) => {
+                    context.stats.connections_failed.fetch_add(1, Relaxed);
+                    info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                    return;
+                }
+            };
+            let guard = route.config.connect_timeout;
+            if !upstream_gone_first(&client, &connected.stream, guard).await {
+                break (connected.stream, connected.upstream);
+            }
+            // Accepted and closed before a byte flowed either way (a server dying with
+            // connections in its accept queue): a failed attempt, invisible to the client.
+            let failed = &route.upstreams[connected.upstream];
+            route.feedback.connect_failed(failed, ConnectFailure::Reset);
+            debug!(upstream = failed.label(), "upstream closed before any byte; trying the next");
+            remaining = &remaining[connected.attempts..];
+            if remaining.is_empty() {
                 context.stats.connections_failed.fetch_add(1, Relaxed);
-                info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                info!(pool = %route.config.name, "client closed: every upstream closed the connection at once");
                 return;
             }
         };
@@ -112,4 +134,30 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Waits, at most `window`, for the first sign of life after connecting. True when the
+/// upstream closed or reset before either side sent anything, so another upstream can
+/// still take the client; false as soon as either side has bytes (or the window ends).
+async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        tokio::select! {
+            biased;
+            ready = upstream.readable() => {
+                if ready.is_err() {
+                    return true;
+                }
+                let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
+                match SockRef::from(upstream).peek(&mut probe) {
+                    Ok(0) => return true,
+                    Ok(_) => return false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return true,
+                }
+            }
+            _ = client.readable() => return false,
+            _ = tokio::time::sleep_until(deadline) => return false,
+        }
+    }
 }

@@ -225,3 +225,230 @@ pub async fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
         Ok(Ok(0)) | Ok(Err(_))
     )
 }
+
+/// How a [`Backend`] behaves towards connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Greets with `hello <name>\n`, then echoes.
+    Serving = 0,
+    /// Accepts (the kernel does) but never answers, like a stuck process.
+    Hung = 1,
+}
+
+/// A controllable upstream for failover tests: it can serve, hang, be killed and
+/// restarted on the same port, or become a black hole.
+pub struct Backend {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    tasks: JoinSet<()>,
+    fillers: Vec<std::net::TcpStream>,
+    paused_listener: Option<std::net::TcpListener>,
+}
+
+impl Backend {
+    pub async fn start(name: &'static str) -> Self {
+        let mut backend = Self {
+            name,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            mode: Default::default(),
+            tasks: JoinSet::new(),
+            fillers: Vec::new(),
+            paused_listener: None,
+        };
+        backend.restart().await;
+        backend
+    }
+
+    /// Listens again on the same address (a fresh port the first time) and serves.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let listener = Self::listen(self.addr);
+        self.addr = listener.local_addr().expect("backend addr");
+        self.mode
+            .store(Mode::Serving as u8, std::sync::atomic::Ordering::SeqCst);
+        self.serve(listener);
+    }
+
+    fn listen(addr: SocketAddr) -> std::net::TcpListener {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        socket.set_reuse_address(true).expect("reuseaddr");
+        socket.bind(&addr.into()).expect("bind backend");
+        // Small, so that a black hole needs few filler connections.
+        socket.listen(16).expect("listen");
+        socket.set_nonblocking(true).expect("nonblocking");
+        socket.into()
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) {
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        let name = self.name;
+        let mode = self.mode.clone();
+        self.tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                connections.spawn(Self::handle(stream, name, mode.clone()));
+                while connections.try_join_next().is_some() {}
+            }
+        });
+    }
+
+    async fn handle(
+        mut stream: TcpStream,
+        name: &'static str,
+        mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    ) {
+        let hung = || mode.load(std::sync::atomic::Ordering::SeqCst) == Mode::Hung as u8;
+        if hung() {
+            return std::future::pending().await;
+        }
+        if stream
+            .write_all(format!("hello {name}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if hung() {
+                return std::future::pending().await;
+            }
+            if stream.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Closes the listener and every connection, like a process that died; returns
+    /// once the port is closed.
+    pub async fn kill(&mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.fillers.clear();
+        self.paused_listener = None;
+    }
+
+    /// New and established connections stop being answered.
+    pub fn hang(&self) {
+        self.mode
+            .store(Mode::Hung as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops accepting and fills the accept queue: new connects get no answer at all.
+    pub async fn black_hole(&mut self) {
+        self.kill().await;
+        let listener = Self::listen(self.addr);
+        for _ in 0..64 {
+            match std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                Ok(stream) => self.fillers.push(stream),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(300)).is_err(),
+            "black hole still accepts"
+        );
+        self.paused_listener = Some(listener);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Connects through the proxy and returns the upstream's greeting name (`hello NAME`).
+pub async fn greeted_by(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let line = tokio::time::timeout(SOON, read_line(&mut stream))
+        .await
+        .map_err(|_| std::io::Error::other("no greeting"))??;
+    line.strip_prefix("hello ")
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other(format!("closed or unexpected greeting {line:?}")))
+}
+
+/// Health settings that decide quickly; `expect` matches the backends' greeting.
+pub const FAST_HEALTH: &str = "[pools.p.health]\ninterval = \"200ms\"\nfast_interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\nsend = \"PING\\r\\n\"\nexpect = \"hello\"\n";
+
+/// Like [`one_pool_config`] but with `health` as the `[pools.p.health]` table.
+pub fn checked_pool_config(
+    upstreams: &[(SocketAddr, u32)],
+    pool_extra: &str,
+    health: &str,
+) -> String {
+    one_pool_config(upstreams, pool_extra).replace("[pools.p.health]\nenabled = false\n", health)
+}
+
+/// Waits for an upstream event of `upstream` whose new state is `new`; returns it.
+pub async fn wait_event(
+    proxy: &TestProxy,
+    upstream: &str,
+    new: &str,
+    limit: Duration,
+) -> switchyard::events::Event {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(event) = proxy
+            .proxy
+            .events
+            .all()
+            .into_iter()
+            .find(|e| e.upstream.as_deref() == Some(upstream) && e.new == new)
+        {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event {upstream} -> {new} within {limit:?}: {:#?}",
+            proxy.proxy.events.all()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The pool's active tier priority as routing sees it now.
+pub fn active_priority(proxy: &TestProxy, pool: &str) -> Option<u32> {
+    proxy
+        .proxy
+        .snapshot
+        .load()
+        .pool(pool)
+        .and_then(|r| r.active_priority())
+}
+
+/// Unix milliseconds now, comparable with event timestamps.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Listener `front` → pool `p` with named upstreams `(name, address, priority)`,
+/// `pool_extra` lines in `[pools.p]` and `health` as the whole health table.
+pub fn pool_config(
+    upstreams: &[(&str, SocketAddr, u32)],
+    pool_extra: &str,
+    health: &str,
+) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|(name, addr, priority)| {
+            format!("{{ name = \"{name}\", address = \"{addr}\", priority = {priority} }}")
+        })
+        .collect();
+    format!(
+        "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\n{pool_extra}\nupstreams = [{}]\n\n{health}\n",
+        list.join(", ")
+    )
+}

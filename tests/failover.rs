@@ -1,0 +1,741 @@
+//! The failover engine end to end (SPEC §3): real upstreams die, hang, vanish and come
+//! back while clients connect through the proxy.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use common::*;
+use switchyard::health::state::AdminOverride;
+
+/// Opens one client every `every` until `stop` is set; returns who served each client,
+/// in the order the clients started, and how many failed.
+fn steady_stream(
+    addr: std::net::SocketAddr,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<String>, usize)> {
+    tokio::spawn(async move {
+        let mut clients = JoinSet::new();
+        let mut next = Instant::now();
+        let mut n = 0usize;
+        while !stop.load(Relaxed) {
+            clients.spawn(async move { (n, greeted_by(addr).await) });
+            n += 1;
+            next += every;
+            tokio::time::sleep_until(next).await;
+        }
+        let mut results = Vec::new();
+        while let Some(result) = clients.join_next().await {
+            results.push(result.expect("client task"));
+        }
+        results.sort_by_key(|(n, _)| *n);
+        let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+        let served = results.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        (served, failed)
+    })
+}
+
+/// A long-lived connection that streams chunks and checks every echoed byte until
+/// `stop`; returns the upstream's name, or the error that ended it.
+async fn stream_until(
+    addr: std::net::SocketAddr,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(String, usize), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = read_line(&mut stream).await.map_err(|e| e.to_string())?;
+    let name = name
+        .strip_prefix("hello ")
+        .ok_or("no greeting")?
+        .to_string();
+    let mut chunks = 0;
+    let mut back = vec![0u8; 4096];
+    while !stop.load(Relaxed) {
+        let chunk = random_bytes(4096, seed * 1_000_000 + chunks as u64);
+        stream
+            .write_all(&chunk)
+            .await
+            .map_err(|e| format!("{name}: write: {e}"))?;
+        match tokio::time::timeout(SOON, stream.read_exact(&mut back)).await {
+            Ok(Ok(_)) if back == chunk => {}
+            Ok(Ok(_)) => return Err(format!("{name}: corrupted echo")),
+            Ok(Err(e)) => return Err(format!("{name}: read: {e}")),
+            Err(_) => return Err(format!("{name}: stalled")),
+        }
+        chunks += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((name, chunks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_under_steady_load_no_new_connection_fails_and_backup_streams_are_untouched()
+{
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+
+    // Ten streams on the backup (primary drained meanwhile), ten on the primary.
+    let stop_streams = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut streams = JoinSet::new();
+    proxy
+        .proxy
+        .controller
+        .set_admin("p", "primary", Some(AdminOverride::Drain))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        streams.spawn(stream_until(addr, i, stop_streams.clone()));
+    }
+    let on_backup = proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[1].clone();
+    wait_until(SOON, "streams on backup", || {
+        on_backup.stats.connections_active.load(Relaxed) == 10
+    })
+    .await;
+    proxy
+        .proxy
+        .controller
+        .set_admin("p", "primary", None)
+        .await
+        .unwrap();
+    for i in 10..20 {
+        streams.spawn(stream_until(addr, i, stop_streams.clone()));
+    }
+    let on_primary = proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0].clone();
+    wait_until(SOON, "streams on primary", || {
+        on_primary.stats.connections_active.load(Relaxed) == 10
+    })
+    .await;
+
+    let stop_clients = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = steady_stream(addr, Duration::from_millis(2), stop_clients.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary.kill().await;
+    wait_event(&proxy, "primary", "down", SOON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_clients.store(true, Relaxed);
+    let (served, failed) = clients.await.unwrap();
+    assert_eq!(failed, 0, "new connections failed during the failover");
+    assert!(
+        served.len() > 200,
+        "the stream ran: {} clients",
+        served.len()
+    );
+    assert!(
+        served.iter().rev().take(100).all(|s| s == "backup"),
+        "clients after the failover went to the backup"
+    );
+
+    stop_streams.store(true, Relaxed);
+    let mut backup_ok = 0;
+    let mut primary_closed = 0;
+    while let Some(result) = streams.join_next().await {
+        match result.unwrap() {
+            Ok((name, chunks)) => {
+                assert_eq!(name, "backup", "a stream on the dead primary survived");
+                assert!(chunks > 10);
+                backup_ok += 1;
+            }
+            Err(e) => {
+                assert!(e.starts_with("primary"), "a backup stream broke: {e}");
+                primary_closed += 1;
+            }
+        }
+    }
+    assert_eq!((backup_ok, primary_closed), (10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_primary_is_marked_down_within_half_a_second_then_clients_go_to_the_backup() {
+    let primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    assert_eq!(greeted_by(addr).await.unwrap(), "primary");
+
+    let hung_at = unix_ms();
+    primary.hang();
+    let down = wait_event(&proxy, "primary", "down", SOON).await;
+    let detection = down.at_unix_ms.saturating_sub(hung_at);
+    // interval 200 ms + two checks of 100 ms timeout with 100 ms fast interval = 500 ms,
+    // plus scheduling slack on a loaded machine.
+    assert!(detection <= 700, "detection took {detection} ms");
+    assert_eq!(down.reason, "check timeout");
+    assert_eq!(active_priority(&proxy, "p"), Some(1));
+    for _ in 0..50 {
+        assert_eq!(greeted_by(addr).await.unwrap(), "backup");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_primary_costs_at_most_two_clients_a_connect_timeout() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    // Slow active checks, so that only the passive path can be what reacts.
+    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2, base_ejection = \"30s\" }",
+        health,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    primary.black_hole().await;
+
+    let mut latencies = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert_eq!(greeted_by(addr).await.unwrap(), "backup");
+        latencies.push(started.elapsed());
+    }
+    let slow = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(290))
+        .count();
+    assert!(
+        slow <= 2,
+        "{slow} clients paid the connect timeout: {latencies:?}"
+    );
+    let ejected = wait_event(&proxy, "primary", "ejected", SOON).await;
+    assert!(
+        ejected
+            .reason
+            .starts_with("2 consecutive failures (connect timeout)"),
+        "{}",
+        ejected.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_primary_under_a_steady_stream_fails_no_client() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2 }",
+        health,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    primary.black_hole().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = steady_stream(addr, Duration::from_millis(2), stop.clone());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Relaxed);
+    let (served, failed) = clients.await.unwrap();
+    assert_eq!(failed, 0);
+    assert!(served.iter().all(|s| s == "backup"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_primary_with_hedging_no_client_waits_much_more_than_hedge_after() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "connect_timeout = \"300ms\"\nhedge_after = \"50ms\"\noutlier = { consecutive_failures = 2 }",
+        health,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    primary.black_hole().await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(greeted_by(addr).await.unwrap(), "backup");
+        worst = worst.max(started.elapsed());
+    }
+    assert!(
+        worst < Duration::from_millis(200),
+        "a client waited {worst:?}"
+    );
+}
+
+/// Kills the primary, waits for the failover, restarts it and waits until it is up.
+/// Returns the Unix ms of the primary's `up` event.
+async fn fail_over_and_restart(proxy: &TestProxy, primary: &mut Backend) -> u64 {
+    primary.kill().await;
+    wait_event(proxy, "primary", "down", SOON).await;
+    wait_until(SOON, "failover", || active_priority(proxy, "p") == Some(1)).await;
+    let before = proxy.proxy.events.all().last().map_or(0, |e| e.id);
+    primary.restart().await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Some(up) = proxy
+            .proxy
+            .events
+            .since(before)
+            .into_iter()
+            .find(|e| e.upstream.as_deref() == Some("primary") && e.new == "up")
+        {
+            return up.at_unix_ms;
+        }
+        assert!(Instant::now() < deadline, "primary never came back up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn tier_events(proxy: &TestProxy) -> Vec<switchyard::events::Event> {
+    proxy
+        .proxy
+        .events
+        .all()
+        .into_iter()
+        .filter(|e| e.upstream.is_none())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_immediate_returns_as_soon_as_the_primary_is_up() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    ));
+    let up_at = fail_over_and_restart(&proxy, &mut primary).await;
+    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
+    let failback = tier_events(&proxy)
+        .into_iter()
+        .find(|e| e.new == "0")
+        .expect("failback event");
+    assert!(
+        failback.at_unix_ms.saturating_sub(up_at) < 100,
+        "failback waited"
+    );
+    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    let stats = &route.stats;
+    assert_eq!(
+        (stats.failovers.load(Relaxed), stats.failbacks.load(Relaxed)),
+        (1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_after_a_duration_waits_for_it() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "failback = \"3s\"",
+        FAST_HEALTH,
+    ));
+    let up_at = fail_over_and_restart(&proxy, &mut primary).await;
+    assert_eq!(
+        greeted_by(proxy.addr("front")).await.unwrap(),
+        "backup",
+        "still on the backup right after recovery"
+    );
+    wait_until(Duration::from_secs(15), "failback", || {
+        active_priority(&proxy, "p") == Some(0)
+    })
+    .await;
+    let failback = tier_events(&proxy)
+        .into_iter()
+        .find(|e| e.new == "0")
+        .expect("failback event");
+    let waited = failback.at_unix_ms.saturating_sub(up_at);
+    assert!(
+        (2990..4500).contains(&waited),
+        "failed back after {waited} ms, expected 3 s"
+    );
+    assert!(
+        failback.reason.contains("stayed usable for 3s"),
+        "{}",
+        failback.reason
+    );
+    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_manual_waits_for_the_operator() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "failback = \"manual\"",
+        FAST_HEALTH,
+    ));
+    fail_over_and_restart(&proxy, &mut primary).await;
+    // Recovered and healthy, yet traffic stays on the backup for as long as we look.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(active_priority(&proxy, "p"), Some(1));
+        assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "backup");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy.proxy.controller.failback("p").await, Ok(0));
+    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
+    let failback = tier_events(&proxy)
+        .into_iter()
+        .find(|e| e.new == "0")
+        .expect("failback event");
+    assert_eq!(failback.reason, "manual failback");
+    assert!(
+        proxy.proxy.controller.failback("p").await.is_err(),
+        "nothing better to fail back to"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_primary_never_fails_back_with_a_failback_duration() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let health = "[pools.p.health]\ninterval = \"100ms\"\nfast_interval = \"50ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n";
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "failback = \"3s\"",
+        health,
+    ));
+    fail_over_and_restart(&proxy, &mut primary).await;
+    // Flap every 300 ms for 4.5 s: up and down many times, never usable for 3 s.
+    let until = Instant::now() + Duration::from_millis(4500);
+    let mut up = true;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if up {
+            primary.kill().await;
+        } else {
+            primary.restart().await;
+        }
+        up = !up;
+        assert_eq!(
+            active_priority(&proxy, "p"),
+            Some(1),
+            "failed back while flapping"
+        );
+    }
+    let ups = proxy
+        .proxy
+        .events
+        .all()
+        .iter()
+        .filter(|e| e.upstream.as_deref() == Some("primary") && e.new == "up")
+        .count();
+    assert!(ups >= 4, "the primary did flap ({ups} times up)");
+    assert!(
+        tier_events(&proxy).iter().all(|e| e.new != "0"),
+        "{:#?}",
+        tier_events(&proxy)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_usable_two_with_one_of_three_primaries_up_uses_the_backup_tier() {
+    let mut a = Backend::start("a").await;
+    let mut b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let x = Backend::start("x").await;
+    let y = Backend::start("y").await;
+    let proxy = start_proxy(&pool_config(
+        &[
+            ("a", a.addr, 0),
+            ("b", b.addr, 0),
+            ("c", c.addr, 0),
+            ("x", x.addr, 1),
+            ("y", y.addr, 1),
+        ],
+        "min_usable = 2",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy
+            .proxy
+            .snapshot
+            .load()
+            .pool("p")
+            .unwrap()
+            .upstreams
+            .iter()
+            .all(|u| u.stats.checks_passed.load(Relaxed) > 0)
+    })
+    .await;
+    a.kill().await;
+    wait_event(&proxy, "a", "down", SOON).await;
+    assert_eq!(
+        active_priority(&proxy, "p"),
+        Some(0),
+        "two primaries are still enough"
+    );
+    b.kill().await;
+    wait_event(&proxy, "b", "down", SOON).await;
+    wait_until(SOON, "failover", || active_priority(&proxy, "p") == Some(1)).await;
+    let failover = tier_events(&proxy)
+        .into_iter()
+        .find(|e| e.new == "1")
+        .unwrap();
+    assert!(
+        failover.reason.contains("fewer than min_usable 2"),
+        "{}",
+        failover.reason
+    );
+    for _ in 0..20 {
+        let name = greeted_by(addr).await.unwrap();
+        assert!(name == "x" || name == "y", "served by {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_at_start_is_skipped_within_one_check_timeout() {
+    let mut primary = Backend::start("primary").await;
+    primary.kill().await;
+    let backup = Backend::start("backup").await;
+    let started = unix_ms();
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    ));
+    let down = wait_event(&proxy, "primary", "down", SOON).await;
+    assert!(
+        down.at_unix_ms - started < 300,
+        "first check decided after {} ms",
+        down.at_unix_ms - started
+    );
+    assert_eq!(down.reason, "connect refused");
+    assert_eq!(down.old, "up", "counted as up until the first check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_on_real_traffic_triggers_an_immediate_check() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let health = "[pools.p.health]\ninterval = \"60s\"\nfast_interval = \"100ms\"\ntimeout = \"200ms\"\nfall = 1\n";
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        health,
+    ));
+    wait_until(SOON, "first check", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    primary.kill().await;
+    let killed = unix_ms();
+    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "backup");
+    let down = wait_event(&proxy, "primary", "down", SOON).await;
+    assert!(
+        down.at_unix_ms - killed < 1000,
+        "no immediate check: down after {} ms",
+        down.at_unix_ms - killed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connections_of_a_down_upstream_are_closed_or_kept_per_policy() {
+    for (policy, expect_closed) in [("close", true), ("keep", false)] {
+        let primary = Backend::start("primary").await;
+        let backup = Backend::start("backup").await;
+        let proxy = start_proxy(&pool_config(
+            &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+            &format!("on_upstream_down = \"{policy}\""),
+            FAST_HEALTH,
+        ));
+        let mut established = TcpStream::connect(proxy.addr("front")).await.unwrap();
+        assert_eq!(read_line(&mut established).await.unwrap(), "hello primary");
+        primary.hang();
+        wait_event(&proxy, "primary", "down", SOON).await;
+        let closed = is_closed(&mut established, Duration::from_millis(500)).await;
+        assert_eq!(closed, expect_closed, "on_upstream_down = {policy}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maint_closes_established_connections_and_drain_keeps_them() {
+    let primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "on_upstream_down = \"keep\"",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut first).await.unwrap(), "hello primary");
+
+    assert_eq!(
+        proxy
+            .proxy
+            .controller
+            .set_admin("p", "primary", Some(AdminOverride::Drain))
+            .await,
+        Ok(switchyard::health::state::State::Drain)
+    );
+    assert_eq!(
+        greeted_by(addr).await.unwrap(),
+        "backup",
+        "drain: no new connections"
+    );
+    first.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    first.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still", "drain: established connections stay");
+
+    proxy
+        .proxy
+        .controller
+        .set_admin(
+            "p",
+            primary.addr.to_string().as_str(),
+            Some(AdminOverride::Maint),
+        )
+        .await
+        .unwrap();
+    assert!(
+        is_closed(&mut first, SOON).await,
+        "maint closes established connections"
+    );
+    let admin = proxy
+        .proxy
+        .events
+        .all()
+        .into_iter()
+        .filter(|e| e.reason == "admin")
+        .count();
+    assert_eq!(admin, 2);
+    assert!(
+        proxy
+            .proxy
+            .controller
+            .set_admin("p", "nosuch", None)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_all_down_try_all_still_attempts_and_reject_closes_at_once() {
+    for (mode, expect_served) in [("try_all", true), ("reject", false)] {
+        let primary = Backend::start("primary").await;
+        // Checks expect something the backend never says: every upstream is "down",
+        // though it would serve fine.
+        let health =
+            "[pools.p.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nexpect = \"nope\"\n";
+        let proxy = start_proxy(&pool_config(
+            &[("primary", primary.addr, 0)],
+            &format!("when_all_down = \"{mode}\""),
+            health,
+        ));
+        let down = wait_event(&proxy, "primary", "down", SOON).await;
+        assert_eq!(down.reason, "expect mismatch");
+        wait_until(SOON, "no active tier", || {
+            active_priority(&proxy, "p").is_none()
+        })
+        .await;
+        let served = greeted_by(proxy.addr("front")).await.is_ok();
+        assert_eq!(served, expect_served, "when_all_down = {mode}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_after_failback_closes_lower_tier_connections_gradually() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "drain_after_failback = \"2s\"",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    primary.kill().await;
+    wait_until(SOON, "failover", || active_priority(&proxy, "p") == Some(1)).await;
+    let mut on_backup = Vec::new();
+    for _ in 0..64 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut stream).await.unwrap(), "hello backup");
+        on_backup.push(stream);
+    }
+    primary.restart().await;
+    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
+    let failback_at = Instant::now();
+    let closed_times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut watchers = JoinSet::new();
+    for mut stream in on_backup {
+        let closed_times = closed_times.clone();
+        watchers.spawn(async move {
+            if is_closed(&mut stream, SOON).await {
+                closed_times.lock().unwrap().push(failback_at.elapsed());
+            }
+        });
+    }
+    while watchers.join_next().await.is_some() {}
+    let mut times = closed_times.lock().unwrap().clone();
+    times.sort();
+    assert_eq!(times.len(), 64, "every lower-tier connection was closed");
+    let (first, last) = (times[0], times[63]);
+    assert!(
+        last >= Duration::from_millis(1800) && last < Duration::from_secs(4),
+        "last closed at {last:?}"
+    );
+    let early = times
+        .iter()
+        .filter(|t| **t < Duration::from_secs(1))
+        .count();
+    assert!(
+        (16..=48).contains(&early),
+        "{early} of 64 closed in the first half: not spread evenly (first at {first:?})"
+    );
+}
