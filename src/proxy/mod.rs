@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use socket2::SockRef;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
@@ -142,22 +143,33 @@ pub(crate) async fn serve(
 async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + window;
     loop {
+        // `readable()` may wake spuriously; `try_io` clears the readiness on WouldBlock.
         tokio::select! {
             biased;
             ready = upstream.readable() => {
                 if ready.is_err() {
                     return true;
                 }
-                let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
-                match SockRef::from(upstream).peek(&mut probe) {
+                match upstream.try_io(Interest::READABLE, || peek(upstream)) {
                     Ok(0) => return true,
                     Ok(_) => return false,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(_) => return true,
                 }
             }
-            _ = client.readable() => return false,
+            _ = client.readable() => {
+                match client.try_io(Interest::READABLE, || peek(client)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    // Bytes, EOF or an error: the copy takes it from here.
+                    _ => return false,
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => return false,
         }
     }
+}
+
+fn peek(stream: &TcpStream) -> std::io::Result<usize> {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
+    SockRef::from(stream).peek(&mut probe)
 }
