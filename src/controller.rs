@@ -300,9 +300,14 @@ impl Controller {
                 };
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);
-                slot.reason = Some(match result {
-                    Ok(()) => "check passed".to_string(),
-                    Err(failure) => failure.to_string(),
+                slot.reason = Some(match (result, slot.state.state(now)) {
+                    (Ok(()), State::Down) => format!(
+                        "ejection ended by a passing check; {} of {} passes towards up",
+                        slot.state.counts().0,
+                        health.rise
+                    ),
+                    (Ok(()), _) => "check passed".to_string(),
+                    (Err(failure), _) => failure.to_string(),
                 });
                 let interval = if slot.state.is_deciding() {
                     health.fast_interval

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
 use crate::config::Config;
-use crate::metrics::ConnectFailure;
+use crate::events::Event;
 use crate::shutdown::Shutdown;
 
 const CLIENT_EVERY: Duration = Duration::from_millis(5);
@@ -72,11 +72,23 @@ bind = "127.0.0.1:0"
 pool = "demo"
 
 [pools.demo]
-connect_timeout = "1s"
+connect_timeout = "300ms"
+failback = "immediate"
 upstreams = [
   {{ address = "{}", priority = 0, name = "primary" }},
   {{ address = "{}", priority = 1, name = "backup" }},
 ]
+
+[pools.demo.health]
+interval = "200ms"
+fast_interval = "100ms"
+timeout = "100ms"
+rise = 2
+fall = 2
+
+[pools.demo.outlier]
+consecutive_failures = 2
+base_ejection = "5s"
 "#,
         primary.addr, backup.addr
     );
@@ -97,12 +109,33 @@ upstreams = [
         "  one new client every {} ms; each reads the name of the upstream that serves it",
         CLIENT_EVERY.as_millis()
     );
+    println!(
+        "  health checks every 200 ms (100 ms while deciding), timeout 100 ms, rise 2, fall 2;"
+    );
+    println!("  2 failed connects in a row eject an upstream; failback immediate");
     println!();
 
+    // Let the first health checks settle before the clock starts.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        let route = proxy.snapshot.load().pool("demo").cloned();
+        let checked = route.is_some_and(|r| {
+            r.upstreams.iter().all(|u| {
+                u.stats
+                    .checks_passed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+            })
+        });
+        if checked {
+            break;
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
     let start = Instant::now();
+    let start_unix_ms = unix_ms();
     let records = Arc::new(Mutex::new(Vec::new()));
     let clients = tokio::spawn(client_stream(front, start, records.clone()));
-    let first_failure = tokio::spawn(watch_first_failure(proxy, start));
 
     sleep_until(start + KILL_AT).await;
     let killed_at = start.elapsed();
@@ -115,16 +148,14 @@ upstreams = [
     clients
         .await
         .map_err(|e| format!("client stream failed: {e}"))?;
-    let detected = first_failure
-        .await
-        .map_err(|e| format!("monitor failed: {e}"))?;
     let records = records.lock().await.clone();
+    let events = proxy.events.all();
     primary.kill();
     backup.kill();
     shutdown.begin();
     shutdown.drain(Duration::from_secs(1)).await;
 
-    print_timeline(&records, killed_at, restarted_at, detected);
+    print_timeline(&records, &events, start_unix_ms, killed_at, restarted_at);
     Ok(())
 }
 
@@ -176,39 +207,35 @@ async fn greet(front: SocketAddr) -> Option<&'static str> {
     }
 }
 
-/// The first connect attempt on the primary that failed, as the proxy counted it.
-async fn watch_first_failure(proxy: Proxy, start: Instant) -> Option<(Duration, ConnectFailure)> {
-    let route = proxy.snapshot.load().pool("demo")?.clone();
-    let primary = route
-        .upstreams
-        .iter()
-        .find(|u| u.label() == "primary")?
-        .clone();
-    while start.elapsed() < END_AT {
-        for reason in ConnectFailure::ALL {
-            if primary.stats.connect_failures(reason) > 0 {
-                return Some((start.elapsed(), reason));
-            }
-        }
-        sleep(Duration::from_millis(1)).await;
-    }
-    None
-}
-
 fn print_timeline(
     records: &[ClientRecord],
+    events: &[Event],
+    start_unix_ms: u64,
     killed_at: Duration,
     restarted_at: Duration,
-    detected: Option<(Duration, ConnectFailure)>,
 ) {
     let ms = |d: Duration| format!("{:>7.1} ms", d.as_secs_f64() * 1000.0);
+    let since_start = |e: &Event| Duration::from_millis(e.at_unix_ms.saturating_sub(start_unix_ms));
     let mut sorted = records.to_vec();
     sorted.sort_by_key(|r| r.started);
     let first_served = |after: Duration, by: &str| {
         sorted
             .iter()
-            .find(|r| r.started >= after && r.served_by == Some(by))
+            .filter(|r| r.started >= after && r.served_by == Some(by))
             .map(|r| r.started + r.latency)
+            .min()
+    };
+    let first_event = |after: Duration, matches: &dyn Fn(&Event) -> bool| {
+        events
+            .iter()
+            .filter(|e| since_start(e) + Duration::from_millis(1) >= after && matches(e))
+            .min_by_key(|e| e.id)
+    };
+    let after = |at: Duration, from: Duration| {
+        format!(
+            "{:.1} ms after",
+            at.saturating_sub(from).as_secs_f64() * 1000.0
+        )
     };
 
     println!("timeline");
@@ -217,26 +244,60 @@ fn print_timeline(
         "  {}  primary killed: listener closed, its connections dropped",
         ms(killed_at)
     );
-    match detected {
-        Some((at, reason)) => println!(
-            "  {}  detection: first connect attempt on the primary failed ({reason}); the client was retried on the backup",
-            ms(at)
-        ),
-        None => println!("  (no failed attempt on the primary was seen)"),
+    let detection = first_event(killed_at, &|e| {
+        e.upstream.as_deref() == Some("primary") && e.new != "up"
+    });
+    if let Some(e) = detection {
+        println!(
+            "  {}  detection: primary {} -> {} ({}), {} the kill",
+            ms(since_start(e)),
+            e.old,
+            e.new,
+            e.reason,
+            after(since_start(e), killed_at)
+        );
     }
     if let Some(at) = first_served(killed_at, "backup") {
         println!(
-            "  {}  switch: first new client served by the backup, {:.1} ms after the kill",
+            "  {}  first new client served by the backup, {} the kill",
             ms(at),
-            (at.saturating_sub(killed_at)).as_secs_f64() * 1000.0
+            after(at, killed_at)
+        );
+    }
+    if let Some(e) = first_event(killed_at, &|e| e.upstream.is_none() && e.new != "0") {
+        println!(
+            "  {}  switch: active tier {} -> {} ({})",
+            ms(since_start(e)),
+            e.old,
+            e.new,
+            e.reason
         );
     }
     println!("  {}  primary restarted", ms(restarted_at));
+    if let Some(e) = first_event(restarted_at, &|e| {
+        e.upstream.as_deref() == Some("primary") && e.new == "up"
+    }) {
+        println!(
+            "  {}  primary up again ({}), {} the restart",
+            ms(since_start(e)),
+            e.reason,
+            after(since_start(e), restarted_at)
+        );
+    }
+    if let Some(e) = first_event(restarted_at, &|e| e.upstream.is_none() && e.new == "0") {
+        println!(
+            "  {}  failback: active tier {} -> {} ({})",
+            ms(since_start(e)),
+            e.old,
+            e.new,
+            e.reason
+        );
+    }
     if let Some(at) = first_served(restarted_at, "primary") {
         println!(
-            "  {}  failback: first new client served by the primary again, {:.1} ms after the restart",
+            "  {}  first new client served by the primary again, {} the restart",
             ms(at),
-            (at.saturating_sub(restarted_at)).as_secs_f64() * 1000.0
+            after(at, restarted_at)
         );
     }
     println!("  {}  end", ms(END_AT));
@@ -286,9 +347,29 @@ fn print_timeline(
         "client-visible failures: {} of {} connections",
         total.failed, total.clients
     );
-    println!(
-        "(no active health checks yet: each client's failed attempt on the dead primary is retried at once on the backup)"
-    );
+    println!();
+    println!("the proxy's event ring (what GET /events shows)");
+    for e in events {
+        let subject = match &e.upstream {
+            Some(upstream) => format!("upstream {upstream}"),
+            None => "active tier".to_string(),
+        };
+        println!(
+            "  {}  #{} pool {} {subject}: {} -> {} ({})",
+            ms(since_start(e)),
+            e.id,
+            e.pool,
+            e.old,
+            e.new,
+            e.reason
+        );
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> String {

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         Command::Check { ref config } => check(config),
         Command::Run { ref config } => run(&cli, config),
         Command::Demo => {
-            init_logging(&cli, "warn", LogFormat::Text);
+            init_logging(&cli, "error", LogFormat::Text);
             exit_code(switchyard::demo::main())
         }
         Command::Status { .. } => {
