@@ -31,7 +31,8 @@ pub struct Connected {
     pub attempts: usize,
 }
 
-/// Tries `order` (indices into `route.upstreams`) until one connects.
+/// Tries `order` (indices into `route.upstreams`) until one connects. Failures are
+/// reported here; success is the caller's to report, once the upstream proved alive.
 pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, ConnectError> {
     let config = &route.config;
     let start = |i: usize| -> Attempt {
@@ -55,7 +56,6 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
                 let Some((upstream, result)) = finished else { break };
                 match result {
                     Ok(stream) => {
-                        route.feedback.connect_succeeded(&route.upstreams[upstream]);
                         return Ok(Connected { stream, upstream, attempts: started });
                     }
                     Err(reason) => {

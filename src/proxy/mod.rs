@@ -82,6 +82,7 @@ pub(crate) async fn serve(
             };
             let guard = route.config.connect_timeout;
             if !upstream_gone_first(&client, &connected.stream, guard).await {
+                route.feedback.connect_succeeded(&route.upstreams[connected.upstream]);
                 break (connected.stream, connected.upstream);
             }
             // Accepted and closed before a byte flowed either way (a server dying with
