@@ -6,9 +6,11 @@
 //! a new routing snapshot when anything routing-relevant changed. One writer means no
 //! lost updates and no compare-and-swap loops; the hot path only ever reads.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +27,7 @@ use crate::shutdown::Shutdown;
 use crate::snapshot::{
     CLOSE_BUCKETS, Closer, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot, Upstream,
 };
+use crate::status::{CheckView, PoolView, UpstreamView};
 
 /// What the controller is told.
 #[derive(Debug)]
@@ -55,6 +58,17 @@ pub enum Message {
         pool: String,
         reply: oneshot::Sender<Result<u32, String>>,
     },
+    /// Swap to a new, fully validated configuration. `first_checks` holds the result of
+    /// the first health check of every upstream that is new, keyed by (pool, address).
+    Reload {
+        config: Arc<Config>,
+        first_checks: HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
+        reply: oneshot::Sender<()>,
+    },
+    /// The live view of every pool for the admin API.
+    Status {
+        reply: oneshot::Sender<Vec<PoolView>>,
+    },
 }
 
 /// Sends messages to the controller; cheap to clone.
@@ -70,6 +84,8 @@ pub struct Feedback(Option<mpsc::UnboundedSender<Message>>);
 
 pub struct Controller {
     pools: Vec<PoolState>,
+    /// Listener name → pool name, published with the pools.
+    listeners: HashMap<String, String>,
     snapshot: SharedSnapshot,
     events: Arc<EventLog>,
     handle: ControllerHandle,
@@ -95,6 +111,11 @@ struct Slot {
     reason: Option<String>,
     closer: Arc<Closer>,
     checker: Option<Checker>,
+    /// The reason of the last announced transition, and when it happened.
+    shown_reason: String,
+    since_unix_ms: u64,
+    /// When the last active check finished, and its result.
+    last_check: Option<(u64, Result<(), CheckFailure>)>,
 }
 
 /// Closes the connections that stayed on lower tiers after a failback, one bucket at a
@@ -131,6 +152,32 @@ impl ControllerHandle {
         answer
             .await
             .map_err(|_| "the controller has stopped".to_string())?
+    }
+
+    /// Applies a new configuration (see [`Message::Reload`]); returns once swapped.
+    pub async fn reload(
+        &self,
+        config: Arc<Config>,
+        first_checks: HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
+    ) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Reload {
+            config,
+            first_checks,
+            reply,
+        });
+        answer
+            .await
+            .map_err(|_| "the controller has stopped".to_string())
+    }
+
+    /// Every pool's live state.
+    pub async fn status(&self) -> Result<Vec<PoolView>, String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Status { reply });
+        answer
+            .await
+            .map_err(|_| "the controller has stopped".to_string())
     }
 
     /// Manual failback; returns the priority of the new active tier.
@@ -194,48 +241,30 @@ impl Feedback {
 
 impl Controller {
     /// Live state for every pool of `config`, every upstream up (SPEC §3: until its
-    /// first check completes), and the first snapshot published.
+    /// first check completes), health checks started and the first snapshot published.
+    /// Needs a running tokio runtime.
     pub fn new(config: &Config, events: Arc<EventLog>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = ControllerHandle { tx };
-        let pools: Vec<PoolState> = config
+        let pools = config
             .pools
             .iter()
-            .map(|pool| PoolState {
-                config: pool.clone(),
-                stats: Arc::default(),
-                slots: pool
-                    .upstreams
-                    .iter()
-                    .map(|u| Slot {
-                        upstream: Arc::new(Upstream::new(&pool.name, u.clone())),
-                        state: UpstreamState::new(),
-                        shown: State::Up,
-                        reason: None,
-                        closer: Arc::default(),
-                        checker: None,
-                    })
-                    .collect(),
-                active_tier: None,
-                better_since: None,
-                drains: Vec::new(),
-            })
+            .map(|pool| PoolState::fresh(pool.clone(), &handle))
             .collect();
         let mut controller = Self {
             pools,
+            listeners: listener_routes(config),
             snapshot: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
             events,
             handle,
             rx,
         };
-        let now = Instant::now();
-        for p in 0..controller.pools.len() {
-            let pool = &mut controller.pools[p];
-            let counts = pool.usable_counts();
-            pool.active_tier = crate::pool::preferred_tier(&counts, pool.config.min_usable);
-            controller.publish(p);
+        for pool in &mut controller.pools {
+            pool.active_tier =
+                crate::pool::preferred_tier(&pool.usable_counts(), pool.config.min_usable);
         }
-        debug!(pools = controller.pools.len(), at = ?now, "controller ready");
+        controller.publish_all();
+        debug!(pools = controller.pools.len(), "controller ready");
         controller
     }
 
@@ -247,20 +276,8 @@ impl Controller {
         self.handle.clone()
     }
 
-    /// Starts the health checks and applies messages and timers until shutdown.
+    /// Applies messages and timers until shutdown.
     pub async fn run(mut self, shutdown: Shutdown) {
-        for pool in &mut self.pools {
-            if !pool.config.health.enabled {
-                continue;
-            }
-            for slot in &mut pool.slots {
-                slot.checker = Some(Checker::spawn(
-                    slot.upstream.clone(),
-                    pool.config.health.clone(),
-                    self.handle.clone(),
-                ));
-            }
-        }
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -298,6 +315,7 @@ impl Controller {
                     Ok(()) => stats.checks_passed.fetch_add(1, Relaxed),
                     Err(_) => stats.checks_failed.fetch_add(1, Relaxed),
                 };
+                slot.last_check = Some((unix_ms(), result));
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);
                 slot.reason = Some(match (result, slot.state.state(now)) {
@@ -364,6 +382,17 @@ impl Controller {
             Message::Failback { pool, reply } => {
                 let _ = reply.send(self.manual_failback(&pool));
             }
+            Message::Reload {
+                config,
+                first_checks,
+                reply,
+            } => {
+                self.apply_config(&config, &first_checks);
+                let _ = reply.send(());
+            }
+            Message::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
         }
     }
 
@@ -419,6 +448,13 @@ impl Controller {
     /// connections per policy, decides the active tier, advances gradual closes, and
     /// publishes if routing changed.
     fn refresh(&mut self, p: usize) {
+        if self.refresh_without_publish(p) {
+            self.publish(p);
+        }
+    }
+
+    /// [`refresh`](Self::refresh) without the swap; returns whether routing changed.
+    fn refresh_without_publish(&mut self, p: usize) -> bool {
         let now = Instant::now();
         let events = self.events.clone();
         let pool = &mut self.pools[p];
@@ -438,6 +474,8 @@ impl Controller {
                     new.as_str(),
                     &reason,
                 );
+                slot.shown_reason = reason;
+                slot.since_unix_ms = unix_ms();
                 let close = new == State::Maint
                     || (new == State::Down
                         && pool.config.on_upstream_down == OnUpstreamDown::Close);
@@ -467,9 +505,7 @@ impl Controller {
             changed = true;
         }
         self.advance_gradual_closes(p, now);
-        if changed {
-            self.publish(p);
-        }
+        changed
     }
 
     fn switch_tier(&mut self, p: usize, to: Option<usize>, reason: String, now: Instant) {
@@ -517,8 +553,25 @@ impl Controller {
     }
 
     fn publish(&mut self, p: usize) {
+        let route = Arc::new(self.route(p));
+        let next = self.snapshot.load().with_pool(route);
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Builds every pool's route and the listener map, and swaps them in at once.
+    fn publish_all(&mut self) {
+        let routes = (0..self.pools.len())
+            .map(|p| Arc::new(self.route(p)))
+            .collect();
+        self.snapshot.store(Arc::new(RoutingSnapshot::new(
+            routes,
+            self.listeners.clone(),
+        )));
+    }
+
+    fn route(&self, p: usize) -> PoolRoute {
         let pool = &self.pools[p];
-        let route = PoolRoute::new(RouteParts {
+        PoolRoute::new(RouteParts {
             config: pool.config.clone(),
             stats: pool.stats.clone(),
             upstreams: pool.slots.iter().map(|s| s.upstream.clone()).collect(),
@@ -526,9 +579,169 @@ impl Controller {
             closers: pool.slots.iter().map(|s| s.closer.clone()).collect(),
             active_tier: pool.active_tier,
             feedback: self.handle.feedback(),
-        });
-        let next = self.snapshot.load().with_pool(Arc::new(route));
-        self.snapshot.store(Arc::new(next));
+        })
+    }
+
+    /// Swaps to `config` (SPEC §4): pools and upstreams that stay (same pool name and
+    /// address) keep their state, counters, connections and checks; new upstreams start
+    /// from their first check's result; removed ones stop being checked while their
+    /// established connections finish on their own. One snapshot swap at the end.
+    fn apply_config(
+        &mut self,
+        config: &Config,
+        first_checks: &HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
+    ) {
+        let now = Instant::now();
+        let mut old: HashMap<String, PoolState> = self
+            .pools
+            .drain(..)
+            .map(|p| (p.config.name.clone(), p))
+            .collect();
+        for name in old.keys() {
+            if config.pool(name).is_none() {
+                debug!(pool = %name, "pool removed by reload");
+            }
+        }
+        for pool_config in &config.pools {
+            let previous = old.remove(&pool_config.name);
+            let pool = self.reloaded_pool(pool_config.clone(), previous, first_checks, now);
+            self.pools.push(pool);
+        }
+        self.listeners = listener_routes(config);
+        for p in 0..self.pools.len() {
+            self.refresh_without_publish(p);
+        }
+        self.publish_all();
+    }
+
+    fn reloaded_pool(
+        &self,
+        config: Arc<PoolConfig>,
+        previous: Option<PoolState>,
+        first_checks: &HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
+        now: Instant,
+    ) -> PoolState {
+        let Some(mut previous) = previous else {
+            let mut pool = PoolState::fresh(config.clone(), &self.handle);
+            for slot in &mut pool.slots {
+                slot.apply_first_check(&config, first_checks, now);
+            }
+            pool.active_tier =
+                crate::pool::preferred_tier(&pool.usable_counts(), config.min_usable);
+            return pool;
+        };
+        let health_changed = previous.config.health != config.health;
+        let mut carried = Vec::new();
+        for upstream in &config.upstreams {
+            let kept = previous
+                .slots
+                .iter()
+                .position(|s| s.upstream.config.address == upstream.address);
+            match kept {
+                Some(i) => {
+                    let mut slot = previous.slots.swap_remove(i);
+                    if slot.upstream.config != *upstream {
+                        slot.upstream = Arc::new(slot.upstream.carried(upstream.clone()));
+                    }
+                    if health_changed || !config.health.enabled {
+                        slot.checker = None;
+                    }
+                    carried.push(slot);
+                }
+                None => {
+                    let mut slot =
+                        Slot::new(Arc::new(Upstream::new(&config.name, upstream.clone())));
+                    slot.apply_first_check(&config, first_checks, now);
+                    carried.push(slot);
+                }
+            }
+        }
+        for removed in &previous.slots {
+            self.events.record(
+                EventKind::Upstream,
+                &config.name,
+                Some(removed.upstream.label()),
+                removed.shown.as_str(),
+                "removed",
+                "reload",
+            );
+        }
+        // The active tier is kept by priority, since tier indices may have shifted.
+        let active_priority = previous
+            .active_tier
+            .and_then(|t| previous.config.priorities().get(t).copied());
+        let mut pool = PoolState::with_slots(
+            config.clone(),
+            previous.stats.clone(),
+            carried,
+            &self.handle,
+        );
+        pool.active_tier = active_priority
+            .and_then(|priority| config.priorities().iter().position(|&p| p == priority))
+            .or_else(|| crate::pool::preferred_tier(&pool.usable_counts(), config.min_usable));
+        pool.better_since = previous.better_since;
+        pool.drains = std::mem::take(&mut previous.drains);
+        pool
+    }
+
+    fn status(&self) -> Vec<PoolView> {
+        let now = Instant::now();
+        let now_unix = unix_ms();
+        self.pools
+            .iter()
+            .map(|pool| {
+                let priorities = pool.config.priorities();
+                PoolView {
+                    name: pool.config.name.clone(),
+                    balance: pool.config.balance.to_string(),
+                    active_tier: pool.active_tier.map(|t| priorities[t]),
+                    failback: pool.config.failback.to_string(),
+                    failovers: pool.stats.failovers.load(Relaxed),
+                    failbacks: pool.stats.failbacks.load(Relaxed),
+                    upstreams: pool
+                        .slots
+                        .iter()
+                        .map(|slot| {
+                            let u = &slot.upstream;
+                            let (passes, failures) = slot.state.counts();
+                            UpstreamView {
+                                name: u.label().to_string(),
+                                address: u.config.target.clone(),
+                                priority: u.config.priority,
+                                weight: u.config.weight,
+                                state: slot.shown.to_string(),
+                                reason: slot.shown_reason.clone(),
+                                since_unix_ms: slot.since_unix_ms,
+                                last_check: slot.last_check.map(|(at, result)| CheckView {
+                                    at_unix_ms: at,
+                                    result: result
+                                        .err()
+                                        .map_or("ok".to_string(), |f| f.to_string()),
+                                }),
+                                check_passes: passes,
+                                check_failures: failures,
+                                connect_failures_in_a_row: u
+                                    .stats
+                                    .connect_failures_in_a_row
+                                    .load(Relaxed),
+                                ejected_until_unix_ms: slot
+                                    .state
+                                    .outlier
+                                    .ejected_until()
+                                    .filter(|until| *until > now)
+                                    .map(|until| {
+                                        now_unix + until.duration_since(now).as_millis() as u64
+                                    }),
+                                connections_active: u.stats.connections_active.load(Relaxed),
+                                connections_total: u.stats.connections_total.load(Relaxed),
+                                bytes_sent: u.stats.bytes_sent.load(Relaxed),
+                                bytes_received: u.stats.bytes_received.load(Relaxed),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// The earliest moment something changes without a message: an ejection ends, a
@@ -602,9 +815,100 @@ fn tier_reason(pool: &PoolState, to: Option<usize>, counts: &[usize]) -> String 
     }
 }
 
+/// Listener name → pool name.
+fn listener_routes(config: &Config) -> HashMap<String, String> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.pool.clone()))
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// === impl Slot ===
+
+impl Slot {
+    fn new(upstream: Arc<Upstream>) -> Self {
+        Self {
+            upstream,
+            state: UpstreamState::new(),
+            shown: State::Up,
+            reason: None,
+            closer: Arc::default(),
+            checker: None,
+            shown_reason: "starting: up until the first check".to_string(),
+            since_unix_ms: unix_ms(),
+            last_check: None,
+        }
+    }
+
+    /// A new upstream added by a reload starts from its first check's result, so that
+    /// no client is sent to an upstream that is already dead.
+    fn apply_first_check(
+        &mut self,
+        config: &PoolConfig,
+        first_checks: &HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
+        now: Instant,
+    ) {
+        let key = (config.name.clone(), self.upstream.config.address);
+        let Some(result) = first_checks.get(&key) else {
+            return;
+        };
+        self.state
+            .on_check(result.is_ok(), config.health.rise, config.health.fall, now);
+        self.shown = self.state.state(now);
+        self.shown_reason = match result {
+            Ok(()) => "added by reload; first check passed".to_string(),
+            Err(failure) => format!("added by reload; first check: {failure}"),
+        };
+        self.last_check = Some((unix_ms(), *result));
+    }
+}
+
 // === impl PoolState ===
 
 impl PoolState {
+    /// A pool whose upstreams all start up, each with a new health checker.
+    fn fresh(config: Arc<PoolConfig>, controller: &ControllerHandle) -> Self {
+        let slots = config
+            .upstreams
+            .iter()
+            .map(|u| Slot::new(Arc::new(Upstream::new(&config.name, u.clone()))))
+            .collect();
+        Self::with_slots(config, Arc::default(), slots, controller)
+    }
+
+    /// A pool over existing slots; slots without a checker get one if checks are on.
+    fn with_slots(
+        config: Arc<PoolConfig>,
+        stats: Arc<PoolStats>,
+        mut slots: Vec<Slot>,
+        controller: &ControllerHandle,
+    ) -> Self {
+        if config.health.enabled {
+            for slot in slots.iter_mut().filter(|s| s.checker.is_none()) {
+                slot.checker = Some(Checker::spawn(
+                    slot.upstream.clone(),
+                    config.health.clone(),
+                    controller.clone(),
+                ));
+            }
+        }
+        Self {
+            config,
+            stats,
+            slots,
+            active_tier: None,
+            better_since: None,
+            drains: Vec::new(),
+        }
+    }
+
     /// Usable upstreams per tier, best tier first, from the announced states.
     fn usable_counts(&self) -> Vec<usize> {
         self.config

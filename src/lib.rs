@@ -18,8 +18,8 @@ pub mod pool;
 pub mod proxy;
 pub mod shutdown;
 pub mod snapshot;
+pub mod status;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tracing::info;
@@ -27,23 +27,17 @@ use tracing::info;
 use config::Config;
 use controller::{Controller, ControllerHandle};
 use events::EventLog;
-use proxy::listener::{BoundListener, ListenerContext, accept_loop};
+use proxy::listener::{BoundListener, ListenerSet, ListenerView};
 use shutdown::Shutdown;
 use snapshot::SharedSnapshot;
 
-/// A running proxy: what tests, the demo and (later) the admin API look at.
+/// A running proxy: what tests, the demo, reload and the admin API work with.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     pub snapshot: SharedSnapshot,
-    pub listeners: Vec<RunningListener>,
+    pub listeners: Arc<ListenerSet>,
     pub events: Arc<EventLog>,
     pub controller: ControllerHandle,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunningListener {
-    pub context: Arc<ListenerContext>,
-    pub addrs: Vec<SocketAddr>,
 }
 
 // === impl Proxy ===
@@ -58,17 +52,11 @@ impl Proxy {
         let snapshot = controller.snapshot();
         let handle = controller.handle();
         tokio::spawn(controller.run(shutdown.clone()));
-        let listeners = listeners
-            .into_iter()
-            .map(|bound| {
-                let context = Arc::new(ListenerContext::new(&bound.config, snapshot.clone()));
-                let addrs = bound.local_addrs();
-                for socket in bound.sockets {
-                    tokio::spawn(accept_loop(socket, context.clone(), shutdown.clone()));
-                }
-                RunningListener { context, addrs }
-            })
-            .collect();
+        let listeners = Arc::new(ListenerSet::start(
+            listeners,
+            snapshot.clone(),
+            shutdown.clone(),
+        ));
         Self {
             snapshot,
             listeners,
@@ -77,8 +65,11 @@ impl Proxy {
         }
     }
 
-    pub fn listener(&self, name: &str) -> Option<&RunningListener> {
-        self.listeners.iter().find(|l| l.context.name == name)
+    pub fn listener(&self, name: &str) -> Option<ListenerView> {
+        self.listeners
+            .views()
+            .into_iter()
+            .find(|l| l.context.name == name)
     }
 }
 
@@ -90,13 +81,9 @@ pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError
 /// Serves until `shutdown` begins, then lets connections finish for
 /// `runtime.shutdown_grace` and closes the rest.
 pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: Shutdown) {
-    for listener in &listeners {
-        for addr in listener.local_addrs() {
-            info!(listener = %listener.config.name, %addr, pool = %listener.config.pool, "listening");
-        }
-    }
-    let _proxy = Proxy::start(&config, listeners, &shutdown);
+    let proxy = Proxy::start(&config, listeners, &shutdown);
     shutdown.stopping().await;
+    proxy.listeners.close();
     let grace = config.runtime.shutdown_grace;
     info!(
         open = shutdown.open_connections(),

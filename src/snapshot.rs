@@ -29,6 +29,9 @@ pub const CLOSE_BUCKETS: usize = 32;
 #[derive(Debug, Default, Clone)]
 pub struct RoutingSnapshot {
     pools: HashMap<String, Arc<PoolRoute>>,
+    /// Listener name → pool name, swapped together with the pools so that a reload that
+    /// re-points a listener never shows it a pool that does not exist yet.
+    listeners: HashMap<String, String>,
 }
 
 /// One upstream, long-lived: the same object across snapshots while its pool and
@@ -39,7 +42,7 @@ pub struct Upstream {
     pub id: u64,
     pub pool: String,
     pub config: UpstreamConfig,
-    pub stats: UpstreamStats,
+    pub stats: Arc<UpstreamStats>,
 }
 
 /// Closes the established connections of one upstream, all at once or bucket by bucket.
@@ -78,8 +81,29 @@ pub struct Tier {
 // === impl RoutingSnapshot ===
 
 impl RoutingSnapshot {
+    pub fn new(pools: Vec<Arc<PoolRoute>>, listeners: HashMap<String, String>) -> Self {
+        Self {
+            pools: pools
+                .into_iter()
+                .map(|p| (p.config.name.clone(), p))
+                .collect(),
+            listeners,
+        }
+    }
+
     pub fn pool(&self, name: &str) -> Option<&Arc<PoolRoute>> {
         self.pools.get(name)
+    }
+
+    /// The route of the pool that listener `name` forwards to.
+    pub fn route_for_listener(&self, name: &str) -> Option<&Arc<PoolRoute>> {
+        self.listeners
+            .get(name)
+            .and_then(|pool| self.pools.get(pool))
+    }
+
+    pub fn listener_pool(&self, name: &str) -> Option<&str> {
+        self.listeners.get(name).map(String::as_str)
     }
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<PoolRoute>> {
@@ -88,9 +112,9 @@ impl RoutingSnapshot {
 
     /// A copy with `route` in place of its pool's previous route.
     pub fn with_pool(&self, route: Arc<PoolRoute>) -> Self {
-        let mut pools = self.pools.clone();
-        pools.insert(route.config.name.clone(), route);
-        Self { pools }
+        let mut next = self.clone();
+        next.pools.insert(route.config.name.clone(), route);
+        next
     }
 }
 
@@ -103,7 +127,18 @@ impl Upstream {
             id: NEXT_ID.fetch_add(1, Relaxed),
             pool: pool.to_string(),
             config,
-            stats: UpstreamStats::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The same upstream (identity and counters) under a changed config entry, e.g. a
+    /// new priority or weight after a reload.
+    pub fn carried(&self, config: UpstreamConfig) -> Self {
+        Self {
+            id: self.id,
+            pool: self.pool.clone(),
+            config,
+            stats: self.stats.clone(),
         }
     }
 

@@ -1,19 +1,24 @@
-//! Listening sockets and the accept loop.
+//! Listening sockets, the accept loop, and the set of running listeners that a reload
+//! reshapes.
 //!
 //! Sockets are created through socket2 so that backlog, `SO_REUSEADDR` and v6-only are
 //! explicit. The accept loop never exits on an accept error: running out of file
 //! descriptors or memory is a reason to back off and retry, not to stop serving.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::ListenerConfig;
+use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
 use crate::metrics::ListenerStats;
 use crate::shutdown::Shutdown;
@@ -26,18 +31,61 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct BoundListener {
     pub config: ListenerConfig,
-    pub sockets: Vec<TcpListener>,
+    pub sockets: Vec<(SocketAddr, Arc<TcpListener>)>,
 }
 
-/// What every connection of one listener shares.
+/// What every connection of one listener shares. Lives as long as the listener's name
+/// stays in the config, across reloads.
 #[derive(Debug)]
 pub struct ListenerContext {
     pub name: String,
-    pub pool: String,
     pub stats: Arc<ListenerStats>,
-    /// `None` = unlimited.
-    pub(crate) limit: Option<Arc<Semaphore>>,
+    limit: Arc<Semaphore>,
+    /// The limit `limit` was sized for; `None` = unlimited.
+    max_connections: Mutex<Option<NonZeroUsize>>,
+    /// Permits a lowered limit could not take back yet because connections held them;
+    /// those connections forget their permit when they end instead of returning it.
+    owed: AtomicUsize,
     pub(crate) snapshot: SharedSnapshot,
+}
+
+/// The running listeners. Changed only by start and reload (which are serialized);
+/// read by the admin API. Its lock is never held across an await or on the hot path.
+#[derive(Debug)]
+pub struct ListenerSet {
+    running: Mutex<Vec<RunningListener>>,
+    snapshot: SharedSnapshot,
+    shutdown: Shutdown,
+}
+
+#[derive(Debug)]
+struct RunningListener {
+    context: Arc<ListenerContext>,
+    config: ListenerConfig,
+    sockets: Vec<RunningSocket>,
+}
+
+#[derive(Debug)]
+struct RunningSocket {
+    /// The configured address (port 0 stays 0 here).
+    bind: SocketAddr,
+    listener: Arc<TcpListener>,
+    stop: CancellationToken,
+}
+
+/// What a reload will run: each listener's sockets, reused or newly bound.
+#[derive(Debug)]
+pub struct PreparedListeners {
+    listeners: Vec<BoundListener>,
+}
+
+/// A listener as tests and the admin API see it.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    pub context: Arc<ListenerContext>,
+    pub config: ListenerConfig,
+    /// The addresses actually bound (port 0 resolved).
+    pub addrs: Vec<SocketAddr>,
 }
 
 // === impl BoundListener ===
@@ -49,13 +97,7 @@ impl BoundListener {
         let sockets = config
             .binds
             .iter()
-            .map(|&addr| {
-                bind_socket(addr, config.backlog).map_err(|source| StartError::Bind {
-                    listener: config.name.clone(),
-                    addr,
-                    source,
-                })
-            })
+            .map(|&addr| bind_one(config, addr).map(|l| (addr, Arc::new(l))))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             config: config.clone(),
@@ -67,9 +109,17 @@ impl BoundListener {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.sockets
             .iter()
-            .filter_map(|s| s.local_addr().ok())
+            .filter_map(|(_, s)| s.local_addr().ok())
             .collect()
     }
+}
+
+fn bind_one(config: &ListenerConfig, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    bind_socket(addr, config.backlog).map_err(|source| StartError::Bind {
+        listener: config.name.clone(),
+        addr,
+        source,
+    })
 }
 
 fn bind_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -83,8 +133,12 @@ fn bind_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    socket.listen(backlog_arg(backlog))?;
     TcpListener::from_std(socket.into())
+}
+
+fn backlog_arg(backlog: u32) -> i32 {
+    i32::try_from(backlog).unwrap_or(i32::MAX)
 }
 
 // === impl ListenerContext ===
@@ -93,21 +147,231 @@ impl ListenerContext {
     pub fn new(config: &ListenerConfig, snapshot: SharedSnapshot) -> Self {
         Self {
             name: config.name.clone(),
-            pool: config.pool.clone(),
             stats: Arc::default(),
-            limit: config
-                .max_connections
-                .map(|max| Arc::new(Semaphore::new(max.get()))),
+            limit: Arc::new(Semaphore::new(permits(config.max_connections))),
+            max_connections: Mutex::new(config.max_connections),
+            owed: AtomicUsize::new(0),
             snapshot,
         }
     }
+
+    pub fn max_connections(&self) -> Option<NonZeroUsize> {
+        *self.lock_max()
+    }
+
+    /// Resizes the limit in place: connections already admitted keep their permits.
+    fn set_max_connections(&self, new: Option<NonZeroUsize>) {
+        let mut current = self.lock_max();
+        let (old, wanted) = (permits(*current), permits(new));
+        if wanted > old {
+            let mut grow = wanted - old;
+            let owed = self.owed.load(Relaxed);
+            let repaid = owed.min(grow);
+            self.owed.fetch_sub(repaid, Relaxed);
+            grow -= repaid;
+            self.limit.add_permits(grow);
+        } else {
+            let shrink = old - wanted;
+            let taken = self.limit.forget_permits(shrink);
+            self.owed.fetch_add(shrink - taken, Relaxed);
+        }
+        *current = new;
+    }
+
+    /// Gives a connection's permit back, or keeps it if a lowered limit is owed one.
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let paid = self
+            .owed
+            .fetch_update(Relaxed, Relaxed, |owed| owed.checked_sub(1))
+            .is_ok();
+        if paid {
+            permit.forget();
+        }
+    }
+
+    fn lock_max(&self) -> std::sync::MutexGuard<'_, Option<NonZeroUsize>> {
+        self.max_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// Accepts until shutdown begins. Each admitted client is served on its own task.
-pub(crate) async fn accept_loop(
-    socket: TcpListener,
+/// Unlimited is the semaphore's maximum, so admission is one code path either way.
+fn permits(max: Option<NonZeroUsize>) -> usize {
+    max.map_or(Semaphore::MAX_PERMITS, NonZeroUsize::get)
+}
+
+// === impl ListenerSet ===
+
+impl ListenerSet {
+    /// Starts accepting on every socket of `bound`.
+    pub fn start(bound: Vec<BoundListener>, snapshot: SharedSnapshot, shutdown: Shutdown) -> Self {
+        let set = Self {
+            running: Mutex::new(Vec::new()),
+            snapshot,
+            shutdown,
+        };
+        set.apply(PreparedListeners { listeners: bound });
+        set
+    }
+
+    pub fn views(&self) -> Vec<ListenerView> {
+        self.lock()
+            .iter()
+            .map(|l| ListenerView {
+                context: l.context.clone(),
+                config: l.config.clone(),
+                addrs: l
+                    .sockets
+                    .iter()
+                    .filter_map(|s| s.listener.local_addr().ok())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Reload, step one: sockets for every listener of `config`, reusing the running
+    /// socket of each address that is already bound and binding the others. Nothing
+    /// running changes; on error the sockets bound here are closed again.
+    pub fn prepare(&self, config: &Config) -> Result<PreparedListeners, StartError> {
+        let existing: HashMap<SocketAddr, Arc<TcpListener>> = self
+            .lock()
+            .iter()
+            .flat_map(|l| l.sockets.iter())
+            .filter(|s| s.bind.port() != 0)
+            .map(|s| (s.bind, s.listener.clone()))
+            .collect();
+        let mut listeners = Vec::new();
+        for config in &config.listeners {
+            let mut sockets = Vec::new();
+            for &addr in &config.binds {
+                let socket = match existing.get(&addr) {
+                    Some(socket) => socket.clone(),
+                    None => Arc::new(bind_one(config, addr)?),
+                };
+                sockets.push((addr, socket));
+            }
+            listeners.push(BoundListener {
+                config: config.clone(),
+                sockets,
+            });
+        }
+        Ok(PreparedListeners { listeners })
+    }
+
+    /// Reload, last step (after the routing swap): accept on exactly the prepared
+    /// sockets. Sockets that stay keep their accept loop; sockets no longer wanted stop
+    /// accepting and close, while their established connections go on.
+    pub fn apply(&self, prepared: PreparedListeners) {
+        let mut running = self.lock();
+        let mut old: HashMap<String, RunningListener> = running
+            .drain(..)
+            .map(|l| (l.config.name.clone(), l))
+            .collect();
+        for bound in prepared.listeners {
+            let mut previous = old.remove(&bound.config.name);
+            let context = match &previous {
+                Some(p) => {
+                    p.context.set_max_connections(bound.config.max_connections);
+                    p.context.clone()
+                }
+                None => Arc::new(ListenerContext::new(&bound.config, self.snapshot.clone())),
+            };
+            let mut sockets = Vec::new();
+            for (bind, listener) in bound.sockets {
+                let kept = previous.as_mut().and_then(|p| {
+                    let i = p
+                        .sockets
+                        .iter()
+                        .position(|s| Arc::ptr_eq(&s.listener, &listener))?;
+                    Some(p.sockets.swap_remove(i))
+                });
+                let socket = match kept {
+                    Some(socket) => socket,
+                    None => {
+                        // A socket moving from another listener stops its old loop.
+                        for other in old.values_mut() {
+                            other.sockets.retain(|s| {
+                                let moving = Arc::ptr_eq(&s.listener, &listener);
+                                if moving {
+                                    s.stop.cancel();
+                                }
+                                !moving
+                            });
+                        }
+                        self.spawn_accept(bind, listener, &context)
+                    }
+                };
+                if let Err(e) =
+                    SockRef::from(&*socket.listener).listen(backlog_arg(bound.config.backlog))
+                {
+                    warn!(listener = %bound.config.name, error = %e, "cannot update the backlog");
+                }
+                if let Ok(addr) = socket.listener.local_addr() {
+                    info!(listener = %bound.config.name, %addr, pool = %bound.config.pool, "listening");
+                }
+                sockets.push(socket);
+            }
+            if let Some(previous) = previous {
+                for socket in previous.sockets {
+                    socket.stop.cancel();
+                }
+            }
+            running.push(RunningListener {
+                context,
+                config: bound.config,
+                sockets,
+            });
+        }
+        for (name, removed) in old {
+            info!(listener = %name, "listener removed: stops accepting, its connections go on");
+            for socket in removed.sockets {
+                socket.stop.cancel();
+            }
+        }
+    }
+
+    /// Stops accepting everywhere and closes every listening socket (shutdown).
+    pub fn close(&self) {
+        for listener in self.lock().drain(..) {
+            for socket in listener.sockets {
+                socket.stop.cancel();
+            }
+        }
+    }
+
+    fn spawn_accept(
+        &self,
+        bind: SocketAddr,
+        listener: Arc<TcpListener>,
+        context: &Arc<ListenerContext>,
+    ) -> RunningSocket {
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(
+            listener.clone(),
+            context.clone(),
+            self.shutdown.clone(),
+            stop.clone(),
+        ));
+        RunningSocket {
+            bind,
+            listener,
+            stop,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RunningListener>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Accepts until shutdown begins or this socket is removed. Each admitted client is
+/// served on its own task.
+async fn accept_loop(
+    socket: Arc<TcpListener>,
     context: Arc<ListenerContext>,
     shutdown: Shutdown,
+    stop: CancellationToken,
 ) {
     let local = socket.local_addr().ok();
     let mut backoff = MIN_ACCEPT_BACKOFF;
@@ -116,6 +380,7 @@ pub(crate) async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             _ = shutdown.stopping() => break,
+            _ = stop.cancelled() => break,
             accepted = socket.accept() => accepted,
         };
         match accepted {
@@ -137,6 +402,7 @@ pub(crate) async fn accept_loop(
                 failures_in_a_row += 1;
                 tokio::select! {
                     _ = shutdown.stopping() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
@@ -147,24 +413,17 @@ pub(crate) async fn accept_loop(
 }
 
 fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {
-    use std::sync::atomic::Ordering::Relaxed;
     context.stats.connections_total.fetch_add(1, Relaxed);
-    let permit = match &context.limit {
-        None => None,
-        Some(limit) => match limit.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                context.stats.rejected_max_connections.fetch_add(1, Relaxed);
-                debug!(listener = %context.name, client = %peer, "max_connections reached; closing client");
-                return;
-            }
-        },
+    let Ok(permit) = context.limit.clone().try_acquire_owned() else {
+        context.stats.rejected_max_connections.fetch_add(1, Relaxed);
+        debug!(listener = %context.name, client = %peer, "max_connections reached; closing client");
+        return;
     };
     let context = context.clone();
     let task_shutdown = shutdown.clone();
     shutdown.connections().spawn(async move {
         super::serve(stream, peer, &context, &task_shutdown).await;
-        drop(permit);
+        context.release(permit);
     });
 }
 

@@ -54,9 +54,9 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
-        let route = context.snapshot.load().pool(&context.pool).cloned();
+        let route = context.snapshot.load().route_for_listener(&context.name).cloned();
         let Some(route) = route else {
-            // Only possible while a reload removes the pool under a listener.
+            // Only for a connection accepted just before a reload removed its listener.
             context.stats.connections_failed.fetch_add(1, Relaxed);
             return;
         };
