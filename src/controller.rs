@@ -51,12 +51,12 @@ pub enum Message {
         pool: String,
         upstream: String,
         admin: Option<AdminOverride>,
-        reply: oneshot::Sender<Result<State, String>>,
+        reply: oneshot::Sender<Result<State, ControlError>>,
     },
     /// Operator's manual failback; the reply is the new active tier's priority.
     Failback {
         pool: String,
-        reply: oneshot::Sender<Result<u32, String>>,
+        reply: oneshot::Sender<Result<u32, ControlError>>,
     },
     /// Swap to a new, fully validated configuration. `first_checks` holds the result of
     /// the first health check of every upstream that is new, keyed by (pool, address).
@@ -69,6 +69,21 @@ pub enum Message {
     Status {
         reply: oneshot::Sender<Vec<PoolView>>,
     },
+}
+
+/// Why an operator's request to the controller was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no pool named {0:?}")]
+    NoSuchPool(String),
+    #[error("pool {pool:?} has no upstream named or addressed {upstream:?}")]
+    NoSuchUpstream { pool: String, upstream: String },
+    #[error("pool {pool:?} is already on the best usable tier (priority {priority})")]
+    AlreadyBest { pool: String, priority: u32 },
+    #[error("pool {0:?} has no usable upstream")]
+    NothingUsable(String),
+    #[error("the controller has stopped")]
+    Stopped,
 }
 
 /// Sends messages to the controller; cheap to clone.
@@ -141,7 +156,7 @@ impl ControllerHandle {
         pool: &str,
         upstream: &str,
         admin: Option<AdminOverride>,
-    ) -> Result<State, String> {
+    ) -> Result<State, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::SetAdmin {
             pool: pool.to_string(),
@@ -149,9 +164,7 @@ impl ControllerHandle {
             admin,
             reply,
         });
-        answer
-            .await
-            .map_err(|_| "the controller has stopped".to_string())?
+        answer.await.map_err(|_| ControlError::Stopped)?
     }
 
     /// Applies a new configuration (see [`Message::Reload`]); returns once swapped.
@@ -159,37 +172,31 @@ impl ControllerHandle {
         &self,
         config: Arc<Config>,
         first_checks: HashMap<(String, SocketAddr), Result<(), CheckFailure>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::Reload {
             config,
             first_checks,
             reply,
         });
-        answer
-            .await
-            .map_err(|_| "the controller has stopped".to_string())
+        answer.await.map_err(|_| ControlError::Stopped)
     }
 
     /// Every pool's live state.
-    pub async fn status(&self) -> Result<Vec<PoolView>, String> {
+    pub async fn status(&self) -> Result<Vec<PoolView>, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::Status { reply });
-        answer
-            .await
-            .map_err(|_| "the controller has stopped".to_string())
+        answer.await.map_err(|_| ControlError::Stopped)
     }
 
     /// Manual failback; returns the priority of the new active tier.
-    pub async fn failback(&self, pool: &str) -> Result<u32, String> {
+    pub async fn failback(&self, pool: &str) -> Result<u32, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::Failback {
             pool: pool.to_string(),
             reply,
         });
-        answer
-            .await
-            .map_err(|_| "the controller has stopped".to_string())?
+        answer.await.map_err(|_| ControlError::Stopped)?
     }
 
     fn feedback(&self) -> Feedback {
@@ -401,7 +408,7 @@ impl Controller {
         pool: &str,
         upstream: &str,
         admin: Option<AdminOverride>,
-    ) -> Result<State, String> {
+    ) -> Result<State, ControlError> {
         let p = self.pool_index(pool)?;
         let slots = &mut self.pools[p].slots;
         let u = slots
@@ -410,8 +417,9 @@ impl Controller {
                 let c = &s.upstream.config;
                 c.label() == upstream || c.target == upstream || c.address.to_string() == upstream
             })
-            .ok_or_else(|| {
-                format!("pool {pool:?} has no upstream named or addressed {upstream:?}")
+            .ok_or_else(|| ControlError::NoSuchUpstream {
+                pool: pool.to_string(),
+                upstream: upstream.to_string(),
             })?;
         slots[u].state.set_admin(admin);
         slots[u].reason = Some("admin".to_string());
@@ -419,7 +427,7 @@ impl Controller {
         Ok(self.pools[p].slots[u].shown)
     }
 
-    fn manual_failback(&mut self, pool: &str) -> Result<u32, String> {
+    fn manual_failback(&mut self, pool: &str) -> Result<u32, ControlError> {
         let p = self.pool_index(pool)?;
         let state = &self.pools[p];
         let counts = state.usable_counts();
@@ -436,11 +444,11 @@ impl Controller {
                 self.publish(p);
                 Ok(priorities[preferred])
             }
-            (Some(active), _) => Err(format!(
-                "pool {pool:?} is already on the best usable tier (priority {})",
-                priorities[active]
-            )),
-            (None, _) => Err(format!("pool {pool:?} has no usable upstream")),
+            (Some(active), _) => Err(ControlError::AlreadyBest {
+                pool: pool.to_string(),
+                priority: priorities[active],
+            }),
+            (None, _) => Err(ControlError::NothingUsable(pool.to_string())),
         }
     }
 
@@ -777,11 +785,11 @@ impl Controller {
         })
     }
 
-    fn pool_index(&self, pool: &str) -> Result<usize, String> {
+    fn pool_index(&self, pool: &str) -> Result<usize, ControlError> {
         self.pools
             .iter()
             .position(|p| p.config.name == pool)
-            .ok_or_else(|| format!("no pool named {pool:?}"))
+            .ok_or_else(|| ControlError::NoSuchPool(pool.to_string()))
     }
 }
 

@@ -16,6 +16,10 @@ pub enum StartError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("admin API: {0}")]
+    Admin(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 /// Every connect attempt for one client failed.

@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod controller;
@@ -16,18 +17,22 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
 pub mod status;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tracing::info;
 
+use admin::Admin;
 use config::Config;
 use controller::{Controller, ControllerHandle};
 use events::EventLog;
 use proxy::listener::{BoundListener, ListenerSet, ListenerView};
+use reload::Reloader;
 use shutdown::Shutdown;
 use snapshot::SharedSnapshot;
 
@@ -78,13 +83,60 @@ pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError
     config.listeners.iter().map(BoundListener::bind).collect()
 }
 
-/// Serves until `shutdown` begins, then lets connections finish for
-/// `runtime.shutdown_grace` and closes the rest.
-pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: Shutdown) {
-    let proxy = Proxy::start(&config, listeners, &shutdown);
-    shutdown.stopping().await;
-    proxy.listeners.close();
+/// Everything a running instance consists of.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub proxy: Proxy,
+    pub reloader: Arc<Reloader>,
+    /// Where the admin API listens, when configured.
+    pub admin_addr: Option<SocketAddr>,
+}
+
+/// Starts the admin API (if configured), the controller and the listeners. Returns at
+/// once; everything runs until `shutdown` begins. Needs a running tokio runtime.
+pub fn start(
+    config: Config,
+    listeners: Vec<BoundListener>,
+    shutdown: &Shutdown,
+) -> Result<Running, error::StartError> {
+    let admin_listener = config.admin.as_ref().map(Admin::bind).transpose()?;
+    let proxy = Proxy::start(&config, listeners, shutdown);
+    let admin_config = config.admin.clone();
+    let reloader = Arc::new(Reloader::new(config, proxy.clone()));
+    let mut admin_addr = None;
+    if let (Some(listener), Some(admin_config)) = (admin_listener, admin_config) {
+        admin_addr = listener.local_addr().ok();
+        Arc::new(Admin::new(proxy.clone(), reloader.clone(), &admin_config))
+            .spawn(listener, shutdown.clone());
+    }
+    Ok(Running {
+        proxy,
+        reloader,
+        admin_addr,
+    })
+}
+
+/// Runs a whole instance: serves, reloads on SIGHUP, and when `shutdown` begins lets
+/// connections finish for `runtime.shutdown_grace` and closes the rest.
+pub async fn run(
+    config: Config,
+    listeners: Vec<BoundListener>,
+    shutdown: Shutdown,
+) -> Result<(), error::StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
     let grace = config.runtime.shutdown_grace;
+    let mut hangup = signal(SignalKind::hangup()).map_err(error::StartError::Signals)?;
+    let running = start(config, listeners, &shutdown)?;
+    let reloader = running.reloader.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            info!("SIGHUP received: reloading the configuration");
+            // The outcome is logged and counted by the reloader.
+            let _ = reloader.reload().await;
+        }
+    });
+    shutdown.stopping().await;
+    running.proxy.listeners.close();
     info!(
         open = shutdown.open_connections(),
         grace = %humantime::format_duration(grace),
@@ -92,4 +144,5 @@ pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: Shutdo
     );
     let closed = shutdown.drain(grace).await;
     info!(closed, "shutdown complete");
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use switchyard::config::{Config, LogFormat};
@@ -121,30 +121,27 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
         info!(config = %config.source.display(), "switchyard started");
-        switchyard::run(config, listeners, shutdown).await;
-        ExitCode::SUCCESS
+        match switchyard::run(config, listeners, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::from(1)
+            }
+        }
     })
 }
 
-/// SIGTERM/SIGINT begin a graceful shutdown. SIGHUP is caught so that it never kills
-/// the process (its default action).
+/// SIGTERM/SIGINT begin a graceful shutdown (SIGHUP, reload, is `switchyard::run`'s).
 fn watch_signals(shutdown: Shutdown) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = terminate.recv() => info!("SIGTERM received"),
-                _ = interrupt.recv() => info!("SIGINT received"),
-                _ = hangup.recv() => {
-                    warn!("SIGHUP received: hot reload is not available in this build; configuration unchanged");
-                    continue;
-                }
-            }
-            shutdown.begin();
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM received"),
+            _ = interrupt.recv() => info!("SIGINT received"),
         }
+        shutdown.begin();
     });
     Ok(())
 }

@@ -56,6 +56,21 @@ pub struct PoolStats {
     pub failovers: AtomicU64,
     /// Active tier moved back to a better tier.
     pub failbacks: AtomicU64,
+    /// Time from a client's arrival to its upstream connection, retries included.
+    pub connect_seconds: Histogram,
+}
+
+/// Upper bounds (seconds) of the connect latency histogram's buckets.
+pub const CONNECT_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A fixed-bucket histogram of atomics: observing is two relaxed adds and a short scan.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
 }
 
 // === impl ConnectFailure ===
@@ -112,5 +127,335 @@ impl UpstreamStats {
 
     pub fn connect_failures_total(&self) -> u64 {
         self.connect_failures.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+// === impl Histogram ===
+
+impl Histogram {
+    pub fn observe(&self, value: std::time::Duration) {
+        let seconds = value.as_secs_f64();
+        let bucket = CONNECT_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(value.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Cumulative counts per bucket bound (the last is +Inf), the sum in seconds, and
+    /// the count.
+    pub fn read(&self) -> (Vec<u64>, f64, u64) {
+        let mut running = 0;
+        let cumulative: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| {
+                running += b.load(Relaxed);
+                running
+            })
+            .collect();
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        (cumulative, sum, running)
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4), built by hand: every value already lives
+/// in our own atomics, so a registry would only copy them.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    pub fn header(&mut self, name: &str, kind: &str, help: &str) {
+        use std::fmt::Write;
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        use std::fmt::Write;
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label(val));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], histogram: &Histogram) {
+        let (cumulative, sum, count) = histogram.read();
+        for (i, count) in cumulative.iter().enumerate() {
+            let bound = CONNECT_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &bound));
+            self.sample(&format!("{name}_bucket"), &with_le, count);
+        }
+        self.sample(&format!("{name}_sum"), labels, sum);
+        self.sample(&format!("{name}_count"), labels, count);
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Every metric of SPEC §6 for `proxy`, in Prometheus text format.
+pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> String {
+    let mut e = Exposition::default();
+    let listeners = proxy.listeners.views();
+    let snapshot = proxy.snapshot.load();
+    let mut pools: Vec<_> = snapshot.pools().cloned().collect();
+    pools.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+
+    type ListenerCounter = fn(&ListenerStats) -> &AtomicU64;
+    let listener_metrics: [(&str, &str, &str, ListenerCounter); 3] = [
+        (
+            "switchyard_connections_total",
+            "counter",
+            "Client connections accepted.",
+            |s| &s.connections_total,
+        ),
+        (
+            "switchyard_connections_active",
+            "gauge",
+            "Client connections open now.",
+            |s| &s.connections_active,
+        ),
+        (
+            "switchyard_connections_failed_total",
+            "counter",
+            "Clients closed because every connect attempt failed.",
+            |s| &s.connections_failed,
+        ),
+    ];
+    for (name, kind, help, counter) in listener_metrics {
+        e.header(name, kind, help);
+        for l in &listeners {
+            e.sample(
+                name,
+                &[("listener", &l.context.name)],
+                counter(&l.context.stats).load(Relaxed),
+            );
+        }
+    }
+    e.header(
+        "switchyard_connections_rejected_total",
+        "counter",
+        "Clients closed at once, by reason.",
+    );
+    for l in &listeners {
+        let s = &l.context.stats;
+        for (reason, counter) in [
+            ("max_connections", &s.rejected_max_connections),
+            ("no_upstream", &s.rejected_no_upstream),
+        ] {
+            e.sample(
+                "switchyard_connections_rejected_total",
+                &[("listener", &l.context.name), ("reason", reason)],
+                counter.load(Relaxed),
+            );
+        }
+    }
+    e.header(
+        "switchyard_bytes_total",
+        "counter",
+        "Bytes forwarded; direction in = client to upstream, out = upstream to client.",
+    );
+    for l in &listeners {
+        let s = &l.context.stats;
+        for (direction, counter) in [("in", &s.bytes_in), ("out", &s.bytes_out)] {
+            e.sample(
+                "switchyard_bytes_total",
+                &[("listener", &l.context.name), ("direction", direction)],
+                counter.load(Relaxed),
+            );
+        }
+    }
+
+    e.header(
+        "switchyard_upstream_up",
+        "gauge",
+        "1 when the upstream is usable (state up), else 0.",
+    );
+    for route in &pools {
+        for (u, state) in route.upstreams.iter().zip(route.states.iter()) {
+            e.sample(
+                "switchyard_upstream_up",
+                &[("pool", &route.config.name), ("upstream", u.label())],
+                u8::from(state.is_usable()),
+            );
+        }
+    }
+    e.header(
+        "switchyard_upstream_connections_active",
+        "gauge",
+        "Connections open to the upstream now.",
+    );
+    for route in &pools {
+        for u in route.upstreams.iter() {
+            e.sample(
+                "switchyard_upstream_connections_active",
+                &[("pool", &route.config.name), ("upstream", u.label())],
+                u.stats.connections_active.load(Relaxed),
+            );
+        }
+    }
+    e.header(
+        "switchyard_upstream_connect_failures_total",
+        "counter",
+        "Failed connect attempts on real traffic, by reason.",
+    );
+    for route in &pools {
+        for u in route.upstreams.iter() {
+            for reason in ConnectFailure::ALL {
+                e.sample(
+                    "switchyard_upstream_connect_failures_total",
+                    &[
+                        ("pool", &route.config.name),
+                        ("upstream", u.label()),
+                        ("reason", reason.as_str()),
+                    ],
+                    u.stats.connect_failures(reason),
+                );
+            }
+        }
+    }
+    e.header(
+        "switchyard_upstream_connect_seconds",
+        "histogram",
+        "Time from a client's arrival to its upstream connection, retries included.",
+    );
+    for route in &pools {
+        e.histogram(
+            "switchyard_upstream_connect_seconds",
+            &[("pool", &route.config.name)],
+            &route.stats.connect_seconds,
+        );
+    }
+    e.header(
+        "switchyard_pool_active_tier",
+        "gauge",
+        "Priority of the pool's active tier; -1 when no upstream is usable.",
+    );
+    for route in &pools {
+        let tier = route.active_priority().map_or(-1, i64::from);
+        e.sample(
+            "switchyard_pool_active_tier",
+            &[("pool", &route.config.name)],
+            tier,
+        );
+    }
+    e.header(
+        "switchyard_failovers_total",
+        "counter",
+        "Moves of the active tier to a worse tier.",
+    );
+    for route in &pools {
+        e.sample(
+            "switchyard_failovers_total",
+            &[("pool", &route.config.name)],
+            route.stats.failovers.load(Relaxed),
+        );
+    }
+    e.header(
+        "switchyard_failbacks_total",
+        "counter",
+        "Moves of the active tier back to a better tier.",
+    );
+    for route in &pools {
+        e.sample(
+            "switchyard_failbacks_total",
+            &[("pool", &route.config.name)],
+            route.stats.failbacks.load(Relaxed),
+        );
+    }
+    e.header(
+        "switchyard_health_checks_total",
+        "counter",
+        "Active health checks, by result.",
+    );
+    for route in &pools {
+        for u in route.upstreams.iter() {
+            for (result, counter) in [
+                ("success", &u.stats.checks_passed),
+                ("failure", &u.stats.checks_failed),
+            ] {
+                e.sample(
+                    "switchyard_health_checks_total",
+                    &[
+                        ("pool", &route.config.name),
+                        ("upstream", u.label()),
+                        ("result", result),
+                    ],
+                    counter.load(Relaxed),
+                );
+            }
+        }
+    }
+    e.header(
+        "switchyard_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+    );
+    e.sample(
+        "switchyard_config_reloads_total",
+        &[("result", "ok")],
+        reloads.ok.load(Relaxed),
+    );
+    e.sample(
+        "switchyard_config_reloads_total",
+        &[("result", "error")],
+        reloads.error.load(Relaxed),
+    );
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(200));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let (cumulative, sum, count) = h.read();
+        assert_eq!(count, 3);
+        assert_eq!(cumulative[0], 1);
+        assert_eq!(cumulative[3], 2, "3 ms falls in the 5 ms bucket");
+        assert_eq!(cumulative[CONNECT_BUCKETS.len() - 1], 2);
+        assert_eq!(
+            cumulative[CONNECT_BUCKETS.len()],
+            3,
+            "+Inf counts everything"
+        );
+        assert!((sum - 60.0032).abs() < 1e-6);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut e = Exposition::default();
+        e.sample("m", &[("a", "x\"y\\z\nw")], 1);
+        assert_eq!(e.finish(), "m{a=\"x\\\"y\\\\z\\nw\"} 1\n");
     }
 }

@@ -66,6 +66,7 @@ pub(crate) async fn serve(
             debug!("no usable upstream and when_all_down = reject; closing client");
             return;
         }
+        let connect_started = tokio::time::Instant::now();
         let mut remaining = order.as_slice();
         let (upstream_stream, index) = loop {
             let connected = tokio::select! {
@@ -83,6 +84,7 @@ pub(crate) async fn serve(
             let guard = route.config.connect_timeout;
             if !upstream_gone_first(&client, &connected.stream, guard).await {
                 route.feedback.connect_succeeded(&route.upstreams[connected.upstream]);
+                route.stats.connect_seconds.observe(connect_started.elapsed());
                 break (connected.stream, connected.upstream);
             }
             // Accepted and closed before a byte flowed either way (a server dying with

@@ -1,0 +1,481 @@
+//! The admin API (SPEC §5): HTTP/1.1 and JSON, on its own listener.
+//!
+//! A flat router: one match on (method, path) picks the endpoint; 404 for an unknown
+//! path, 405 for a known path with the wrong method, 401 when a non-GET request lacks
+//! the bearer token, 400 for malformed input, all with a JSON error body. Handlers
+//! only read snapshots and counters, or ask the controller and the reloader by message;
+//! they never touch live state directly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::Proxy;
+use crate::config::AdminConfig;
+use crate::controller::ControlError;
+use crate::error::StartError;
+use crate::events::{Event, EventKind};
+use crate::health::state::AdminOverride;
+use crate::reload::{ReloadError, Reloader};
+use crate::shutdown::Shutdown;
+use crate::status::{ListenerView, StatusView};
+
+/// What the handlers need.
+#[derive(Debug)]
+pub struct Admin {
+    proxy: Proxy,
+    reloader: Arc<Reloader>,
+    token_file: Option<PathBuf>,
+}
+
+/// The endpoints, each with the one method it accepts.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Livez,
+    Readyz,
+    Status,
+    Events,
+    Metrics,
+    SetState {
+        pool: String,
+        upstream: String,
+        state: Option<AdminOverride>,
+    },
+    Failback {
+        pool: String,
+    },
+    Reload,
+}
+
+/// One event as `/events` shows it.
+#[derive(Debug, Serialize)]
+struct EventView<'a> {
+    id: u64,
+    at_unix_ms: u64,
+    kind: &'static str,
+    pool: &'a str,
+    upstream: Option<&'a str>,
+    old: &'a str,
+    new: &'a str,
+    reason: &'a str,
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+// === impl Admin ===
+
+impl Admin {
+    pub fn new(proxy: Proxy, reloader: Arc<Reloader>, config: &AdminConfig) -> Self {
+        Self {
+            proxy,
+            reloader,
+            token_file: config.token_file.clone(),
+        }
+    }
+
+    /// Binds the admin listener and checks that the token file is readable, so that a
+    /// bad admin setup fails the start instead of the first request.
+    /// Needs a running tokio runtime.
+    pub fn bind(config: &AdminConfig) -> Result<TcpListener, StartError> {
+        if let Some(path) = &config.token_file {
+            read_token(path)
+                .map_err(|e| StartError::Admin(format!("token_file {}: {e}", path.display())))?;
+        }
+        let bind_error = |source| StartError::Bind {
+            listener: "admin".to_string(),
+            addr: config.listen,
+            source,
+        };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        TcpListener::from_std(listener).map_err(bind_error)
+    }
+
+    /// Serves on `listener` until shutdown begins.
+    pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "admin API listening");
+        }
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = shutdown.stopping() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let admin = self.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let admin = admin.clone();
+                        async move { Ok::<_, Infallible>(admin.handle(request, peer).await) }
+                    });
+                    if let Err(e) = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!(error = %e, "admin connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
+        let method = request.method().clone();
+        let route = match Route::parse(request.uri().path()) {
+            Ok(Some(route)) => route,
+            Ok(None) => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+            Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        };
+        let allowed = route.method();
+        if method != allowed {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} is not allowed here; use {allowed}"),
+            );
+            if let Ok(value) = allowed.as_str().parse() {
+                response.headers_mut().insert(ALLOW, value);
+            }
+            return response;
+        }
+        if method != Method::GET {
+            if let Some(response) = self.refuse_unauthorized(&request) {
+                warn!(%peer, path = request.uri().path(), "admin request refused: missing or wrong token");
+                return response;
+            }
+            info!(%peer, path = request.uri().path(), "admin request");
+        }
+        match route {
+            Route::Livez => json_response(StatusCode::OK, &json!({ "status": "ok" })),
+            Route::Readyz => self.readyz(),
+            Route::Status => self.status().await,
+            Route::Events => self.events(request.uri().query()),
+            Route::Metrics => {
+                let body = crate::metrics::render(&self.proxy, &self.reloader.stats);
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                if let Ok(value) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+                    response.headers_mut().insert(CONTENT_TYPE, value);
+                }
+                response
+            }
+            Route::SetState {
+                pool,
+                upstream,
+                state,
+            } => match self
+                .proxy
+                .controller
+                .set_admin(&pool, &upstream, state)
+                .await
+            {
+                Ok(now) => json_response(
+                    StatusCode::OK,
+                    &json!({ "pool": pool, "upstream": upstream, "state": now.as_str() }),
+                ),
+                Err(e) => control_error(&e),
+            },
+            Route::Failback { pool } => match self.proxy.controller.failback(&pool).await {
+                Ok(priority) => json_response(
+                    StatusCode::OK,
+                    &json!({ "pool": pool, "active_tier": priority }),
+                ),
+                Err(e) => control_error(&e),
+            },
+            Route::Reload => match self.reloader.reload().await {
+                Ok(diff) => {
+                    json_response(StatusCode::OK, &json!({ "result": "ok", "changes": diff }))
+                }
+                Err(e) => {
+                    let status = match e {
+                        ReloadError::Config(_) => StatusCode::BAD_REQUEST,
+                        ReloadError::Bind(_) | ReloadError::Stopped => {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        }
+                    };
+                    json_response(
+                        status,
+                        &json!({ "result": "error", "error": e.to_string() }),
+                    )
+                }
+            },
+        }
+    }
+
+    /// Every non-GET request needs `Authorization: Bearer <token>` when a token file is
+    /// configured; returns the refusal when it is missing or wrong. The file is read
+    /// per request so that rotating the token needs no reload.
+    fn refuse_unauthorized(&self, request: &Request<Incoming>) -> Option<HttpResponse> {
+        let path = self.token_file.as_ref()?;
+        let expected = match read_token(path) {
+            Ok(token) => token,
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read the admin token file");
+                return Some(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the admin token file cannot be read",
+                ));
+            }
+        };
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            None
+        } else {
+            Some(error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ))
+        }
+    }
+
+    fn readyz(&self) -> HttpResponse {
+        let snapshot = self.proxy.snapshot.load();
+        let mut without: Vec<&str> = snapshot
+            .pools()
+            .filter(|p| p.active_tier.is_none())
+            .map(|p| p.config.name.as_str())
+            .collect();
+        without.sort_unstable();
+        let status = if without.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(
+            status,
+            &json!({ "ready": without.is_empty(), "pools_without_usable_upstream": without }),
+        )
+    }
+
+    async fn status(&self) -> HttpResponse {
+        let pools = match self.proxy.controller.status().await {
+            Ok(pools) => pools,
+            Err(e) => return control_error(&e),
+        };
+        let snapshot = self.proxy.snapshot.load();
+        let listeners = self
+            .proxy
+            .listeners
+            .views()
+            .into_iter()
+            .map(|l| {
+                let stats = &l.context.stats;
+                use std::sync::atomic::Ordering::Relaxed;
+                ListenerView {
+                    pool: snapshot
+                        .listener_pool(&l.context.name)
+                        .unwrap_or("")
+                        .to_string(),
+                    name: l.context.name.clone(),
+                    binds: l.addrs.iter().map(ToString::to_string).collect(),
+                    connections_active: stats.connections_active.load(Relaxed),
+                    connections_total: stats.connections_total.load(Relaxed),
+                    connections_failed: stats.connections_failed.load(Relaxed),
+                    max_connections: l.context.max_connections().map(|m| m.get()),
+                }
+            })
+            .collect();
+        json_response(StatusCode::OK, &StatusView { listeners, pools })
+    }
+
+    fn events(&self, query: Option<&str>) -> HttpResponse {
+        let mut since = 0;
+        for (key, value) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+        {
+            if key == "since" {
+                match value.parse::<u64>() {
+                    Ok(id) => since = id,
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "since={value:?} is not an event id; use a non-negative integer"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let events = self.proxy.events.since(since);
+        let views: Vec<EventView> = events.iter().map(EventView::from).collect();
+        json_response(StatusCode::OK, &json!({ "events": views }))
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// `Ok(None)` for an unknown path, `Err` for a known one with malformed parts.
+    fn parse(path: &str) -> Result<Option<Self>, String> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let route = match segments.as_slice() {
+            ["livez"] => Route::Livez,
+            ["readyz"] => Route::Readyz,
+            ["status"] => Route::Status,
+            ["events"] => Route::Events,
+            ["metrics"] => Route::Metrics,
+            ["reload"] => Route::Reload,
+            ["pools", pool, "failback"] => Route::Failback {
+                pool: percent_decode(pool)?,
+            },
+            ["pools", pool, "upstreams", upstream, action] => Route::SetState {
+                pool: percent_decode(pool)?,
+                upstream: percent_decode(upstream)?,
+                state: match *action {
+                    "up" => None,
+                    "drain" => Some(AdminOverride::Drain),
+                    "maint" => Some(AdminOverride::Maint),
+                    _ => return Ok(None),
+                },
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(route))
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            Route::Livez | Route::Readyz | Route::Status | Route::Events | Route::Metrics => {
+                Method::GET
+            }
+            Route::SetState { .. } | Route::Failback { .. } | Route::Reload => Method::POST,
+        }
+    }
+}
+
+impl<'a> From<&'a Event> for EventView<'a> {
+    fn from(e: &'a Event) -> Self {
+        Self {
+            id: e.id,
+            at_unix_ms: e.at_unix_ms,
+            kind: match e.kind {
+                EventKind::Upstream => "upstream",
+                EventKind::Tier => "tier",
+            },
+            pool: &e.pool,
+            upstream: e.upstream.as_deref(),
+            old: &e.old,
+            new: &e.new,
+            reason: &e.reason,
+        }
+    }
+}
+
+fn control_error(e: &ControlError) -> HttpResponse {
+    let status = match e {
+        ControlError::NoSuchPool(_) | ControlError::NoSuchUpstream { .. } => StatusCode::NOT_FOUND,
+        ControlError::AlreadyBest { .. } | ControlError::NothingUsable(_) => StatusCode::CONFLICT,
+        ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, &e.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
+    let body = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = "application/json".parse() {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    let token = std::fs::read_to_string(path)?.trim().to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::other("the file is empty"));
+    }
+    Ok(token)
+}
+
+/// Compares without an early exit, so response time does not reveal the prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decodes `%XX` escapes (an upstream address like `10.0.0.1%3A5432`).
+fn percent_decode(segment: &str) -> Result<String, String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("{segment:?} has a malformed %-escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{segment:?} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_and_decode() {
+        assert_eq!(Route::parse("/livez"), Ok(Some(Route::Livez)));
+        assert_eq!(Route::parse("/nope"), Ok(None));
+        assert_eq!(Route::parse("/pools/pg/upstreams/a/explode"), Ok(None));
+        assert_eq!(
+            Route::parse("/pools/pg/upstreams/10.0.0.1%3A5432/drain"),
+            Ok(Some(Route::SetState {
+                pool: "pg".into(),
+                upstream: "10.0.0.1:5432".into(),
+                state: Some(AdminOverride::Drain),
+            }))
+        );
+        assert!(Route::parse("/pools/pg/upstreams/%zz/up").is_err());
+        assert_eq!(
+            Route::parse("/reload").unwrap().unwrap().method(),
+            Method::POST
+        );
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -1,0 +1,240 @@
+//! Hot reload (SPEC §4): SIGHUP and `POST /reload` share this one path.
+//!
+//! Load and validate the whole file first; compute the difference as data; bind new
+//! listeners (one failed bind rejects everything, and nothing running has changed);
+//! run the first health check of every new upstream; then hand the controller one
+//! message that swaps routing atomically, and only then start and stop accept loops.
+//! Any error leaves the old configuration serving, logged and counted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::Proxy;
+use crate::config::{Config, ConfigError};
+use crate::error::StartError;
+use crate::health::{self, CheckFailure};
+
+/// What a reload changed, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConfigDiff {
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    pub listeners_changed: Vec<String>,
+    pub pools_added: Vec<String>,
+    pub pools_removed: Vec<String>,
+    pub pools_changed: Vec<String>,
+}
+
+/// Counts for `switchyard_config_reloads_total{result}`.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub error: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Bind(#[from] StartError),
+    #[error("the proxy is shutting down")]
+    Stopped,
+}
+
+/// Reloads one running proxy from its config file; reloads never overlap.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    current: Mutex<Arc<Config>>,
+    proxy: Proxy,
+    pub stats: Arc<ReloadStats>,
+}
+
+// === impl ConfigDiff ===
+
+impl ConfigDiff {
+    pub fn between(old: &Config, new: &Config) -> Self {
+        let mut diff = Self::default();
+        for l in &new.listeners {
+            match old.listeners.iter().find(|o| o.name == l.name) {
+                None => diff.listeners_added.push(l.name.clone()),
+                Some(o) if o != l => diff.listeners_changed.push(l.name.clone()),
+                Some(_) => {}
+            }
+        }
+        for o in &old.listeners {
+            if !new.listeners.iter().any(|l| l.name == o.name) {
+                diff.listeners_removed.push(o.name.clone());
+            }
+        }
+        for p in &new.pools {
+            match old.pool(&p.name) {
+                None => diff.pools_added.push(p.name.clone()),
+                Some(o) if o != p => diff.pools_changed.push(p.name.clone()),
+                Some(_) => {}
+            }
+        }
+        for o in &old.pools {
+            if new.pool(&o.name).is_none() {
+                diff.pools_removed.push(o.name.clone());
+            }
+        }
+        diff
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+// === impl Reloader ===
+
+impl Reloader {
+    /// `current` is the configuration `proxy` runs; `current.source` is reloaded.
+    pub fn new(current: Config, proxy: Proxy) -> Self {
+        Self {
+            path: current.source.clone(),
+            current: Mutex::new(Arc::new(current)),
+            proxy,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub async fn current(&self) -> Arc<Config> {
+        self.current.lock().await.clone()
+    }
+
+    /// Reloads the file. On any error nothing changes and the old config keeps serving.
+    pub async fn reload(&self) -> Result<ConfigDiff, ReloadError> {
+        let mut current = self.current.lock().await;
+        match self.swap(&current).await {
+            Ok((config, diff)) => {
+                warn_about_restart_only_changes(&current, &config);
+                *current = config;
+                self.stats.ok.fetch_add(1, Relaxed);
+                info!(
+                    file = %self.path.display(),
+                    listeners_added = ?diff.listeners_added,
+                    listeners_removed = ?diff.listeners_removed,
+                    listeners_changed = ?diff.listeners_changed,
+                    pools_added = ?diff.pools_added,
+                    pools_removed = ?diff.pools_removed,
+                    pools_changed = ?diff.pools_changed,
+                    "configuration reloaded"
+                );
+                Ok(diff)
+            }
+            Err(e) => {
+                self.stats.error.fetch_add(1, Relaxed);
+                error!(file = %self.path.display(), error = %e, "reload rejected; the previous configuration keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    async fn swap(&self, current: &Config) -> Result<(Arc<Config>, ConfigDiff), ReloadError> {
+        let new = Arc::new(Config::load(&self.path)?);
+        let diff = ConfigDiff::between(current, &new);
+        let prepared = self.proxy.listeners.prepare(&new)?;
+        let checks = first_checks(current, &new).await;
+        self.proxy
+            .controller
+            .reload(new.clone(), checks)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        self.proxy.listeners.apply(prepared);
+        Ok((new, diff))
+    }
+}
+
+/// The first health check of every upstream that `new` adds (by pool and address),
+/// all at once, each bounded by its pool's `health.timeout`.
+async fn first_checks(
+    current: &Config,
+    new: &Config,
+) -> HashMap<(String, SocketAddr), Result<(), CheckFailure>> {
+    let mut checks = JoinSet::new();
+    for pool in new.pools.iter().filter(|p| p.health.enabled) {
+        let known = current.pool(&pool.name);
+        for upstream in &pool.upstreams {
+            let stays =
+                known.is_some_and(|k| k.upstreams.iter().any(|u| u.address == upstream.address));
+            if stays {
+                continue;
+            }
+            let key = (pool.name.clone(), upstream.address);
+            let health = pool.health.clone();
+            checks.spawn(async move {
+                let result = health::check(key.1, &health).await;
+                (key, result)
+            });
+        }
+    }
+    let mut results = HashMap::new();
+    while let Some(done) = checks.join_next().await {
+        if let Ok((key, result)) = done {
+            results.insert(key, result);
+        }
+    }
+    results
+}
+
+fn warn_about_restart_only_changes(old: &Config, new: &Config) {
+    if old.runtime != new.runtime {
+        warn!("[runtime] changed: it takes effect at the next restart");
+    }
+    if old.log != new.log {
+        warn!(
+            "[log] changed: it takes effect at the next restart (--log-level and RUST_LOG still apply)"
+        );
+    }
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+        warn!("admin.listen changed: the admin server moves at the next restart");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn diff_names_what_was_added_removed_and_changed() {
+        let old = config(
+            "[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\n[listeners.b]\nbind = \"127.0.0.1:2\"\npool = \"p\"\n[listeners.c]\nbind = \"127.0.0.1:3\"\npool = \"q\"\n\
+             [pools.p]\nupstreams = [{ address = \"127.0.0.1:10\" }]\n[pools.q]\nupstreams = [{ address = \"127.0.0.1:11\" }]\n",
+        );
+        let new = config(
+            "[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\n[listeners.b]\nbind = \"127.0.0.1:2\"\npool = \"r\"\n[listeners.d]\nbind = \"127.0.0.1:4\"\npool = \"p\"\n\
+             [pools.p]\nupstreams = [{ address = \"127.0.0.1:10\", priority = 1 }]\n[pools.r]\nupstreams = [{ address = \"127.0.0.1:12\" }]\n",
+        );
+        let diff = ConfigDiff::between(&old, &new);
+        assert_eq!(
+            diff,
+            ConfigDiff {
+                listeners_added: vec!["d".into()],
+                listeners_removed: vec!["c".into()],
+                listeners_changed: vec!["b".into()],
+                pools_added: vec!["r".into()],
+                pools_removed: vec!["q".into()],
+                pools_changed: vec!["p".into()],
+            }
+        );
+        assert!(ConfigDiff::between(&new, &new).is_empty());
+    }
+}
