@@ -388,6 +388,40 @@ impl<'a> From<&'a Event> for EventView<'a> {
     }
 }
 
+/// A GET against a running instance's admin API (for `switchyard status`). `addr` is
+/// `host:port`, optionally with a leading `http://`. Returns the status code and body.
+pub async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    let authority = addr.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .map_err(|_| format!("cannot reach the admin API at {authority}: timed out"))?
+    .map_err(|e| format!("cannot reach the admin API at {authority}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("admin API at {authority}: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("admin API at {authority}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("admin API at {authority}: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 fn control_error(e: &ControlError) -> HttpResponse {
     let status = match e {
         ControlError::NoSuchPool(_) | ControlError::NoSuchUpstream { .. } => StatusCode::NOT_FOUND,

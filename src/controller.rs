@@ -322,6 +322,11 @@ impl Controller {
                     Ok(()) => stats.checks_passed.fetch_add(1, Relaxed),
                     Err(_) => stats.checks_failed.fetch_add(1, Relaxed),
                 };
+                if slot.last_check.is_none() && result.is_ok() {
+                    // The first check confirms the start-up assumption: no transition,
+                    // but the reason shown should no longer say "until the first check".
+                    slot.shown_reason = "first check passed".to_string();
+                }
                 slot.last_check = Some((unix_ms(), result));
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);

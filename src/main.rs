@@ -65,10 +65,46 @@ fn main() -> ExitCode {
             init_logging(&cli, "error", LogFormat::Text);
             exit_code(switchyard::demo::main())
         }
-        Command::Status { .. } => {
-            eprintln!(
-                "error: `switchyard status` needs the admin API, which this build does not include yet"
-            );
+        Command::Status { ref admin, json } => status(admin, json),
+    }
+}
+
+fn status(admin: &str, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (code, body) = match runtime.block_on(switchyard::admin::get(admin, "/status")) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if code != 200 {
+        eprintln!("error: the admin API at {admin} answered {code}: {}", body.trim());
+        return ExitCode::from(1);
+    }
+    if json {
+        print_out(&body);
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<switchyard::status::StatusView>(&body) {
+        Ok(view) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            print_out(view.render(now).trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: the admin API at {admin} sent a status this version cannot read: {e}");
             ExitCode::from(1)
         }
     }
@@ -77,7 +113,7 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            print!("{}", config.summary());
+            print_out(config.summary().trim_end());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -176,4 +212,11 @@ fn exit_code(result: Result<(), String>) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is the reader's choice, not an error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{text}");
 }

@@ -24,6 +24,10 @@ pub struct TestProxy {
     pub proxy: Proxy,
     pub shutdown: Shutdown,
     pub config: Config,
+    pub reloader: std::sync::Arc<switchyard::reload::Reloader>,
+    pub admin: Option<SocketAddr>,
+    /// The file the config was loaded from; rewrite it and reload.
+    pub config_path: std::path::PathBuf,
 }
 
 impl TestProxy {
@@ -31,25 +35,46 @@ impl TestProxy {
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.proxy.listener(name).expect("listener exists").addrs[0]
     }
+
+    /// Replaces the config file's content (the next reload reads it).
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(&self.config_path, toml).expect("write test config");
+    }
 }
 
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.begin();
+        let _ = std::fs::remove_dir_all(self.config_path.parent().unwrap_or(Path::new("/nonexistent")));
     }
 }
 
-/// Starts a proxy in this runtime from TOML text (binds should use port 0).
+/// A fresh private directory for one test's files.
+pub fn test_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("switchyard-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// Starts a proxy in this runtime from TOML text (binds should use port 0), loaded
+/// from a file of its own so that tests can rewrite it and reload.
 pub fn start_proxy(toml: &str) -> TestProxy {
-    let config = Config::parse(toml, Path::new("test.toml"))
+    let config_path = test_dir().join("switchyard.toml");
+    std::fs::write(&config_path, toml).expect("write test config");
+    let config = Config::load(&config_path)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
     let listeners = switchyard::bind_all(&config).expect("bind test listeners");
     let shutdown = Shutdown::new();
-    let proxy = Proxy::start(&config, listeners, &shutdown);
+    let running = switchyard::start(config.clone(), listeners, &shutdown).expect("start proxy");
     TestProxy {
-        proxy,
+        proxy: running.proxy,
         shutdown,
         config,
+        reloader: running.reloader,
+        admin: running.admin_addr,
+        config_path,
     }
 }
 
