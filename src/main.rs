@@ -88,7 +88,10 @@ fn status(admin: &str, json: bool) -> ExitCode {
         }
     };
     if code != 200 {
-        eprintln!("error: the admin API at {admin} answered {code}: {}", body.trim());
+        eprintln!(
+            "error: the admin API at {admin} answered {code}: {}",
+            body.trim()
+        );
         return ExitCode::from(1);
     }
     if json {
@@ -104,7 +107,9 @@ fn status(admin: &str, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: the admin API at {admin} sent a status this version cannot read: {e}");
+            eprintln!(
+                "error: the admin API at {admin} sent a status this version cannot read: {e}"
+            );
             ExitCode::from(1)
         }
     }

@@ -45,7 +45,11 @@ impl TestProxy {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.begin();
-        let _ = std::fs::remove_dir_all(self.config_path.parent().unwrap_or(Path::new("/nonexistent")));
+        let _ = std::fs::remove_dir_all(
+            self.config_path
+                .parent()
+                .unwrap_or(Path::new("/nonexistent")),
+        );
     }
 }
 
@@ -300,8 +304,9 @@ impl Backend {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
         socket.set_reuse_address(true).expect("reuseaddr");
         socket.bind(&addr.into()).expect("bind backend");
-        // Small, so that a black hole needs few filler connections.
-        socket.listen(16).expect("listen");
+        // Large enough for bursts of test clients (an overflow drops SYNs and stalls a
+        // connect for a second), small enough to fill quickly for a black hole.
+        socket.listen(128).expect("listen");
         socket.set_nonblocking(true).expect("nonblocking");
         socket.into()
     }
@@ -372,7 +377,7 @@ impl Backend {
     pub async fn black_hole(&mut self) {
         self.kill().await;
         let listener = Self::listen(self.addr);
-        for _ in 0..64 {
+        for _ in 0..256 {
             match std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
                 Ok(stream) => self.fillers.push(stream),
                 Err(_) => break,
@@ -476,4 +481,192 @@ pub fn pool_config(
         "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\n{pool_extra}\nupstreams = [{}]\n\n{health}\n",
         list.join(", ")
     )
+}
+
+/// One HTTP/1.1 request with a real client; returns (status, body, allow header).
+pub async fn http(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, Option<String>) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    let stream = TcpStream::connect(addr).await.expect("connect to admin");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(request.body(Empty::<bytes::Bytes>::new()).expect("request"))
+        .await
+        .expect("HTTP response");
+    let status = response.status().as_u16();
+    let allow = response
+        .headers()
+        .get(hyper::header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), allow)
+}
+
+pub async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body, _) = http("GET", addr, path, None).await;
+    assert!(
+        status == 200 || status == 503,
+        "GET {path}: {status} {body}"
+    );
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+}
+
+/// `switchyard run` as a child process, killed on drop.
+pub struct ChildProxy {
+    pub child: std::process::Child,
+    pub admin: SocketAddr,
+    pub config_path: std::path::PathBuf,
+    pub stderr_path: std::path::PathBuf,
+}
+
+impl ChildProxy {
+    /// Starts the binary on `toml` (which must have an `[admin]` table on `admin`) and
+    /// waits until the admin API answers.
+    pub async fn start(toml: &str, admin: SocketAddr) -> Self {
+        let dir = test_dir();
+        let config_path = dir.join("switchyard.toml");
+        let stderr_path = dir.join("stderr.log");
+        std::fs::write(&config_path, toml).expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .expect("start switchyard");
+        let proxy = Self {
+            child,
+            admin,
+            config_path,
+            stderr_path,
+        };
+        let deadline = Instant::now() + SOON;
+        while TcpStream::connect(admin).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "admin API never came up: {}",
+                proxy.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped
+        // (only `drop` reaps it), so it cannot name another process.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            result,
+            0,
+            "kill failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Rewrites the config file and sends SIGHUP; returns once the reload counter moved.
+    pub async fn reload_with(&self, toml: &str) -> &'static str {
+        std::fs::write(&self.config_path, toml).expect("rewrite config");
+        let before = self.reloads().await;
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + SOON;
+        loop {
+            let now = self.reloads().await;
+            if now.0 > before.0 {
+                return "ok";
+            }
+            if now.1 > before.1 {
+                return "error";
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP did not reload: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// (ok, error) from `switchyard_config_reloads_total`.
+    pub async fn reloads(&self) -> (u64, u64) {
+        let metrics = metrics(self.admin).await;
+        let value = |result: &str| {
+            metrics
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == "switchyard_config_reloads_total"
+                        && s.labels.get("result") == Some(result)
+                })
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => {
+                        v as u64
+                    }
+                    _ => 0,
+                })
+                .unwrap_or(0)
+        };
+        (value("ok"), value("error"))
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(
+            self.config_path
+                .parent()
+                .unwrap_or(Path::new("/nonexistent")),
+        );
+    }
+}
+
+/// `/metrics`, parsed by a Prometheus text parser.
+pub async fn metrics(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, body, _) = http("GET", admin, "/metrics", None).await;
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("valid Prometheus text")
+}
+
+/// The upstream named `name` of pool `pool` in `/status`.
+pub fn upstream_status<'a>(
+    status: &'a serde_json::Value,
+    pool: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    status["pools"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == pool)?["upstreams"]
+        .as_array()?
+        .iter()
+        .find(|u| u["name"] == name)
 }
