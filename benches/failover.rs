@@ -1,1 +1,1470 @@
-fn main() {}
+//! How fast switchyard fails over and back, side by side with HAProxy (SPEC §3, "Failover
+//! latency, as measured by the benchmarks").
+//!
+//! Each run starts, on loopback, a primary and a backup upstream that greet every
+//! connection with `hello <name>\n` and then echo, and a proxy in front of them:
+//! switchyard in this process but on a tokio runtime of its own, or HAProxy as a child
+//! process, both with the same settings (printed at the start). A stream of new client
+//! connections, one every 2 ms, runs from 1 s before a failure is injected into the
+//! primary until 2 s after it; each client connects through the proxy and reads the
+//! greeting, which tells who served it and how long it took. No greeting within 2 s (or
+//! a close) is a failure. The failures injected:
+//!
+//! - killed: the primary's listener and connections close, like a process dying, so
+//!   connects are refused;
+//! - hung: the primary accepts but never answers; only the check's `expect` can tell;
+//! - black-holed: the primary stops accepting and its small accept queue is filled, so
+//!   the kernel drops new SYNs and connects time out.
+//!
+//! Then the primary serves again on the same port, and the stream runs until a client
+//! is served by it (at most 5 s). The injection and the restart each wait a random part
+//! of a check interval first, so that the rounds do not all hit the same phase of the
+//! proxies' check schedules. Reported per scenario and proxy, as the median of the
+//! rounds (failures: the worst round):
+//!
+//! - detection: injection → the primary marked down. For switchyard the timestamp of its
+//!   `down` or `ejected` event; for HAProxy the first `show stat` answer (stats socket,
+//!   polled every 5 ms) with the primary `DOWN`, so it is late by up to about 5 ms;
+//! - switch: injection → the greeting of the first client started after it that the
+//!   backup served (clients start 2 ms apart, so this is up to 2 ms late);
+//! - failed: clients started within 2 s after the injection, or in flight at it, that
+//!   got no greeting;
+//! - connect latency p50/p99/max: connect → greeting of the clients of that window that
+//!   were served (failed ones are only counted);
+//! - failback: the primary serving again → the first client greeted by the primary.
+//!
+//! HAProxy is looked up on PATH (and in /usr/sbin); when it is missing and the bench
+//! runs as root, it installs Debian's package with `apt-get install -y haproxy` (after
+//! `apt-get update` if the first try fails). Without it, only switchyard runs. Nothing
+//! leaves 127.0.0.1; the HAProxy child is stopped by its PID.
+//!
+//! `FAILOVER_BENCH_ROUNDS` (default 3) sets the rounds; a round starts only if it can
+//! finish within about 3 minutes from the first one. `FAILOVER_BENCH_FILTER` keeps only
+//! the cases whose "scenario / proxy" name contains it (e.g. `black-holed`). Every wait
+//! has a deadline.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use switchyard::Proxy;
+use switchyard::config::Config;
+use switchyard::shutdown::Shutdown;
+
+type BoxError = Box<dyn Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+/// Proxy settings, the same for both proxies.
+const CHECK_INTERVAL_MS: u64 = 200;
+const CHECK_FAST_INTERVAL_MS: u64 = 100;
+const CHECK_TIMEOUT_MS: u64 = 100;
+const RISE: u32 = 2;
+const FALL: u32 = 2;
+const CONNECT_TIMEOUT_MS: u64 = 300;
+const CONNECT_ATTEMPTS: u32 = 3;
+const CONSECUTIVE_FAILURES: u32 = 2;
+/// switchyard only: HAProxy has no hedged connects.
+const HEDGE_AFTER_MS: u64 = 50;
+
+/// The client stream.
+const CLIENT_EVERY: Duration = Duration::from_millis(2);
+const LEAD_IN: Duration = Duration::from_secs(1);
+/// The failover window after the injection, in which failures and latency are counted.
+const WINDOW: Duration = Duration::from_secs(2);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
+
+/// Upstreams' accept queue: small, so that few connections fill it for a black hole.
+const UPSTREAM_BACKLOG: i32 = 16;
+/// A connect to a loopback listener with room in its queue completes far sooner.
+const FILL_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+
+const READY_LIMIT: Duration = Duration::from_secs(5);
+/// After the proxy serves: lets the first checks of both upstreams finish.
+const SETTLE: Duration = Duration::from_millis(300);
+const STATS_POLL_EVERY: Duration = Duration::from_millis(5);
+const STATS_QUERY_LIMIT: Duration = Duration::from_secs(1);
+/// One scenario run, set-up and teardown included.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+/// A new round starts only if it should end within this from the first round's start.
+const ROUNDS_BUDGET: Duration = Duration::from_secs(180);
+const DEFAULT_ROUNDS: usize = 3;
+const APT_LIMIT: Duration = Duration::from_secs(150);
+const HAPROXY_COMMAND_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Killed,
+    Hung,
+    BlackHoled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyKind {
+    Switchyard,
+    /// switchyard with `hedge_after`.
+    SwitchyardHedged,
+    Haproxy,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    fault: Fault,
+    proxy: ProxyKind,
+}
+
+const CASES: [Case; 7] = [
+    Case {
+        fault: Fault::Killed,
+        proxy: ProxyKind::Switchyard,
+    },
+    Case {
+        fault: Fault::Killed,
+        proxy: ProxyKind::Haproxy,
+    },
+    Case {
+        fault: Fault::Hung,
+        proxy: ProxyKind::Switchyard,
+    },
+    Case {
+        fault: Fault::Hung,
+        proxy: ProxyKind::Haproxy,
+    },
+    Case {
+        fault: Fault::BlackHoled,
+        proxy: ProxyKind::Switchyard,
+    },
+    Case {
+        fault: Fault::BlackHoled,
+        proxy: ProxyKind::SwitchyardHedged,
+    },
+    Case {
+        fault: Fault::BlackHoled,
+        proxy: ProxyKind::Haproxy,
+    },
+];
+
+/// The HAProxy to compare with.
+#[derive(Debug, Clone)]
+struct Haproxy {
+    binary: PathBuf,
+    /// e.g. "2.6.12".
+    version: String,
+}
+
+/// Who greeted a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    Primary,
+    Backup,
+    Failed(Failure),
+}
+
+/// Why a client got no greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Failure {
+    /// The connect to the proxy failed.
+    Connect,
+    /// The proxy closed (or reset) the connection before a greeting.
+    Closed,
+    /// Nothing within [`CLIENT_TIMEOUT`].
+    Timeout,
+    /// Something else than a greeting.
+    Garbled,
+}
+
+/// What one client saw.
+#[derive(Debug, Clone, Copy)]
+struct ClientRecord {
+    started: Instant,
+    /// When the greeting arrived, or when the client gave up.
+    finished: Instant,
+    served: Served,
+}
+
+/// One run of one case.
+#[derive(Debug, Clone, Default)]
+struct RunResult {
+    detection: Option<Duration>,
+    /// How the proxy explained the detection (event reason or HAProxy's log).
+    detected_by: Option<String>,
+    switch: Option<Duration>,
+    failed: usize,
+    /// Why they failed: (why, how many).
+    failed_why: Vec<(Failure, usize)>,
+    /// Failures of clients that ended before the injection: should be none.
+    failed_before: Vec<(Failure, usize)>,
+    /// Clients started in the window that were served.
+    served: usize,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    max: Option<Duration>,
+    failback: Option<Duration>,
+    failback_failed: usize,
+    /// Printed with the run, e.g. what switchyard did instead of failing back.
+    note: Option<String>,
+}
+
+/// A controllable upstream: serves, hangs, dies, or becomes a black hole, and can serve
+/// again on the same port.
+struct Backend {
+    name: &'static str,
+    addr: SocketAddr,
+    hung: Arc<AtomicBool>,
+    paused: CancellationToken,
+    tasks: JoinSet<()>,
+    /// Connections that fill the accept queue of a black hole.
+    fillers: Vec<TcpStream>,
+}
+
+/// switchyard running in this process, on a runtime of its own (as if it were a process
+/// of its own, like HAProxy).
+struct InProcess {
+    proxy: Proxy,
+    shutdown: Shutdown,
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// An HAProxy child process, killed by its PID on drop.
+struct HaproxyChild {
+    child: Child,
+    addr: SocketAddr,
+    stats_socket: PathBuf,
+    log: PathBuf,
+}
+
+enum RunningProxy {
+    Switchyard(InProcess),
+    Haproxy(HaproxyChild),
+}
+
+/// A directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+fn main() {
+    let started = std::time::Instant::now();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("failover bench: cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::spawn(run())
+            .await
+            .unwrap_or_else(|e| Err(format!("the bench task failed: {e}").into()))
+    });
+    // Upstream accept loops and leftover client tasks end with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => println!("wall time: {:.1} s", started.elapsed().as_secs_f64()),
+        Err(e) => {
+            eprintln!("failover bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run() -> Result<()> {
+    let rounds = rounds_from_env()?;
+    let dir = TempDir::new()?;
+    println!("switchyard failover bench: rounds: {rounds}");
+    let haproxy = haproxy().await;
+    if haproxy.is_none() {
+        println!("running switchyard only");
+    }
+    println!();
+    print_settings(haproxy.as_ref());
+
+    let filter = std::env::var("FAILOVER_BENCH_FILTER").unwrap_or_default();
+    let cases: Vec<Case> = CASES
+        .iter()
+        .copied()
+        .filter(|c| c.proxy != ProxyKind::Haproxy || haproxy.is_some())
+        .filter(|c| case_name(*c, haproxy.as_ref()).contains(filter.as_str()))
+        .collect();
+    let mut results: Vec<(Case, Vec<RunResult>, Vec<String>)> = cases
+        .iter()
+        .map(|&case| (case, Vec::new(), Vec::new()))
+        .collect();
+    let first_round = Instant::now();
+    let mut rounds_done = 0;
+    for round in 0..rounds {
+        if round > 0 {
+            let per_round = first_round.elapsed() / round as u32;
+            if first_round.elapsed() + per_round > ROUNDS_BUDGET {
+                println!(
+                    "stopping after {round} rounds: another would end after the {} s budget",
+                    ROUNDS_BUDGET.as_secs()
+                );
+                break;
+            }
+        }
+        println!("round {}/{rounds}", round + 1);
+        for (n, (case, runs, errors)) in results.iter_mut().enumerate() {
+            let name = case_name(*case, haproxy.as_ref());
+            let run_dir = dir.0.join(format!("round{round}-case{n}"));
+            let outcome = timeout(RUN_LIMIT, run_case(*case, haproxy.as_ref(), &run_dir))
+                .await
+                .unwrap_or_else(|_| Err(format!("did not finish within {RUN_LIMIT:?}").into()));
+            match outcome {
+                Ok(result) => {
+                    println!("  {name}: {}", describe(&result));
+                    runs.push(result);
+                }
+                Err(e) => {
+                    println!("  {name}: FAILED: {e}");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        rounds_done += 1;
+    }
+    println!();
+    print_table(&results, haproxy.as_ref(), rounds_done);
+    Ok(())
+}
+
+fn rounds_from_env() -> Result<usize> {
+    let text = match std::env::var("FAILOVER_BENCH_ROUNDS") {
+        Ok(text) => text,
+        Err(std::env::VarError::NotPresent) => return Ok(DEFAULT_ROUNDS),
+        Err(e) => return Err(format!("FAILOVER_BENCH_ROUNDS: {e}").into()),
+    };
+    match text.trim().parse::<usize>() {
+        Ok(rounds @ 1..=100) => Ok(rounds),
+        _ => Err(format!(
+            "FAILOVER_BENCH_ROUNDS must be a whole number from 1 to 100, not {text:?}"
+        )
+        .into()),
+    }
+}
+
+// === scenario runs ===
+
+/// Starts fresh upstreams and a fresh proxy, injects `case.fault` under a client stream,
+/// then restarts the primary and measures the failback.
+async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<RunResult> {
+    let mut primary = Backend::start("primary").await?;
+    let backup = Backend::start("backup").await?;
+    let proxy = match (case.proxy, haproxy) {
+        (ProxyKind::Switchyard, _) => RunningProxy::Switchyard(InProcess::start(
+            &switchyard_config(&primary.addr.to_string(), &backup.addr.to_string(), None),
+        )?),
+        (ProxyKind::SwitchyardHedged, _) => {
+            RunningProxy::Switchyard(InProcess::start(&switchyard_config(
+                &primary.addr.to_string(),
+                &backup.addr.to_string(),
+                Some(HEDGE_AFTER_MS),
+            ))?)
+        }
+        (ProxyKind::Haproxy, Some(haproxy)) => RunningProxy::Haproxy(
+            HaproxyChild::start(&haproxy.binary, dir, primary.addr, backup.addr).await?,
+        ),
+        (ProxyKind::Haproxy, None) => return Err("HAProxy is not available".into()),
+    };
+    let addr = proxy.addr();
+    wait_served_by(addr, Served::Primary, "the proxy serves from the primary").await?;
+    sleep(SETTLE).await;
+
+    let stop = CancellationToken::new();
+    let stream = tokio::spawn(client_stream(
+        addr,
+        stop.clone(),
+        LEAD_IN + WINDOW * 2,
+        false,
+    ));
+    // A random phase against the proxies' check schedules, which would otherwise be
+    // locked to the start-up and favour one proxy in every round.
+    sleep(LEAD_IN + check_phase()).await;
+    let events_before = proxy.last_event_id();
+    let injected = Instant::now();
+    let injected_unix_ms = unix_ms();
+    let watch_stats = proxy
+        .stats_socket()
+        .map(|socket| tokio::spawn(poll_until_down(socket.to_path_buf(), injected + WINDOW)));
+    match case.fault {
+        Fault::Killed => primary.kill().await,
+        Fault::Hung => primary.hang(),
+        Fault::BlackHoled => primary.black_hole().await?,
+    }
+    sleep_until(injected + WINDOW).await;
+    stop.cancel();
+    let records = stream
+        .await
+        .map_err(|e| format!("client stream task failed: {e}"))?;
+
+    let mut result = RunResult::default();
+    match &proxy {
+        RunningProxy::Switchyard(switchyard) => {
+            if let Some(event) = switchyard
+                .proxy
+                .events
+                .since(events_before)
+                .into_iter()
+                .find(|e| {
+                    e.upstream.as_deref() == Some(primary.name)
+                        && (e.new == "down" || e.new == "ejected")
+                })
+            {
+                result.detection = Some(Duration::from_millis(
+                    event.at_unix_ms.saturating_sub(injected_unix_ms),
+                ));
+                result.detected_by = Some(format!("{}: {}", event.new, event.reason));
+            }
+        }
+        RunningProxy::Haproxy(haproxy) => {
+            if let Some(task) = watch_stats
+                && let Ok(Some(down_at)) = task.await
+            {
+                result.detection = Some(down_at.saturating_duration_since(injected));
+                result.detected_by = haproxy.down_reason();
+            }
+        }
+    }
+    let window_end = injected + WINDOW;
+    let in_window: Vec<&ClientRecord> = records
+        .iter()
+        .filter(|r| r.started >= injected && r.started < window_end)
+        .collect();
+    result.failed_before = failures(records.iter().filter(|r| r.finished < injected));
+    // Clients in flight at the injection count too: the fault hit them.
+    result.failed_why = failures(
+        records
+            .iter()
+            .filter(|r| r.finished >= injected && r.started < window_end),
+    );
+    result.failed = result.failed_why.iter().map(|(_, n)| n).sum();
+    result.switch = in_window
+        .iter()
+        .filter(|r| r.served == Served::Backup)
+        .map(|r| r.finished.saturating_duration_since(injected))
+        .min();
+    let mut latencies: Vec<Duration> = in_window
+        .iter()
+        .filter(|r| !r.served.is_failed())
+        .map(|r| r.finished.saturating_duration_since(r.started))
+        .collect();
+    latencies.sort();
+    result.served = latencies.len();
+    result.p50 = percentile(&latencies, 0.50);
+    result.p99 = percentile(&latencies, 0.99);
+    result.max = latencies.last().copied();
+
+    let events_before_restart = proxy.last_event_id();
+    sleep(check_phase()).await;
+    primary.restart().await?;
+    let restarted = Instant::now();
+    let records = client_stream(addr, CancellationToken::new(), FAILBACK_LIMIT, true).await;
+    result.failback = records
+        .iter()
+        .filter(|r| r.served == Served::Primary)
+        .map(|r| r.finished.saturating_duration_since(restarted))
+        .min();
+    result.failback_failed = records.iter().filter(|r| r.served.is_failed()).count();
+    if result.failback.is_none()
+        && let RunningProxy::Switchyard(switchyard) = &proxy
+    {
+        let events: Vec<String> = switchyard
+            .proxy
+            .events
+            .since(events_before_restart)
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}: {} -> {} ({})",
+                    e.at_unix_ms,
+                    e.upstream.as_deref().unwrap_or("tier"),
+                    e.old,
+                    e.new,
+                    e.reason
+                )
+            })
+            .collect();
+        let failures_in_a_row = switchyard
+            .proxy
+            .snapshot
+            .load()
+            .pool("p")
+            .and_then(|route| {
+                route
+                    .upstreams
+                    .iter()
+                    .find(|u| u.label() == primary.name)
+                    .map(|u| u.stats.connect_failures_in_a_row.load(SeqCst))
+            });
+        result.note = Some(format!(
+            "no failback; the primary's connect failures in a row: {}; switchyard's events \
+             after the restart: [{}]",
+            failures_in_a_row.map_or_else(|| "?".to_string(), |n| n.to_string()),
+            events.join("; ")
+        ));
+    }
+    drop(proxy);
+    Ok(result)
+}
+
+/// Starts a client every [`CLIENT_EVERY`] until `stop`, `limit` or, with
+/// `until_primary`, a client served by the primary; returns once every client finished.
+async fn client_stream(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    limit: Duration,
+    until_primary: bool,
+) -> Vec<ClientRecord> {
+    let end = Instant::now() + limit;
+    let mut clients = JoinSet::new();
+    let mut records = Vec::new();
+    let mut tick = tokio::time::interval(CLIENT_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    'spawn: loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = sleep_until(end) => break,
+            _ = tick.tick() => {
+                clients.spawn(client(addr));
+            }
+        }
+        while let Some(done) = clients.try_join_next() {
+            if let Ok(record) = done {
+                records.push(record);
+                if until_primary && record.served == Served::Primary {
+                    break 'spawn;
+                }
+            }
+        }
+    }
+    // Each client gives up after CLIENT_TIMEOUT, so this ends.
+    while let Some(done) = clients.join_next().await {
+        if let Ok(record) = done {
+            records.push(record);
+        }
+    }
+    records
+}
+
+async fn client(addr: SocketAddr) -> ClientRecord {
+    let started = Instant::now();
+    let served = match timeout(CLIENT_TIMEOUT, greeting(addr)).await {
+        Ok(served) => served,
+        Err(_) => Served::Failed(Failure::Timeout),
+    };
+    ClientRecord {
+        started,
+        finished: Instant::now(),
+        served,
+    }
+}
+
+/// Connects and reads the greeting line.
+async fn greeting(addr: SocketAddr) -> Served {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return Served::Failed(Failure::Connect);
+    };
+    let mut line = Vec::with_capacity(32);
+    let mut buf = [0u8; 64];
+    while !line.contains(&b'\n') {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return Served::Failed(Failure::Closed),
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+        }
+        if line.len() > 64 {
+            return Served::Failed(Failure::Garbled);
+        }
+    }
+    if line.starts_with(b"hello primary\n") {
+        Served::Primary
+    } else if line.starts_with(b"hello backup\n") {
+        Served::Backup
+    } else {
+        Served::Failed(Failure::Garbled)
+    }
+}
+
+/// How many of `records` failed, by why.
+fn failures<'a>(records: impl Iterator<Item = &'a ClientRecord>) -> Vec<(Failure, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    for record in records {
+        if let Served::Failed(why) = record.served {
+            *counts.entry(why).or_insert(0) += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
+fn describe_failures(failures: &[(Failure, usize)]) -> String {
+    failures
+        .iter()
+        .map(|(why, n)| format!("{n} {}", why.label()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Waits until a client through `addr` is greeted by `who`.
+async fn wait_served_by(addr: SocketAddr, who: Served, what: &str) -> Result<()> {
+    let deadline = Instant::now() + READY_LIMIT;
+    loop {
+        if client(addr).await.served == who {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {READY_LIMIT:?} waiting until {what}").into());
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls HAProxy's stats until the primary is down; returns when that was seen.
+async fn poll_until_down(socket: PathBuf, deadline: Instant) -> Option<Instant> {
+    let mut tick = tokio::time::interval(STATS_POLL_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    while Instant::now() < deadline {
+        tick.tick().await;
+        if let Ok(Ok(stats)) = timeout(STATS_QUERY_LIMIT, show_stat(&socket)).await
+            && server_status(&stats, "primary").is_some_and(|s| s.starts_with("DOWN"))
+        {
+            return Some(Instant::now());
+        }
+    }
+    None
+}
+
+/// A random delay within one check interval.
+fn check_phase() -> Duration {
+    Duration::from_micros(fastrand::u64(0..CHECK_INTERVAL_MS * 1000))
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// === configs ===
+
+fn switchyard_config(primary: &str, backup: &str, hedge_after_ms: Option<u64>) -> String {
+    let hedge = hedge_after_ms.map_or_else(|| "off".to_string(), |ms| format!("{ms}ms"));
+    format!(
+        r#"[listeners.front]
+bind = "127.0.0.1:0"
+pool = "p"
+
+[pools.p]
+connect_timeout = "{CONNECT_TIMEOUT_MS}ms"
+connect_attempts = {CONNECT_ATTEMPTS}
+hedge_after = "{hedge}"
+failback = "immediate"
+on_upstream_down = "close"
+upstreams = [
+  {{ name = "primary", address = "{primary}", priority = 0 }},
+  {{ name = "backup", address = "{backup}", priority = 1 }},
+]
+
+[pools.p.health]
+interval = "{CHECK_INTERVAL_MS}ms"
+fast_interval = "{CHECK_FAST_INTERVAL_MS}ms"
+timeout = "{CHECK_TIMEOUT_MS}ms"
+rise = {RISE}
+fall = {FALL}
+send = "PING\r\n"
+expect = "hello"
+
+[pools.p.outlier]
+consecutive_failures = {CONSECUTIVE_FAILURES}
+"#
+    )
+}
+
+/// `option redispatch 1` lets every retry go to another server (the default, -1, only
+/// the last one): the closest to switchyard's "each attempt on a different upstream".
+/// `observe layer4 ... on-error mark-down` is HAProxy's passive check, the counterpart
+/// of `outlier.consecutive_failures`.
+fn haproxy_config(bind: &str, primary: &str, backup: &str, stats_socket: &str) -> String {
+    let retries = CONNECT_ATTEMPTS - 1;
+    format!(
+        r#"global
+    stats socket {stats_socket} mode 600 level admin
+
+defaults
+    mode tcp
+    timeout connect {CONNECT_TIMEOUT_MS}ms
+    timeout client 30s
+    timeout server 30s
+    retries {retries}
+    option redispatch 1
+
+listen front
+    bind {bind}
+    option tcp-check
+    tcp-check connect
+    tcp-check send "PING\r\n"
+    tcp-check expect string hello
+    timeout check {CHECK_TIMEOUT_MS}ms
+    default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_FAST_INTERVAL_MS}ms downinter {CHECK_INTERVAL_MS}ms rise {RISE} fall {FALL} on-marked-down shutdown-sessions observe layer4 error-limit {CONSECUTIVE_FAILURES} on-error mark-down
+    server primary {primary} check
+    server backup {backup} check backup
+"#
+    )
+}
+
+fn print_settings(haproxy: Option<&Haproxy>) {
+    println!("settings");
+    println!(
+        "  clients: a new connection every {} ms from {} s before the injection to {} s after; \
+         no greeting within {} s = failed",
+        CLIENT_EVERY.as_millis(),
+        LEAD_IN.as_secs(),
+        WINDOW.as_secs(),
+        CLIENT_TIMEOUT.as_secs()
+    );
+    println!(
+        "  active checks: every {CHECK_INTERVAL_MS} ms ({CHECK_FAST_INTERVAL_MS} ms while rising \
+         or falling), timeout {CHECK_TIMEOUT_MS} ms, rise {RISE}, fall {FALL}, send \"PING\\r\\n\", \
+         expect \"hello\""
+    );
+    println!(
+        "  connects: timeout {CONNECT_TIMEOUT_MS} ms, {CONNECT_ATTEMPTS} attempts (HAProxy: \
+         retries {}, option redispatch 1)",
+        CONNECT_ATTEMPTS - 1
+    );
+    println!(
+        "  passive: {CONSECUTIVE_FAILURES} failed connects in a row take the upstream out \
+         (switchyard: outlier.consecutive_failures; HAProxy: observe layer4 error-limit \
+         {CONSECUTIVE_FAILURES} on-error mark-down)"
+    );
+    println!(
+        "  failback immediate; connections of a down upstream closed (on_upstream_down = \
+         \"close\" / on-marked-down shutdown-sessions)"
+    );
+    println!(
+        "  \"switchyard hedged\": the same with hedge_after = \"{HEDGE_AFTER_MS}ms\" (HAProxy has \
+         no hedged connects)"
+    );
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    println!(
+        "  switchyard runs in this process on a tokio runtime of its own ({workers} worker \
+         threads, one per CPU like HAProxy's default nbthread); clients and upstreams on \
+         another ({workers})"
+    );
+    println!();
+    println!("switchyard config:");
+    for line in switchyard_config("<primary>", "<backup>", None).lines() {
+        println!("    {line}");
+    }
+    if let Some(haproxy) = haproxy {
+        println!("HAProxy {} config:", haproxy.version);
+        for line in haproxy_config(
+            "127.0.0.1:<port>",
+            "<primary>",
+            "<backup>",
+            "<dir>/admin.sock",
+        )
+        .lines()
+        {
+            println!("    {line}");
+        }
+    }
+    println!();
+}
+
+// === report ===
+
+fn fault_label(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Killed => "killed primary",
+        Fault::Hung => "hung primary",
+        Fault::BlackHoled => "black-holed primary",
+    }
+}
+
+fn proxy_label(proxy: ProxyKind, haproxy: Option<&Haproxy>) -> String {
+    match proxy {
+        ProxyKind::Switchyard => "switchyard".to_string(),
+        ProxyKind::SwitchyardHedged => format!("switchyard hedged {HEDGE_AFTER_MS}ms"),
+        ProxyKind::Haproxy => match haproxy {
+            Some(h) => format!("HAProxy {}", h.version),
+            None => "HAProxy".to_string(),
+        },
+    }
+}
+
+fn case_name(case: Case, haproxy: Option<&Haproxy>) -> String {
+    format!(
+        "{} / {}",
+        fault_label(case.fault),
+        proxy_label(case.proxy, haproxy)
+    )
+}
+
+/// One line for one run.
+fn describe(r: &RunResult) -> String {
+    let mut line = format!(
+        "detection {} ({}), switch {}, failed {}{}, served {}, p50/p99/max {}/{}/{} ms, \
+         failback {} ({} failed)",
+        opt_ms(r.detection),
+        r.detected_by.as_deref().unwrap_or("no down event"),
+        opt_ms(r.switch),
+        r.failed,
+        if r.failed > 0 {
+            format!(" ({})", describe_failures(&r.failed_why))
+        } else {
+            String::new()
+        },
+        r.served,
+        opt_ms(r.p50),
+        opt_ms(r.p99),
+        opt_ms(r.max),
+        opt_ms(r.failback),
+        r.failback_failed,
+    );
+    if let Some(note) = &r.note {
+        line.push_str(&format!("; {note}"));
+    }
+    if !r.failed_before.is_empty() {
+        line.push_str(&format!(
+            "; WARNING: clients failed before the injection: {}",
+            describe_failures(&r.failed_before)
+        ));
+    }
+    line
+}
+
+fn print_table(
+    results: &[(Case, Vec<RunResult>, Vec<String>)],
+    haproxy: Option<&Haproxy>,
+    rounds: usize,
+) {
+    println!(
+        "failover: median of {rounds} round(s); failed = most in one round; times in ms; \
+         window = injection to +{} s",
+        WINDOW.as_secs()
+    );
+    let header = [
+        "scenario",
+        "proxy",
+        "runs",
+        "detection",
+        "switch",
+        "failed",
+        "p50",
+        "p99",
+        "max",
+        "failback",
+        "fb failed",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for (case, runs, errors) in results {
+        let med = |f: fn(&RunResult) -> Option<Duration>| opt_ms(median(runs.iter().filter_map(f)));
+        let failback = if runs.iter().any(|r| r.failback.is_none()) {
+            format!(">{}", FAILBACK_LIMIT.as_millis())
+        } else {
+            med(|r| r.failback)
+        };
+        rows.push(vec![
+            fault_label(case.fault).to_string(),
+            proxy_label(case.proxy, haproxy),
+            format!("{}/{}", runs.len(), runs.len() + errors.len()),
+            med(|r| r.detection),
+            med(|r| r.switch),
+            max_count(runs.iter().map(|r| r.failed)),
+            med(|r| r.p50),
+            med(|r| r.p99),
+            med(|r| r.max),
+            failback,
+            max_count(runs.iter().map(|r| r.failback_failed)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c < 2 {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            } else {
+                line.push_str(&format!("{cell:>w$}  ", w = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+    for (case, _, errors) in results {
+        for e in errors {
+            println!(
+                "error: {} / {}: {e}",
+                fault_label(case.fault),
+                proxy_label(case.proxy, haproxy)
+            );
+        }
+    }
+}
+
+fn median(values: impl Iterator<Item = Duration>) -> Option<Duration> {
+    let mut values: Vec<Duration> = values.collect();
+    values.sort();
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2),
+    }
+}
+
+fn max_count(values: impl Iterator<Item = usize>) -> String {
+    values
+        .max()
+        .map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    let Some(d) = d else {
+        return "-".to_string();
+    };
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}")
+    } else if ms < 100.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
+// === HAProxy installation ===
+
+/// The HAProxy binary, installed from Debian's packages when missing; `None` (with the
+/// reason printed) when it is unavailable.
+async fn haproxy() -> Option<Haproxy> {
+    let binary = match find_haproxy() {
+        Some(binary) => binary,
+        None => {
+            println!("haproxy: not found on PATH");
+            install_haproxy().await?;
+            match find_haproxy() {
+                Some(binary) => binary,
+                None => {
+                    println!("haproxy: still not found after apt-get installed it");
+                    return None;
+                }
+            }
+        }
+    };
+    let output = run_bounded(
+        tokio::process::Command::new(&binary).arg("-vv"),
+        HAPROXY_COMMAND_LIMIT,
+    )
+    .await;
+    let first_line = match output {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        Ok(out) => {
+            println!(
+                "haproxy: `{} -vv` failed ({}): {}",
+                binary.display(),
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 3)
+            );
+            return None;
+        }
+        Err(e) => {
+            println!("haproxy: cannot run `{} -vv`: {e}", binary.display());
+            return None;
+        }
+    };
+    // "HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/"
+    let version = first_line
+        .split_whitespace()
+        .nth(2)
+        .map(|v| v.split('-').next().unwrap_or(v).to_string())
+        .unwrap_or_else(|| "?".to_string());
+    println!("haproxy: {} ({first_line})", binary.display());
+    Some(Haproxy { binary, version })
+}
+
+fn find_haproxy() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join("haproxy"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// `apt-get install -y haproxy`, then `apt-get update` and again if that failed.
+async fn install_haproxy() -> Option<()> {
+    if !is_root() {
+        println!("haproxy: cannot install it with apt-get: not running as root");
+        return None;
+    }
+    let install = || {
+        let mut command = tokio::process::Command::new("apt-get");
+        command
+            .args(["install", "-y", "haproxy"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    println!("haproxy: running `apt-get install -y haproxy`");
+    if apt_get(&mut install()).await {
+        return Some(());
+    }
+    println!("haproxy: running `apt-get update`, then installing again");
+    let mut update = tokio::process::Command::new("apt-get");
+    update
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    if !apt_get(&mut update).await {
+        return None;
+    }
+    apt_get(&mut install()).await.then_some(())
+}
+
+/// Runs one apt-get command; prints its outcome.
+async fn apt_get(command: &mut tokio::process::Command) -> bool {
+    match run_bounded(command, APT_LIMIT).await {
+        Ok(out) if out.status.success() => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let summary = stdout
+                .lines()
+                .find(|l| l.contains("newly installed"))
+                .or_else(|| stdout.lines().last())
+                .unwrap_or_default();
+            println!("  apt-get: ok: {summary}");
+            true
+        }
+        Ok(out) => {
+            println!(
+                "  apt-get failed ({}): {}",
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 3)
+            );
+            false
+        }
+        Err(e) => {
+            println!("  apt-get: {e}");
+            false
+        }
+    }
+}
+
+/// Runs `command` to completion, capturing its output; kills it (by PID, on drop) when
+/// it exceeds `limit`.
+async fn run_bounded(
+    command: &mut tokio::process::Command,
+    limit: Duration,
+) -> Result<std::process::Output> {
+    let child = command.stdin(Stdio::null()).kill_on_drop(true).output();
+    match timeout(limit, child).await {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(e)) => Err(format!("cannot run {command:?}: {e}").into()),
+        Err(_) => Err(format!("{command:?} did not finish within {limit:?}; killed it").into()),
+    }
+}
+
+fn is_root() -> bool {
+    // "Uid:\treal\teffective\tsaved\tfs"
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+// === impl Served ===
+
+impl Served {
+    fn is_failed(self) -> bool {
+        matches!(self, Self::Failed(_))
+    }
+}
+
+impl Failure {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect failed",
+            Self::Closed => "closed",
+            Self::Timeout => "timed out",
+            Self::Garbled => "garbled",
+        }
+    }
+}
+
+// === impl Backend ===
+
+impl Backend {
+    async fn start(name: &'static str) -> Result<Self> {
+        let mut backend = Self {
+            name,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            hung: Arc::default(),
+            paused: CancellationToken::new(),
+            tasks: JoinSet::new(),
+            fillers: Vec::new(),
+        };
+        backend.restart().await?;
+        Ok(backend)
+    }
+
+    /// Listens again on the same address (a fresh port the first time) and serves.
+    async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        let listener = Self::listen(self.addr)
+            .map_err(|e| format!("upstream {} cannot listen on {}: {e}", self.name, self.addr))?;
+        self.addr = listener.local_addr()?;
+        self.hung.store(false, SeqCst);
+        self.paused = CancellationToken::new();
+        let listener = TcpListener::from_std(listener)?;
+        let (name, hung, paused) = (self.name, self.hung.clone(), self.paused.clone());
+        self.tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    () = paused.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            connections.spawn(Self::handle(stream, name, hung.clone()));
+                        }
+                        Err(_) => sleep(Duration::from_millis(1)).await,
+                    },
+                }
+                while connections.try_join_next().is_some() {}
+            }
+            // A black hole: the listener stays open but nobody accepts, so the kernel
+            // queues connections until the queue is full and then drops SYNs; the
+            // established connections stay open and silent.
+            std::future::pending::<()>().await;
+            drop((listener, connections));
+        });
+        Ok(())
+    }
+
+    fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(UPSTREAM_BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    }
+
+    async fn handle(mut stream: TcpStream, name: &'static str, hung: Arc<AtomicBool>) {
+        if hung.load(SeqCst) {
+            return std::future::pending().await;
+        }
+        if stream
+            .write_all(format!("hello {name}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if hung.load(SeqCst) {
+                return std::future::pending().await;
+            }
+            if stream.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Closes the listener and every connection, like a process that died.
+    async fn kill(&mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.fillers.clear();
+    }
+
+    /// New and established connections stop being answered.
+    fn hang(&self) {
+        self.hung.store(true, SeqCst);
+    }
+
+    /// Stops accepting (established connections go silent) and fills the accept queue,
+    /// so that new SYNs are dropped.
+    async fn black_hole(&mut self) -> Result<()> {
+        self.hang();
+        self.paused.cancel();
+        for _ in 0..4 * UPSTREAM_BACKLOG {
+            match timeout(FILL_PROBE_TIMEOUT, TcpStream::connect(self.addr)).await {
+                Ok(Ok(stream)) => self.fillers.push(stream),
+                Ok(Err(e)) => return Err(format!("black hole: connect to the primary: {e}").into()),
+                // Not even the handshake: the queue is full.
+                Err(_) => return Ok(()),
+            }
+        }
+        Err(format!(
+            "black hole: the primary's accept queue still takes connections after {}",
+            self.fillers.len()
+        )
+        .into())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+// === impl RunningProxy ===
+
+impl RunningProxy {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Switchyard(s) => s.addr,
+            Self::Haproxy(h) => h.addr,
+        }
+    }
+
+    /// The newest event's id (switchyard); 0 for HAProxy.
+    fn last_event_id(&self) -> u64 {
+        match self {
+            Self::Switchyard(s) => s.proxy.events.all().last().map_or(0, |e| e.id),
+            Self::Haproxy(_) => 0,
+        }
+    }
+
+    fn stats_socket(&self) -> Option<&Path> {
+        match self {
+            Self::Switchyard(_) => None,
+            Self::Haproxy(h) => Some(&h.stats_socket),
+        }
+    }
+}
+
+// === impl InProcess ===
+
+impl InProcess {
+    fn start(config_text: &str) -> Result<Self> {
+        let config = Config::parse(config_text, Path::new("bench.toml"))
+            .map_err(|e| format!("the bench's switchyard config is invalid: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("switchyard")
+            .build()?;
+        let (proxy, shutdown) = {
+            let _context = runtime.enter();
+            let listeners = switchyard::bind_all(&config)?;
+            let shutdown = Shutdown::new();
+            (Proxy::start(&config, listeners, &shutdown), shutdown)
+        };
+        let addr = proxy
+            .listener("front")
+            .and_then(|l| l.addrs.first().copied())
+            .ok_or("switchyard has no address for listener \"front\"")?;
+        Ok(Self {
+            proxy,
+            shutdown,
+            addr,
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.begin();
+        if let Some(runtime) = self.runtime.take() {
+            // Dropping a runtime would block, which an async context must not do.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+// === impl HaproxyChild ===
+
+impl HaproxyChild {
+    /// Writes the config into `dir`, validates it (`haproxy -c`), starts HAProxy in the
+    /// foreground and waits until both servers are up.
+    async fn start(
+        binary: &Path,
+        dir: &Path,
+        primary: SocketAddr,
+        backup: SocketAddr,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        // HAProxy needs a concrete port: take a free one from the kernel.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stats_socket = dir.join("admin.sock");
+        let config_path = dir.join("haproxy.cfg");
+        std::fs::write(
+            &config_path,
+            haproxy_config(
+                &addr.to_string(),
+                &primary.to_string(),
+                &backup.to_string(),
+                &stats_socket.display().to_string(),
+            ),
+        )?;
+        let check = run_bounded(
+            tokio::process::Command::new(binary)
+                .arg("-c")
+                .arg("-f")
+                .arg(&config_path),
+            HAPROXY_COMMAND_LIMIT,
+        )
+        .await?;
+        if !check.status.success() {
+            return Err(format!(
+                "`haproxy -c` rejects the config ({}): {} {}",
+                check.status,
+                String::from_utf8_lossy(&check.stdout).trim(),
+                String::from_utf8_lossy(&check.stderr).trim()
+            )
+            .into());
+        }
+        let log = dir.join("haproxy.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(binary)
+            .arg("-f")
+            .arg(&config_path)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut haproxy = Self {
+            child,
+            addr,
+            stats_socket,
+            log,
+        };
+        haproxy.wait_ready().await?;
+        Ok(haproxy)
+    }
+
+    /// Both servers `UP` in `show stat`.
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!("haproxy exited ({status}): {}", self.log_tail()).into());
+            }
+            if let Ok(Ok(stats)) = timeout(STATS_QUERY_LIMIT, show_stat(&self.stats_socket)).await
+                && server_status(&stats, "primary").as_deref() == Some("UP")
+                && server_status(&stats, "backup").as_deref() == Some("UP")
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "haproxy's servers not both UP after {READY_LIMIT:?}: {}",
+                    self.log_tail()
+                )
+                .into());
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The reason of the last "primary is DOWN" warning in HAProxy's log.
+    fn down_reason(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let line = log.lines().rev().find(|l| l.contains("/primary is DOWN"))?;
+        let reason = line.split("reason: ").nth(1)?;
+        Some(format!(
+            "DOWN: {}",
+            reason.split(", info").next().unwrap_or(reason)
+        ))
+    }
+
+    fn log_tail(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .map(|log| last_lines(&log, 5))
+            .unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+}
+
+impl Drop for HaproxyChild {
+    fn drop(&mut self) {
+        // Child::kill sends SIGKILL to this child's PID only.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `show stat` over HAProxy's stats socket: its CSV text.
+async fn show_stat(socket: &Path) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(socket).await?;
+    stream.write_all(b"show stat\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+/// The `status` column of server `name` of proxy `front` in `show stat` output.
+fn server_status(csv: &str, name: &str) -> Option<String> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let column = |key: &str| header.iter().position(|h| *h == key);
+    let (proxy, server, status) = (column("pxname")?, column("svname")?, column("status")?);
+    lines
+        .map(|l| l.split(',').collect::<Vec<&str>>())
+        .find(|f| f.get(proxy) == Some(&"front") && f.get(server) == Some(&name))
+        .and_then(|f| f.get(status).map(|s| s.to_string()))
+}
+
+// === impl TempDir ===
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("switchyard-failover-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -328,6 +328,12 @@ impl Controller {
                     slot.shown_reason = "first check passed".to_string();
                 }
                 slot.last_check = Some((unix_ms(), result));
+                if result.is_ok() {
+                    // A passing check proves it reachable: failures counted on real
+                    // traffic before it (some may land long after an ejection, from
+                    // attempts that were still in flight) no longer demote it.
+                    stats.connect_failures_in_a_row.store(0, Relaxed);
+                }
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);
                 slot.reason = Some(match (result, slot.state.state(now)) {

@@ -739,3 +739,40 @@ async fn drain_after_failback_closes_lower_tier_connections_gradually() {
         "{early} of 64 closed in the first half: not spread evenly (first at {first:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2, base_ejection = \"1s\" }",
+        FAST_HEALTH,
+    ));
+    let addr = proxy.addr("front");
+    wait_until(SOON, "first checks", || {
+        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
+            .stats
+            .checks_passed
+            .load(Relaxed)
+            > 0
+    })
+    .await;
+    primary.black_hole().await;
+    // Many clients at once: plenty of attempts are still in flight when it is ejected,
+    // and their failures arrive afterwards.
+    let mut clients = JoinSet::new();
+    for _ in 0..50 {
+        clients.spawn(greeted_by(addr));
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(served.unwrap().unwrap(), "backup");
+    }
+    primary.restart().await;
+    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
+    assert_eq!(
+        greeted_by(addr).await.unwrap(),
+        "primary",
+        "clients go to the recovered primary"
+    );
+}
