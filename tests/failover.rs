@@ -87,14 +87,7 @@ async fn killed_primary_under_steady_load_no_new_connection_fails_and_backup_str
         FAST_HEALTH,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
 
     // Ten streams on the backup (primary drained meanwhile), ten on the primary.
     let stop_streams = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -176,14 +169,7 @@ async fn hung_primary_is_marked_down_within_half_a_second_then_clients_go_to_the
         FAST_HEALTH,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     assert_eq!(greeted_by(addr).await.unwrap(), "primary");
 
     let hung_at = unix_ms();
@@ -212,14 +198,7 @@ async fn black_holed_primary_costs_at_most_two_clients_a_connect_timeout() {
         health,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     primary.black_hole().await;
 
     let mut latencies = Vec::new();
@@ -257,14 +236,7 @@ async fn black_holed_primary_under_a_steady_stream_fails_no_client() {
         health,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     primary.black_hole().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients = steady_stream(addr, Duration::from_millis(2), stop.clone());
@@ -286,14 +258,7 @@ async fn black_holed_primary_with_hedging_no_client_waits_much_more_than_hedge_a
         health,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     primary.black_hole().await;
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
@@ -497,18 +462,7 @@ async fn min_usable_two_with_one_of_three_primaries_up_uses_the_backup_tier() {
         FAST_HEALTH,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy
-            .proxy
-            .snapshot
-            .load()
-            .pool("p")
-            .unwrap()
-            .upstreams
-            .iter()
-            .all(|u| u.stats.checks_passed.load(Relaxed) > 0)
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     a.kill().await;
     wait_event(&proxy, "a", "down", SOON).await;
     assert_eq!(
@@ -565,14 +519,7 @@ async fn a_failed_attempt_on_real_traffic_triggers_an_immediate_check() {
         "",
         health,
     ));
-    wait_until(SOON, "first check", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     primary.kill().await;
     let killed = unix_ms();
     assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "backup");
@@ -750,14 +697,7 @@ async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
         FAST_HEALTH,
     ));
     let addr = proxy.addr("front");
-    wait_until(SOON, "first checks", || {
-        proxy.proxy.snapshot.load().pool("p").unwrap().upstreams[0]
-            .stats
-            .checks_passed
-            .load(Relaxed)
-            > 0
-    })
-    .await;
+    wait_first_checks(&proxy).await;
     primary.black_hole().await;
     // Many clients at once: plenty of attempts are still in flight when it is ejected,
     // and their failures arrive afterwards.

@@ -670,3 +670,23 @@ pub fn upstream_status<'a>(
         .iter()
         .find(|u| u["name"] == name)
 }
+
+/// Waits until every upstream of pool `p` passed its first active check.
+pub async fn wait_first_checks(proxy: &TestProxy) {
+    let route = proxy
+        .proxy
+        .snapshot
+        .load()
+        .pool("p")
+        .expect("pool p")
+        .clone();
+    wait_until(SOON, "first checks passed", || {
+        route.upstreams.iter().all(|u| {
+            u.stats
+                .checks_passed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        })
+    })
+    .await;
+}
