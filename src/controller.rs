@@ -328,12 +328,6 @@ impl Controller {
                     slot.shown_reason = "first check passed".to_string();
                 }
                 slot.last_check = Some((unix_ms(), result));
-                if result.is_ok() {
-                    // A passing check proves it reachable: failures counted on real
-                    // traffic before it (some may land long after an ejection, from
-                    // attempts that were still in flight) no longer demote it.
-                    stats.connect_failures_in_a_row.store(0, Relaxed);
-                }
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);
                 slot.reason = Some(match (result, slot.state.state(now)) {
@@ -495,6 +489,15 @@ impl Controller {
                 );
                 slot.shown_reason = reason;
                 slot.since_unix_ms = unix_ms();
+                if new == State::Up {
+                    // Usable again: failures counted before (some land long after an
+                    // ejection, from attempts that were still in flight) must not keep
+                    // it last in attempt orders, where nothing would ever reset them.
+                    slot.upstream
+                        .stats
+                        .connect_failures_in_a_row
+                        .store(0, Relaxed);
+                }
                 let close = new == State::Maint
                     || (new == State::Down
                         && pool.config.on_upstream_down == OnUpstreamDown::Close);
