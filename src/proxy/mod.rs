@@ -7,6 +7,7 @@
 pub mod connect;
 pub mod copy;
 pub mod listener;
+pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -120,6 +121,7 @@ pub(crate) async fn serve(
                 listener: &context.stats.bytes_out,
                 upstream: &upstream.stats.bytes_received,
             },
+            true,
             async {
                 tokio::select! {
                     _ = shutdown.force_closed() => {}
