@@ -61,6 +61,7 @@ impl Proxy {
             listeners,
             snapshot.clone(),
             shutdown.clone(),
+            config.runtime.worker_threads,
         ));
         Self {
             snapshot,
@@ -80,7 +81,11 @@ impl Proxy {
 
 /// Binds every listener of `config`, in order; the first failure is returned.
 pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError> {
-    config.listeners.iter().map(BoundListener::bind).collect()
+    config
+        .listeners
+        .iter()
+        .map(|l| BoundListener::bind(l, config.runtime.worker_threads))
+        .collect()
 }
 
 /// Everything a running instance consists of.

@@ -56,6 +56,7 @@ pub struct ListenerSet {
     running: Mutex<Vec<RunningListener>>,
     snapshot: SharedSnapshot,
     shutdown: Shutdown,
+    sockets_per_address: usize,
 }
 
 #[derive(Debug)]
@@ -91,14 +92,17 @@ pub struct ListenerView {
 // === impl BoundListener ===
 
 impl BoundListener {
-    /// Binds every address of `config`; the first failure is returned and the sockets
-    /// bound so far are closed. Needs a running tokio runtime.
-    pub fn bind(config: &ListenerConfig) -> Result<Self, StartError> {
-        let sockets = config
-            .binds
-            .iter()
-            .map(|&addr| bind_one(config, addr).map(|l| (addr, Arc::new(l))))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Binds every address of `config`, `sockets_per_address` times with
+    /// `SO_REUSEPORT` so that the kernel spreads new connections over one accept loop per
+    /// worker thread; the first failure is returned and the sockets bound so far are
+    /// closed. Needs a running tokio runtime.
+    pub fn bind(config: &ListenerConfig, sockets_per_address: usize) -> Result<Self, StartError> {
+        let mut sockets = Vec::new();
+        for &addr in &config.binds {
+            for socket in bind_address(config, addr, sockets_per_address)? {
+                sockets.push((addr, socket));
+            }
+        }
         Ok(Self {
             config: config.clone(),
             sockets,
@@ -114,18 +118,34 @@ impl BoundListener {
     }
 }
 
-fn bind_one(config: &ListenerConfig, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    bind_socket(addr, config.backlog).map_err(|source| StartError::Bind {
-        listener: config.name.clone(),
-        addr,
-        source,
-    })
+/// One socket per accept loop for `addr`; port 0 gets one socket, since each
+/// `SO_REUSEPORT` sibling would be given a port of its own.
+fn bind_address(
+    config: &ListenerConfig,
+    addr: SocketAddr,
+    sockets: usize,
+) -> Result<Vec<Arc<TcpListener>>, StartError> {
+    let count = if addr.port() == 0 { 1 } else { sockets.max(1) };
+    (0..count)
+        .map(|_| {
+            bind_socket(addr, config.backlog, count > 1)
+                .map(Arc::new)
+                .map_err(|source| StartError::Bind {
+                    listener: config.name.clone(),
+                    addr,
+                    source,
+                })
+        })
+        .collect()
 }
 
-fn bind_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+fn bind_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Restarting must not wait for TIME_WAIT sockets of the previous process.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // `[::]` and `0.0.0.0` are separate binds in our config; without v6-only the
         // second one would fail with "address in use".
@@ -204,12 +224,19 @@ fn permits(max: Option<NonZeroUsize>) -> usize {
 // === impl ListenerSet ===
 
 impl ListenerSet {
-    /// Starts accepting on every socket of `bound`.
-    pub fn start(bound: Vec<BoundListener>, snapshot: SharedSnapshot, shutdown: Shutdown) -> Self {
+    /// Starts accepting on every socket of `bound`. A reload binds each new address
+    /// `sockets_per_address` times, like the start did.
+    pub fn start(
+        bound: Vec<BoundListener>,
+        snapshot: SharedSnapshot,
+        shutdown: Shutdown,
+        sockets_per_address: usize,
+    ) -> Self {
         let set = Self {
             running: Mutex::new(Vec::new()),
             snapshot,
             shutdown,
+            sockets_per_address,
         };
         set.apply(PreparedListeners { listeners: bound });
         set
@@ -234,22 +261,24 @@ impl ListenerSet {
     /// socket of each address that is already bound and binding the others. Nothing
     /// running changes; on error the sockets bound here are closed again.
     pub fn prepare(&self, config: &Config) -> Result<PreparedListeners, StartError> {
-        let existing: HashMap<SocketAddr, Arc<TcpListener>> = self
-            .lock()
-            .iter()
-            .flat_map(|l| l.sockets.iter())
-            .filter(|s| s.bind.port() != 0)
-            .map(|s| (s.bind, s.listener.clone()))
-            .collect();
+        let mut existing: HashMap<SocketAddr, Vec<Arc<TcpListener>>> = HashMap::new();
+        for socket in self.lock().iter().flat_map(|l| l.sockets.iter()) {
+            if socket.bind.port() != 0 {
+                existing
+                    .entry(socket.bind)
+                    .or_default()
+                    .push(socket.listener.clone());
+            }
+        }
         let mut listeners = Vec::new();
         for config in &config.listeners {
             let mut sockets = Vec::new();
             for &addr in &config.binds {
-                let socket = match existing.get(&addr) {
-                    Some(socket) => socket.clone(),
-                    None => Arc::new(bind_one(config, addr)?),
+                let bound = match existing.get(&addr) {
+                    Some(running) => running.clone(),
+                    None => bind_address(config, addr, self.sockets_per_address)?,
                 };
-                sockets.push((addr, socket));
+                sockets.extend(bound.into_iter().map(|socket| (addr, socket)));
             }
             listeners.push(BoundListener {
                 config: config.clone(),
