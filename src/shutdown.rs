@@ -38,6 +38,10 @@ impl Shutdown {
         self.stop_accepting.cancelled().await;
     }
 
+    pub fn is_force_closed(&self) -> bool {
+        self.force_close.is_cancelled()
+    }
+
     /// Resolves when established connections must close now.
     pub async fn force_closed(&self) {
         self.force_close.cancelled().await;

@@ -716,3 +716,30 @@ async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
         "clients go to the recovered primary"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
+    let primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    ));
+    wait_first_checks(&proxy).await;
+    primary.hang();
+    // Connected to the hung primary, waiting for its greeting: nothing has flowed yet.
+    let mut clients = JoinSet::new();
+    for _ in 0..20 {
+        clients.spawn(greeted_by(proxy.addr("front")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(served.unwrap().expect("no client saw an error"), "backup");
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert!(
+        route.upstreams[0].stats.connections_total.load(Relaxed) > 0,
+        "some clients did start on the hung primary"
+    );
+}

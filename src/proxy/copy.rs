@@ -87,12 +87,12 @@ enum Burst {
 struct Buffer(Option<Box<[u8]>>);
 
 /// Copies until both directions are done, an error, the idle deadline or `closed`
-/// resolves. Both streams are dropped (closed) on return. `zero_copy` allows the splice
-/// path (plain TCP on both sides).
+/// resolves; the caller closes the streams. `zero_copy` allows the splice path (plain
+/// TCP on both sides).
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_bidirectional(
-    client: TcpStream,
-    upstream: TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     idle_timeout: Option<Duration>,
     inbound: Counters<'_>,
     outbound: Counters<'_>,
@@ -104,16 +104,16 @@ pub async fn copy_bidirectional(
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let to_upstream = Direction {
-        from: &client,
-        to: &upstream,
+        from: client,
+        to: upstream,
         counters: inbound,
         total: &sent,
         last_activity: &last_activity,
         started,
     };
     let to_client = Direction {
-        from: &upstream,
-        to: &client,
+        from: upstream,
+        to: client,
         counters: outbound,
         total: &received,
         last_activity: &last_activity,

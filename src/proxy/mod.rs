@@ -10,6 +10,7 @@ pub mod listener;
 pub mod splice;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -22,8 +23,10 @@ use tracing::{Instrument, debug, info};
 use crate::metrics::ConnectFailure;
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
-use copy::Counters;
+use crate::snapshot::Upstream;
+use copy::{CopyEnd, Counters};
 use listener::ListenerContext;
+use tokio_util::sync::CancellationToken;
 
 /// Decrements a gauge when the connection ends, however it ends.
 struct Active<'a>(&'a AtomicU64);
@@ -55,91 +58,142 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
-        let route = context.snapshot.load().route_for_listener(&context.name).cloned();
-        let Some(route) = route else {
-            // Only for a connection accepted just before a reload removed its listener.
-            context.stats.connections_failed.fetch_add(1, Relaxed);
-            return;
-        };
-        let order = attempt_order(&route, peer.ip());
-        if order.is_empty() {
-            context.stats.rejected_no_upstream.fetch_add(1, Relaxed);
-            debug!("no usable upstream and when_all_down = reject; closing client");
-            return;
-        }
-        let connect_started = tokio::time::Instant::now();
-        let mut remaining = order.as_slice();
-        let (upstream_stream, index) = loop {
-            let connected = tokio::select! {
-                connected = connect::connect(&route, remaining) => connected,
-                _ = shutdown.force_closed() => return,
+        loop {
+            let Some(link) = connect_client(&client, peer, context, shutdown).await else {
+                return;
             };
-            let connected = match connected {
-                Ok(connected) => connected,
-                Err(e) => {
-                    context.stats.connections_failed.fetch_add(1, Relaxed);
-                    info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
-                    return;
-                }
-            };
-            let guard = route.config.connect_timeout;
-            if !upstream_gone_first(&client, &connected.stream, guard).await {
-                route.feedback.connect_succeeded(&route.upstreams[connected.upstream]);
-                route.stats.connect_seconds.observe(connect_started.elapsed());
-                break (connected.stream, connected.upstream);
-            }
-            // Accepted and closed before a byte flowed either way (a server dying with
-            // connections in its accept queue): a failed attempt, invisible to the client.
-            let failed = &route.upstreams[connected.upstream];
-            route.feedback.connect_failed(failed, ConnectFailure::Reset);
-            debug!(upstream = failed.label(), "upstream closed before any byte; trying the next");
-            remaining = &remaining[connected.attempts..];
-            if remaining.is_empty() {
-                context.stats.connections_failed.fetch_add(1, Relaxed);
-                info!(pool = %route.config.name, "client closed: every upstream closed the connection at once");
+            let upstream = &link.upstream;
+            tracing::Span::current().record("upstream", upstream.label());
+            upstream.stats.connections_total.fetch_add(1, Relaxed);
+            let _upstream_active = Active::enter(&upstream.stats.connections_active);
+            let outcome = copy::copy_bidirectional(
+                &client,
+                &link.stream,
+                link.idle_timeout,
+                Counters {
+                    listener: &context.stats.bytes_in,
+                    upstream: &upstream.stats.bytes_sent,
+                },
+                Counters {
+                    listener: &context.stats.bytes_out,
+                    upstream: &upstream.stats.bytes_received,
+                },
+                true,
+                async {
+                    tokio::select! {
+                        _ = shutdown.force_closed() => {}
+                        _ = link.close.cancelled() => {}
+                    }
+                },
+            )
+            .await;
+            debug!(
+                upstream = upstream.label(),
+                end = ?outcome.end,
+                sent = outcome.client_to_upstream,
+                received = outcome.upstream_to_client,
+                "upstream connection closed"
+            );
+            // Closed because its upstream was marked down before a byte flowed either
+            // way (a hung server that accepts and never answers): nothing was lost, so
+            // the client moves to another upstream instead of seeing an error.
+            let silent = outcome.client_to_upstream == 0 && outcome.upstream_to_client == 0;
+            let moved_by_failover = outcome.end == CopyEnd::Closed
+                && link.close.is_cancelled()
+                && !shutdown.is_force_closed();
+            if !(silent && moved_by_failover) {
                 return;
             }
-        };
-        let upstream = route.upstreams[index].clone();
-        let close = route.closers[index].token();
-        let idle_timeout = route.config.idle_timeout;
-        connect::tune(&client, route.config.tcp_keepalive);
-        drop(route);
-
-        tracing::Span::current().record("upstream", upstream.label());
-        upstream.stats.connections_total.fetch_add(1, Relaxed);
-        let _upstream_active = Active::enter(&upstream.stats.connections_active);
-        let outcome = copy::copy_bidirectional(
-            client,
-            upstream_stream,
-            idle_timeout,
-            Counters {
-                listener: &context.stats.bytes_in,
-                upstream: &upstream.stats.bytes_sent,
-            },
-            Counters {
-                listener: &context.stats.bytes_out,
-                upstream: &upstream.stats.bytes_received,
-            },
-            true,
-            async {
-                tokio::select! {
-                    _ = shutdown.force_closed() => {}
-                    _ = close.cancelled() => {}
-                }
-            },
-        )
-        .await;
-        debug!(
-            upstream = upstream.label(),
-            end = ?outcome.end,
-            sent = outcome.client_to_upstream,
-            received = outcome.upstream_to_client,
-            "connection closed"
-        );
+            debug!(
+                upstream = upstream.label(),
+                "upstream went down before any byte; reconnecting the client"
+            );
+        }
     }
     .instrument(span)
     .await
+}
+
+/// A client's connection to one upstream, and what its copy needs.
+struct Link {
+    stream: TcpStream,
+    upstream: Arc<Upstream>,
+    /// Cancelled when the upstream's connections must close (down, maint, drain).
+    close: CancellationToken,
+    idle_timeout: Option<Duration>,
+}
+
+/// Routes and connects one client: attempts in the pool's order, each failure counted
+/// against its upstream and invisible to the client. `None` when the client must be
+/// closed (nothing usable, every attempt failed, or shutdown).
+async fn connect_client(
+    client: &TcpStream,
+    peer: SocketAddr,
+    context: &ListenerContext,
+    shutdown: &Shutdown,
+) -> Option<Link> {
+    let route = context
+        .snapshot
+        .load()
+        .route_for_listener(&context.name)
+        .cloned();
+    let Some(route) = route else {
+        // Only for a connection accepted just before a reload removed its listener.
+        context.stats.connections_failed.fetch_add(1, Relaxed);
+        return None;
+    };
+    let order = attempt_order(&route, peer.ip());
+    if order.is_empty() {
+        context.stats.rejected_no_upstream.fetch_add(1, Relaxed);
+        debug!("no usable upstream and when_all_down = reject; closing client");
+        return None;
+    }
+    connect::tune(client, route.config.tcp_keepalive);
+    let connect_started = tokio::time::Instant::now();
+    let mut remaining = order.as_slice();
+    loop {
+        let connected = tokio::select! {
+            connected = connect::connect(&route, remaining) => connected,
+            _ = shutdown.force_closed() => return None,
+        };
+        let connected = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                context.stats.connections_failed.fetch_add(1, Relaxed);
+                info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                return None;
+            }
+        };
+        let index = connected.upstream;
+        if !upstream_gone_first(client, &connected.stream, route.config.connect_timeout).await {
+            route.feedback.connect_succeeded(&route.upstreams[index]);
+            route
+                .stats
+                .connect_seconds
+                .observe(connect_started.elapsed());
+            // The route is dropped here: a connection open for hours must not pin it.
+            return Some(Link {
+                stream: connected.stream,
+                upstream: route.upstreams[index].clone(),
+                close: route.closers[index].token(),
+                idle_timeout: route.config.idle_timeout,
+            });
+        }
+        // Accepted and closed before a byte flowed either way (a server dying with
+        // connections in its accept queue): a failed attempt, invisible to the client.
+        let failed = &route.upstreams[index];
+        route.feedback.connect_failed(failed, ConnectFailure::Reset);
+        debug!(
+            upstream = failed.label(),
+            "upstream closed before any byte; trying the next"
+        );
+        remaining = &remaining[connected.attempts..];
+        if remaining.is_empty() {
+            context.stats.connections_failed.fetch_add(1, Relaxed);
+            info!(pool = %route.config.name, "client closed: every upstream closed the connection at once");
+            return None;
+        }
+    }
 }
 
 /// Waits, at most `window`, for the first sign of life after connecting. True when the
