@@ -84,7 +84,10 @@ pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError
     config
         .listeners
         .iter()
-        .map(|l| BoundListener::bind(l, config.runtime.worker_threads))
+        .map(|l| {
+            let keepalive = proxy::listener::pool_keepalive(config, l);
+            BoundListener::bind(l, config.runtime.worker_threads, keepalive)
+        })
         .collect()
 }
 

@@ -194,16 +194,37 @@ impl Direction<'_> {
     async fn copy_burst(&self, full_reads: &mut u32) -> io::Result<Burst> {
         let mut buffer = Buffer::take();
         let buf = buffer.as_mut();
+        let fd = self.from.as_raw_fd();
         loop {
-            let n = match self.from.try_read(buf) {
-                Ok(0) => return Ok(Burst::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-                Err(e) => return Err(e),
+            // A short read almost always means the socket is drained: report it to tokio
+            // as "would block" so its readiness is cleared now, saving the extra read
+            // that would only find nothing. Tokio keeps the readiness if an event
+            // arrived meanwhile, so no data is ever left unnoticed.
+            let mut short = None;
+            let read = self.from.try_io(Interest::READABLE, || {
+                let n = splice::recv(fd, buf)?;
+                if n > 0 && n < buf.len() {
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            let n = match (read, short) {
+                (Ok(0), _) => return Ok(Burst::Eof),
+                (Ok(n), _) => n,
+                (Err(_), Some(n)) => n,
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Burst::Drained);
+                }
+                (Err(e), None) => return Err(e),
             };
             self.mark_activity();
             write_all(self.to, &buf[..n]).await?;
             self.count(n as u64);
+            if short.is_some() {
+                *full_reads = 0;
+                return Ok(Burst::Drained);
+            }
             if n == buf.len() {
                 *full_reads += 1;
                 if *full_reads >= SPLICE_AFTER_FULL_READS {

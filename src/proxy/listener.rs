@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
 pub struct BoundListener {
     pub config: ListenerConfig,
     pub sockets: Vec<(SocketAddr, Arc<TcpListener>)>,
+    /// The keepalive of the listener's pool, set on the listening sockets so that
+    /// accepted connections inherit it (and `TCP_NODELAY`) without a syscall each.
+    pub keepalive: Option<Duration>,
 }
 
 /// What every connection of one listener shares. Lives as long as the listener's name
@@ -96,7 +99,11 @@ impl BoundListener {
     /// `SO_REUSEPORT` so that the kernel spreads new connections over one accept loop per
     /// worker thread; the first failure is returned and the sockets bound so far are
     /// closed. Needs a running tokio runtime.
-    pub fn bind(config: &ListenerConfig, sockets_per_address: usize) -> Result<Self, StartError> {
+    pub fn bind(
+        config: &ListenerConfig,
+        sockets_per_address: usize,
+        keepalive: Option<Duration>,
+    ) -> Result<Self, StartError> {
         let mut sockets = Vec::new();
         for &addr in &config.binds {
             for socket in bind_address(config, addr, sockets_per_address)? {
@@ -106,6 +113,7 @@ impl BoundListener {
         Ok(Self {
             config: config.clone(),
             sockets,
+            keepalive,
         })
     }
 
@@ -155,6 +163,27 @@ fn bind_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Res
     socket.bind(&addr.into())?;
     socket.listen(backlog_arg(backlog))?;
     TcpListener::from_std(socket.into())
+}
+
+/// The tcp_keepalive of the pool a listener forwards to.
+pub fn pool_keepalive(config: &Config, listener: &ListenerConfig) -> Option<Duration> {
+    config.pool(&listener.pool).and_then(|p| p.tcp_keepalive)
+}
+
+/// Backlog (listen(2) may be called again to change it), and the options accepted
+/// sockets inherit on Linux: `TCP_NODELAY` and keepalive.
+fn tune_listening(
+    listener: &TcpListener,
+    backlog: u32,
+    keepalive: Option<Duration>,
+) -> std::io::Result<()> {
+    let socket = SockRef::from(listener);
+    socket.listen(backlog_arg(backlog))?;
+    socket.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some(idle) => socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)),
+        None => socket.set_keepalive(false),
+    }
 }
 
 fn backlog_arg(backlog: u32) -> i32 {
@@ -260,7 +289,7 @@ impl ListenerSet {
     /// Reload, step one: sockets for every listener of `config`, reusing the running
     /// socket of each address that is already bound and binding the others. Nothing
     /// running changes; on error the sockets bound here are closed again.
-    pub fn prepare(&self, config: &Config) -> Result<PreparedListeners, StartError> {
+    pub fn prepare(&self, full: &Config) -> Result<PreparedListeners, StartError> {
         let mut existing: HashMap<SocketAddr, Vec<Arc<TcpListener>>> = HashMap::new();
         for socket in self.lock().iter().flat_map(|l| l.sockets.iter()) {
             if socket.bind.port() != 0 {
@@ -271,7 +300,7 @@ impl ListenerSet {
             }
         }
         let mut listeners = Vec::new();
-        for config in &config.listeners {
+        for config in &full.listeners {
             let mut sockets = Vec::new();
             for &addr in &config.binds {
                 let bound = match existing.get(&addr) {
@@ -281,6 +310,7 @@ impl ListenerSet {
                 sockets.extend(bound.into_iter().map(|socket| (addr, socket)));
             }
             listeners.push(BoundListener {
+                keepalive: pool_keepalive(full, config),
                 config: config.clone(),
                 sockets,
             });
@@ -332,9 +362,9 @@ impl ListenerSet {
                     }
                 };
                 if let Err(e) =
-                    SockRef::from(&*socket.listener).listen(backlog_arg(bound.config.backlog))
+                    tune_listening(&socket.listener, bound.config.backlog, bound.keepalive)
                 {
-                    warn!(listener = %bound.config.name, error = %e, "cannot update the backlog");
+                    warn!(listener = %bound.config.name, error = %e, "cannot set the listening socket's options");
                 }
                 if let Ok(addr) = socket.listener.local_addr() {
                     info!(listener = %bound.config.name, %addr, pool = %bound.config.pool, "listening");

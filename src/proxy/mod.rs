@@ -148,7 +148,6 @@ async fn connect_client(
         debug!("no usable upstream and when_all_down = reject; closing client");
         return None;
     }
-    connect::tune(client, route.config.tcp_keepalive);
     let connect_started = tokio::time::Instant::now();
     let mut remaining = order.as_slice();
     loop {

@@ -1,5 +1,6 @@
-//! Zero-copy forwarding with `splice(2)`: socket → pipe → socket, never through user
-//! memory. The only module with `unsafe`; each block says why it is sound.
+//! The data path's raw syscalls: zero-copy forwarding with `splice(2)` (socket → pipe →
+//! socket, never through user memory) and a plain `recv(2)`. The only module with
+//! `unsafe`; each block says why it is sound.
 //!
 //! Pipes come from a pool: a per-thread cache (no lock on the data path) under a global
 //! cap that keeps them within a quarter of the process's file descriptor limit. A pipe
@@ -169,6 +170,19 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
         )
     };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One non-blocking `recv(2)` into `buf`. The copy path calls it inside tokio's
+/// `try_io`, so that a short read can clear the socket's readiness at once instead of
+/// paying for one more read that would only say "would block".
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most `buf.len()` bytes into memory we exclusively borrow;
+    // `fd` is borrowed from a TcpStream the caller keeps alive during the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
