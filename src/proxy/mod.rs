@@ -7,6 +7,8 @@
 pub mod connect;
 pub mod copy;
 pub mod listener;
+pub mod proxy_protocol;
+pub mod sni;
 pub mod splice;
 
 use std::net::SocketAddr;

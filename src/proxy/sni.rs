@@ -1,0 +1,1 @@
+//! TLS ClientHello peeking for SNI routing (being written).
