@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
+use crate::config::{Config, Failback, ListenerConfig, OnUpstreamDown, PoolConfig};
 use crate::events::{EventKind, EventLog};
 use crate::health::state::{AdminOverride, State, UpstreamState};
 use crate::health::{CheckFailure, Checker};
@@ -99,8 +99,8 @@ pub struct Feedback(Option<mpsc::UnboundedSender<Message>>);
 
 pub struct Controller {
     pools: Vec<PoolState>,
-    /// Listener name → pool name, published with the pools.
-    listeners: HashMap<String, String>,
+    /// Listener name → its settings (pool, access lists), published with the pools.
+    listeners: HashMap<String, Arc<ListenerConfig>>,
     snapshot: SharedSnapshot,
     events: Arc<EventLog>,
     handle: ControllerHandle,
@@ -837,12 +837,12 @@ fn tier_reason(pool: &PoolState, to: Option<usize>, counts: &[usize]) -> String 
     }
 }
 
-/// Listener name → pool name.
-fn listener_routes(config: &Config) -> HashMap<String, String> {
+/// Listener name → its settings.
+fn listener_routes(config: &Config) -> HashMap<String, Arc<ListenerConfig>> {
     config
         .listeners
         .iter()
-        .map(|l| (l.name.clone(), l.pool.clone()))
+        .map(|l| (l.name.clone(), Arc::new(l.clone())))
         .collect()
 }
 

@@ -25,14 +25,66 @@ pub struct ListenerStats {
     pub connections_active: AtomicU64,
     /// Clients whose every connect attempt failed.
     pub connections_failed: AtomicU64,
-    /// Clients closed at once because `max_connections` was reached.
-    pub rejected_max_connections: AtomicU64,
-    /// Clients closed at once because no upstream was usable and `when_all_down = "reject"`.
-    pub rejected_no_upstream: AtomicU64,
+    /// Clients closed at once, by reason.
+    rejected: [AtomicU64; RejectReason::ALL.len()],
     /// Bytes from clients to upstreams.
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
     pub bytes_out: AtomicU64,
+}
+
+/// Why a client was closed at once; the `reason` label of
+/// `switchyard_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `max_connections` reached.
+    MaxConnections,
+    /// No usable upstream and `when_all_down = "reject"`.
+    NoUpstream,
+    /// The client's network is denied, or not allowed.
+    Denied,
+    /// A PROXY header from a peer not in `proxy_protocol_from`.
+    UntrustedProxy,
+    /// A malformed, oversized or truncated PROXY header.
+    ProxyProtocol,
+    /// The PROXY header did not arrive within `handshake_timeout`.
+    HandshakeTimeout,
+}
+
+// === impl RejectReason ===
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::MaxConnections,
+        RejectReason::NoUpstream,
+        RejectReason::Denied,
+        RejectReason::UntrustedProxy,
+        RejectReason::ProxyProtocol,
+        RejectReason::HandshakeTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::NoUpstream => "no_upstream",
+            RejectReason::Denied => "denied",
+            RejectReason::UntrustedProxy => "untrusted_proxy",
+            RejectReason::ProxyProtocol => "proxy_protocol",
+            RejectReason::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+// === impl ListenerStats ===
+
+impl ListenerStats {
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize].load(Relaxed)
+    }
 }
 
 /// Per-upstream counters, kept across snapshots by (pool, address).
@@ -262,15 +314,11 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
         "Clients closed at once, by reason.",
     );
     for l in &listeners {
-        let s = &l.context.stats;
-        for (reason, counter) in [
-            ("max_connections", &s.rejected_max_connections),
-            ("no_upstream", &s.rejected_no_upstream),
-        ] {
+        for reason in RejectReason::ALL {
             e.sample(
                 "switchyard_connections_rejected_total",
-                &[("listener", &l.context.name), ("reason", reason)],
-                counter.load(Relaxed),
+                &[("listener", &l.context.name), ("reason", reason.as_str())],
+                l.context.stats.rejected(reason),
             );
         }
     }

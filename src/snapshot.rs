@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Member, Picker, member_key};
-use crate::config::{PoolConfig, UpstreamConfig};
+use crate::config::{ListenerConfig, PoolConfig, UpstreamConfig};
 use crate::controller::Feedback;
 use crate::health::state::State;
 use crate::metrics::{PoolStats, UpstreamStats};
@@ -31,7 +31,7 @@ pub struct RoutingSnapshot {
     pools: HashMap<String, Arc<PoolRoute>>,
     /// Listener name → pool name, swapped together with the pools so that a reload that
     /// re-points a listener never shows it a pool that does not exist yet.
-    listeners: HashMap<String, String>,
+    listeners: HashMap<String, Arc<ListenerConfig>>,
 }
 
 /// One upstream, long-lived: the same object across snapshots while its pool and
@@ -81,7 +81,10 @@ pub struct Tier {
 // === impl RoutingSnapshot ===
 
 impl RoutingSnapshot {
-    pub fn new(pools: Vec<Arc<PoolRoute>>, listeners: HashMap<String, String>) -> Self {
+    pub fn new(
+        pools: Vec<Arc<PoolRoute>>,
+        listeners: HashMap<String, Arc<ListenerConfig>>,
+    ) -> Self {
         Self {
             pools: pools
                 .into_iter()
@@ -99,11 +102,16 @@ impl RoutingSnapshot {
     pub fn route_for_listener(&self, name: &str) -> Option<&Arc<PoolRoute>> {
         self.listeners
             .get(name)
-            .and_then(|pool| self.pools.get(pool))
+            .and_then(|l| self.pools.get(&l.pool))
     }
 
     pub fn listener_pool(&self, name: &str) -> Option<&str> {
-        self.listeners.get(name).map(String::as_str)
+        self.listeners.get(name).map(|l| l.pool.as_str())
+    }
+
+    /// Listener `name`'s settings as of this snapshot (access lists, PROXY protocol).
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerConfig>> {
+        self.listeners.get(name)
     }
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<PoolRoute>> {

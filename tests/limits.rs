@@ -40,7 +40,10 @@ async fn the_connection_beyond_max_connections_is_closed_at_once_while_the_other
         "closed at once, not after a timeout"
     );
     let stats = &proxy.proxy.listener("front").unwrap().context.stats;
-    assert_eq!(stats.rejected_max_connections.load(Relaxed), 1);
+    assert_eq!(
+        stats.rejected(switchyard::metrics::RejectReason::MaxConnections),
+        1
+    );
 
     for (i, stream) in held.iter_mut().enumerate() {
         let payload = [i as u8, 0xAA, 0x55];

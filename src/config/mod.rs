@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use ipnet::IpNet;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -68,6 +70,32 @@ pub struct ListenerConfig {
     pub max_connections: Option<NonZeroUsize>,
     /// listen(2) backlog. Default 1024.
     pub backlog: u32,
+    /// Bound on reading a client's PROXY protocol header. Default 5s.
+    pub handshake_timeout: Duration,
+    /// When not empty, only clients from these networks are served.
+    pub allow: Vec<IpNet>,
+    /// Clients from these networks are refused, even if allowed.
+    pub deny: Vec<IpNet>,
+    /// `None` = off: clients send no PROXY header.
+    pub accept_proxy_protocol: Option<ProxyProtocolAccept>,
+    /// With `accept_proxy_protocol`, the only peers trusted to send a header; empty =
+    /// every peer.
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+/// Which PROXY protocol versions a listener accepts from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolAccept {
+    V1,
+    V2,
+    Any,
+}
+
+/// The PROXY protocol version a pool sends to its upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +146,8 @@ pub struct PoolConfig {
     pub when_all_down: WhenAllDown,
     /// Keepalive idle time on both sides' sockets. Default 60s; "off" disables.
     pub tcp_keepalive: Option<Duration>,
+    /// Header sent to upstreams with the client's address; `None` = off.
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
     /// Never empty; addresses and names unique within the pool.
     pub upstreams: Vec<UpstreamConfig>,
     pub health: HealthConfig,

@@ -77,6 +77,16 @@ pub struct RawListener {
     pub max_connections: S<i64>,
     #[serde(default = "default_backlog")]
     pub backlog: S<i64>,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: S<String>,
+    #[serde(default)]
+    pub allow: Vec<S<String>>,
+    #[serde(default)]
+    pub deny: Vec<S<String>>,
+    #[serde(default = "default_off")]
+    pub accept_proxy_protocol: S<String>,
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +114,8 @@ pub struct RawPool {
     pub when_all_down: S<String>,
     #[serde(default = "default_tcp_keepalive")]
     pub tcp_keepalive: S<String>,
+    #[serde(default = "default_off")]
+    pub proxy_protocol: S<String>,
     #[serde(default = "default_upstreams")]
     pub upstreams: S<Vec<S<RawUpstream>>>,
     #[serde(default)]
@@ -174,6 +186,9 @@ fn default_max_connections() -> S<i64> {
 }
 fn default_backlog() -> S<i64> {
     at(1024)
+}
+fn default_handshake_timeout() -> S<String> {
+    text("5s")
 }
 fn default_balance() -> S<String> {
     text("round_robin")

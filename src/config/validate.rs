@@ -13,6 +13,9 @@ use super::*;
 
 /// Weights are capped so that a weighted round-robin cycle stays small.
 const MAX_WEIGHT: i64 = 256;
+/// PROXY protocol keys are parsed ahead of the feature; until it lands, only "off".
+const NOT_YET: &str = "PROXY protocol is not supported by this build yet; only \"off\" is allowed";
+
 /// More attempts than this only delay the client's error.
 const MAX_CONNECT_ATTEMPTS: i64 = 16;
 
@@ -262,7 +265,36 @@ impl Validator<'_> {
             i64::from(u32::MAX),
         );
         let backlog = self.int(&l.backlog, &key("backlog"), 1, 65535);
+        let handshake_timeout = self.duration(&l.handshake_timeout, &key("handshake_timeout"));
+        let allow = self.networks(&l.allow, &key("allow"));
+        let deny = self.networks(&l.deny, &key("deny"));
+        let accept_proxy_protocol = self
+            .choice(
+                &l.accept_proxy_protocol,
+                &key("accept_proxy_protocol"),
+                &["off", "v1", "v2", "any"],
+            )
+            .map(|c| match c {
+                "v1" => Some(ProxyProtocolAccept::V1),
+                "v2" => Some(ProxyProtocolAccept::V2),
+                "any" => Some(ProxyProtocolAccept::Any),
+                _ => None,
+            });
+        let proxy_protocol_from =
+            self.networks(&l.proxy_protocol_from, &key("proxy_protocol_from"));
+        if let (Some(None), Some(first)) = (accept_proxy_protocol, l.proxy_protocol_from.first()) {
+            self.report(
+                first.span(),
+                &key("proxy_protocol_from"),
+                "has no effect while accept_proxy_protocol = \"off\"; set accept_proxy_protocol to v1, v2 or any, or remove it",
+            );
+            ok = false;
+        }
 
+        if let Some(Some(_)) = accept_proxy_protocol {
+            self.report(l.accept_proxy_protocol.span(), &key("accept_proxy_protocol"), NOT_YET);
+            ok = false;
+        }
         if !ok {
             return None;
         }
@@ -272,6 +304,11 @@ impl Validator<'_> {
             pool: pool.clone(),
             max_connections: NonZeroUsize::new(max_connections? as usize),
             backlog: backlog? as u32,
+            handshake_timeout: handshake_timeout?,
+            allow: allow?,
+            deny: deny?,
+            accept_proxy_protocol: accept_proxy_protocol?,
+            proxy_protocol_from: proxy_protocol_from?,
         })
     }
 
@@ -346,7 +383,21 @@ impl Validator<'_> {
                 }
             });
         let tcp_keepalive = self.optional_duration(&p.tcp_keepalive, &key("tcp_keepalive"));
+        let proxy_protocol = self
+            .choice(
+                &p.proxy_protocol,
+                &key("proxy_protocol"),
+                &["off", "v1", "v2"],
+            )
+            .map(|c| match c {
+                "v1" => Some(ProxyProtocolVersion::V1),
+                "v2" => Some(ProxyProtocolVersion::V2),
+                _ => None,
+            });
 
+        if let Some(Some(_)) = proxy_protocol {
+            self.report(p.proxy_protocol.span(), &key("proxy_protocol"), NOT_YET);
+        }
         let upstreams = self.upstreams(name, p, raw.span());
         let health = self.health(name, p);
         let outlier = self.outlier(name, p);
@@ -364,6 +415,7 @@ impl Validator<'_> {
             min_usable: min_usable? as usize,
             when_all_down: when_all_down?,
             tcp_keepalive: tcp_keepalive?,
+            proxy_protocol: proxy_protocol?,
             upstreams: upstreams?,
             health: health?,
             outlier: outlier?,
@@ -532,6 +584,26 @@ impl Validator<'_> {
             self.report(value.span(), key, format!("{:?} is not allowed; use \"off\" or a positive duration with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
         }
         parsed.map(Some)
+    }
+
+    /// A list of networks in CIDR notation; a bare address is a single-host network.
+    fn networks(&mut self, values: &[S<String>], key: &str) -> Option<Vec<IpNet>> {
+        let mut all = Vec::new();
+        let mut ok = true;
+        for value in values {
+            let text = value.get_ref();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => all.push(net.trunc()),
+                Err(_) => {
+                    self.report(value.span(), key, format!("{text:?} is not a network; use CIDR notation like \"10.0.0.0/8\", \"192.168.1.7/32\" or \"2001:db8::/32\""));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(all)
     }
 
     fn socket_addr(&mut self, value: &S<String>, key: &str) -> Option<SocketAddr> {

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
-use crate::metrics::ListenerStats;
+use crate::metrics::{ListenerStats, RejectReason};
 use crate::shutdown::Shutdown;
 use crate::snapshot::SharedSnapshot;
 
@@ -473,8 +473,14 @@ async fn accept_loop(
 
 fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {
     context.stats.connections_total.fetch_add(1, Relaxed);
+    let settings = context.snapshot.load().listener(&context.name).cloned();
+    if settings.is_some_and(|l| !super::access::is_allowed(&l, peer.ip())) {
+        context.stats.reject(RejectReason::Denied);
+        debug!(listener = %context.name, client = %peer, "client network not allowed; closing");
+        return;
+    }
     let Ok(permit) = context.limit.clone().try_acquire_owned() else {
-        context.stats.rejected_max_connections.fetch_add(1, Relaxed);
+        context.stats.reject(RejectReason::MaxConnections);
         debug!(listener = %context.name, client = %peer, "max_connections reached; closing client");
         return;
     };

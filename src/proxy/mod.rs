@@ -4,6 +4,7 @@
 //! upstream's shared counters; the snapshot is dropped before the copy so that a
 //! connection open for hours never pins old routing state.
 
+pub mod access;
 pub mod connect;
 pub mod copy;
 pub mod listener;
@@ -22,7 +23,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
-use crate::metrics::ConnectFailure;
+use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use crate::snapshot::Upstream;
@@ -146,7 +147,7 @@ async fn connect_client(
     };
     let order = attempt_order(&route, peer.ip());
     if order.is_empty() {
-        context.stats.rejected_no_upstream.fetch_add(1, Relaxed);
+        context.stats.reject(RejectReason::NoUpstream);
         debug!("no usable upstream and when_all_down = reject; closing client");
         return None;
     }
