@@ -652,7 +652,8 @@ impl Controller {
                 crate::pool::preferred_tier(&pool.usable_counts(), config.min_usable);
             return pool;
         };
-        let health_changed = previous.config.health != config.health;
+        let health_changed = previous.config.health != config.health
+            || previous.config.proxy_protocol != config.proxy_protocol;
         let mut carried = Vec::new();
         for upstream in &config.upstreams {
             let kept = previous
@@ -916,7 +917,7 @@ impl PoolState {
             for slot in slots.iter_mut().filter(|s| s.checker.is_none()) {
                 slot.checker = Some(Checker::spawn(
                     slot.upstream.clone(),
-                    config.health.clone(),
+                    config.clone(),
                     controller.clone(),
                 ));
             }

@@ -173,9 +173,9 @@ async fn first_checks(
                 continue;
             }
             let key = (pool.name.clone(), upstream.address);
-            let health = pool.health.clone();
+            let pool = pool.clone();
             checks.spawn(async move {
-                let result = health::check(key.1, &health).await;
+                let result = health::check(key.1, &pool).await;
                 (key, result)
             });
         }

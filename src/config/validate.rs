@@ -13,9 +13,6 @@ use super::*;
 
 /// Weights are capped so that a weighted round-robin cycle stays small.
 const MAX_WEIGHT: i64 = 256;
-/// PROXY protocol keys are parsed ahead of the feature; until it lands, only "off".
-const NOT_YET: &str = "PROXY protocol is not supported by this build yet; only \"off\" is allowed";
-
 /// More attempts than this only delay the client's error.
 const MAX_CONNECT_ATTEMPTS: i64 = 16;
 
@@ -291,10 +288,6 @@ impl Validator<'_> {
             ok = false;
         }
 
-        if let Some(Some(_)) = accept_proxy_protocol {
-            self.report(l.accept_proxy_protocol.span(), &key("accept_proxy_protocol"), NOT_YET);
-            ok = false;
-        }
         if !ok {
             return None;
         }
@@ -395,9 +388,6 @@ impl Validator<'_> {
                 _ => None,
             });
 
-        if let Some(Some(_)) = proxy_protocol {
-            self.report(p.proxy_protocol.span(), &key("proxy_protocol"), NOT_YET);
-        }
         let upstreams = self.upstreams(name, p, raw.span());
         let health = self.health(name, p);
         let outlier = self.outlier(name, p);

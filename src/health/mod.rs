@@ -19,9 +19,10 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HealthConfig;
+use crate::config::PoolConfig;
 use crate::controller::{ControllerHandle, Message};
 use crate::metrics::ConnectFailure;
+use crate::proxy::proxy_protocol;
 use crate::snapshot::Upstream;
 
 /// The first check of every upstream starts within this, spread at random so that many
@@ -77,14 +78,14 @@ impl Checker {
     /// Starts checking `upstream`; results go to `controller`.
     pub fn spawn(
         upstream: Arc<Upstream>,
-        health: HealthConfig,
+        pool: Arc<PoolConfig>,
         controller: ControllerHandle,
     ) -> Self {
         let check_now = Arc::new(Notify::new());
         let stop = CancellationToken::new();
         tokio::spawn(check_loop(
             upstream,
-            health,
+            pool,
             controller,
             check_now.clone(),
             stop.clone(),
@@ -106,7 +107,7 @@ impl Drop for Checker {
 
 async fn check_loop(
     upstream: Arc<Upstream>,
-    health: HealthConfig,
+    pool: Arc<PoolConfig>,
     controller: ControllerHandle,
     check_now: Arc<Notify>,
     stop: CancellationToken,
@@ -121,7 +122,7 @@ async fn check_loop(
         }
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            result = check(upstream.config.address, &health) => result,
+            result = check(upstream.config.address, &pool) => result,
         };
         let (reply, interval) = oneshot::channel();
         controller.send(Message::CheckResult {
@@ -137,8 +138,11 @@ async fn check_loop(
     }
 }
 
-/// One check: connect, then send and expect if configured, all within `timeout`.
-pub async fn check(addr: SocketAddr, health: &HealthConfig) -> Result<(), CheckFailure> {
+/// One check: connect, then send and expect if configured, all within `timeout`. A
+/// pool that sends PROXY headers to its upstreams sends a v2 LOCAL (v1 UNKNOWN) header
+/// first, so that a server requiring the header accepts the check.
+pub async fn check(addr: SocketAddr, pool: &PoolConfig) -> Result<(), CheckFailure> {
+    let health = &pool.health;
     let deadline = Instant::now() + health.timeout;
     let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return Err(CheckFailure::Connect(ConnectFailure::Timeout)),
@@ -146,6 +150,14 @@ pub async fn check(addr: SocketAddr, health: &HealthConfig) -> Result<(), CheckF
         Ok(Ok(stream)) => stream,
     };
     let exchange = async {
+        if let Some(version) = pool.proxy_protocol {
+            let header =
+                proxy_protocol::encode_local(crate::proxy::proxy_protocol_version(version));
+            stream
+                .write_all(&header)
+                .await
+                .map_err(|_| CheckFailure::Io)?;
+        }
         if !health.send.is_empty() {
             stream
                 .write_all(&health.send)

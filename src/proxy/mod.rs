@@ -23,6 +23,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
+use crate::config::{ProxyProtocolAccept, ProxyProtocolVersion};
 use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
@@ -61,8 +62,11 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
+        let Some(origin) = client_origin(&client, peer, context).await else {
+            return;
+        };
         loop {
-            let Some(link) = connect_client(&client, peer, context, shutdown).await else {
+            let Some(link) = connect_client(&client, &origin, context, shutdown).await else {
                 return;
             };
             let upstream = &link.upstream;
@@ -131,7 +135,7 @@ struct Link {
 /// closed (nothing usable, every attempt failed, or shutdown).
 async fn connect_client(
     client: &TcpStream,
-    peer: SocketAddr,
+    origin: &Origin,
     context: &ListenerContext,
     shutdown: &Shutdown,
 ) -> Option<Link> {
@@ -145,7 +149,7 @@ async fn connect_client(
         context.stats.connections_failed.fetch_add(1, Relaxed);
         return None;
     };
-    let order = attempt_order(&route, peer.ip());
+    let order = attempt_order(&route, origin.source.ip());
     if order.is_empty() {
         context.stats.reject(RejectReason::NoUpstream);
         debug!("no usable upstream and when_all_down = reject; closing client");
@@ -167,7 +171,10 @@ async fn connect_client(
             }
         };
         let index = connected.upstream;
-        if !upstream_gone_first(client, &connected.stream, route.config.connect_timeout).await {
+        let introduced = introduce(&connected.stream, route.config.proxy_protocol, origin).await;
+        if introduced.is_ok()
+            && !upstream_gone_first(client, &connected.stream, route.config.connect_timeout).await
+        {
             route.feedback.connect_succeeded(&route.upstreams[index]);
             route
                 .stats
@@ -195,6 +202,137 @@ async fn connect_client(
             info!(pool = %route.config.name, "client closed: every upstream closed the connection at once");
             return None;
         }
+    }
+}
+
+/// Where a client really comes from, and what it already sent.
+struct Origin {
+    /// The client's address: the TCP peer, or the source of its PROXY header.
+    source: SocketAddr,
+    /// The address it connected to: our socket, or the destination of its PROXY header.
+    destination: SocketAddr,
+    /// Bytes that followed the PROXY header in the same reads; the upstream gets them
+    /// first.
+    early: Vec<u8>,
+}
+
+/// The client's origin. On a listener that accepts PROXY headers, reads and checks the
+/// header (within `handshake_timeout`) from a trusted peer; `None` when the client was
+/// refused (counted by reason).
+async fn client_origin(
+    client: &TcpStream,
+    peer: SocketAddr,
+    context: &ListenerContext,
+) -> Option<Origin> {
+    let local = client
+        .local_addr()
+        .unwrap_or_else(|_| unspecified_like(peer));
+    let direct = Origin {
+        source: peer,
+        destination: local,
+        early: Vec::new(),
+    };
+    let settings = context.snapshot.load().listener(&context.name).cloned()?;
+    let Some(accept) = settings.accept_proxy_protocol else {
+        return Some(direct);
+    };
+    if !access::may_send_proxy_header(&settings, peer.ip()) {
+        context.stats.reject(RejectReason::UntrustedProxy);
+        debug!("peer is not in proxy_protocol_from; closing");
+        return None;
+    }
+    let header = tokio::time::timeout(
+        settings.handshake_timeout,
+        read_proxy_header(client, accept_mode(accept)),
+    )
+    .await;
+    let (header, early) = match header {
+        Err(_) => {
+            context.stats.reject(RejectReason::HandshakeTimeout);
+            debug!("no complete PROXY header within handshake_timeout; closing");
+            return None;
+        }
+        Ok(Err(e)) => {
+            context.stats.reject(RejectReason::ProxyProtocol);
+            debug!(error = %e, "bad PROXY header; closing");
+            return None;
+        }
+        Ok(Ok(header)) => header,
+    };
+    // LOCAL / UNKNOWN headers (a balancer's own health check) carry no client address.
+    let (source, destination) = match header.addresses() {
+        Some(addresses) => (addresses.source, addresses.destination),
+        None => (peer, local),
+    };
+    Some(Origin {
+        source,
+        destination,
+        early,
+    })
+}
+
+/// Reads until a complete PROXY header has arrived; returns it and the bytes after it.
+async fn read_proxy_header(
+    client: &TcpStream,
+    accept: proxy_protocol::Accept,
+) -> Result<(proxy_protocol::Header, Vec<u8>), String> {
+    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER_LEN];
+    let mut filled = 0;
+    loop {
+        client.readable().await.map_err(|e| e.to_string())?;
+        match client.try_read(&mut buf[filled..]) {
+            Ok(0) => return Err("closed before the PROXY header was complete".to_string()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        match proxy_protocol::decode(&buf[..filled], accept) {
+            Ok(Some((header, used))) => return Ok((header, buf[used..filled].to_vec())),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Sends the pool's PROXY header, then whatever the client sent after its own header.
+async fn introduce(
+    upstream: &TcpStream,
+    version: Option<ProxyProtocolVersion>,
+    origin: &Origin,
+) -> std::io::Result<()> {
+    if let Some(version) = version {
+        let header = proxy_protocol::encode(
+            proxy_protocol_version(version),
+            origin.source,
+            origin.destination,
+        );
+        copy::write_all(upstream, &header).await?;
+    }
+    if !origin.early.is_empty() {
+        copy::write_all(upstream, &origin.early).await?;
+    }
+    Ok(())
+}
+
+pub(crate) fn proxy_protocol_version(version: ProxyProtocolVersion) -> proxy_protocol::Version {
+    match version {
+        ProxyProtocolVersion::V1 => proxy_protocol::Version::V1,
+        ProxyProtocolVersion::V2 => proxy_protocol::Version::V2,
+    }
+}
+
+fn accept_mode(accept: ProxyProtocolAccept) -> proxy_protocol::Accept {
+    match accept {
+        ProxyProtocolAccept::V1 => proxy_protocol::Accept::V1,
+        ProxyProtocolAccept::V2 => proxy_protocol::Accept::V2,
+        ProxyProtocolAccept::Any => proxy_protocol::Accept::Any,
+    }
+}
+
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
     }
 }
 
