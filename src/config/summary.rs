@@ -46,6 +46,35 @@ pub(super) fn render(config: &Config) -> String {
             listener.pool,
             listener.backlog,
         );
+        let nets = |list: &[super::IpNet]| {
+            if list.is_empty() {
+                "any".to_string()
+            } else {
+                list.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let proxy = match listener.accept_proxy_protocol {
+            None => "off".to_string(),
+            Some(accept) => format!(
+                "{} from {}, handshake_timeout {}",
+                format!("{accept:?}").to_lowercase(),
+                nets(&listener.proxy_protocol_from),
+                human(listener.handshake_timeout)
+            ),
+        };
+        let deny = if listener.deny.is_empty() {
+            "none".to_string()
+        } else {
+            nets(&listener.deny)
+        };
+        let _ = writeln!(
+            out,
+            "  allow {}, deny {deny}; accept_proxy_protocol {proxy}",
+            nets(&listener.allow)
+        );
     }
     for pool in &config.pools {
         render_pool(&mut out, pool);
@@ -66,13 +95,15 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
     );
     let _ = writeln!(
         out,
-        "  failback {}, on_upstream_down {}, drain_after_failback {}, min_usable {}, when_all_down {}, tcp_keepalive {}",
+        "  failback {}, on_upstream_down {}, drain_after_failback {}, min_usable {}, when_all_down {}, tcp_keepalive {}, proxy_protocol {}",
         pool.failback,
         pool.on_upstream_down,
         off_or(pool.drain_after_failback),
         pool.min_usable,
         pool.when_all_down,
         off_or(pool.tcp_keepalive),
+        pool.proxy_protocol
+            .map_or("off".to_string(), |v| format!("{v:?}").to_lowercase()),
     );
     for (rank, priority) in pool.priorities().into_iter().enumerate() {
         let role = if rank == 0 {
