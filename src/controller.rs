@@ -17,15 +17,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::config::{Config, Failback, ListenerConfig, OnUpstreamDown, PoolConfig};
+use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
 use crate::events::{EventKind, EventLog};
 use crate::health::state::{AdminOverride, State, UpstreamState};
 use crate::health::{CheckFailure, Checker};
 use crate::metrics::{ConnectFailure, PoolStats};
 use crate::pool::decide_active_tier;
+use crate::proxy::sni::SniRoutes;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{
-    CLOSE_BUCKETS, Closer, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot, Upstream,
+    CLOSE_BUCKETS, Closer, ListenerRoute, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot,
+    Upstream,
 };
 use crate::status::{CheckView, PoolView, UpstreamView};
 
@@ -100,7 +102,7 @@ pub struct Feedback(Option<mpsc::UnboundedSender<Message>>);
 pub struct Controller {
     pools: Vec<PoolState>,
     /// Listener name → its settings (pool, access lists), published with the pools.
-    listeners: HashMap<String, Arc<ListenerConfig>>,
+    listeners: HashMap<String, Arc<ListenerRoute>>,
     snapshot: SharedSnapshot,
     events: Arc<EventLog>,
     handle: ControllerHandle,
@@ -839,11 +841,28 @@ fn tier_reason(pool: &PoolState, to: Option<usize>, counts: &[usize]) -> String 
 }
 
 /// Listener name → its settings.
-fn listener_routes(config: &Config) -> HashMap<String, Arc<ListenerConfig>> {
+fn listener_routes(config: &Config) -> HashMap<String, Arc<ListenerRoute>> {
     config
         .listeners
         .iter()
-        .map(|l| (l.name.clone(), Arc::new(l.clone())))
+        .map(|l| {
+            let sni = match SniRoutes::new(
+                l.routes.iter().map(|(p, pool)| (p.as_str(), pool.clone())),
+            ) {
+                Ok(sni) => sni,
+                // Patterns were validated with the config; should one still fail, the
+                // listener loses its SNI routes, never its default pool.
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "invalid SNI routes ignored");
+                    SniRoutes::default()
+                }
+            };
+            let route = ListenerRoute {
+                config: l.clone(),
+                sni,
+            };
+            (l.name.clone(), Arc::new(route))
+        })
         .collect()
 }
 

@@ -47,20 +47,26 @@ pub enum RejectReason {
     UntrustedProxy,
     /// A malformed, oversized or truncated PROXY header.
     ProxyProtocol,
-    /// The PROXY header did not arrive within `handshake_timeout`.
+    /// The PROXY header or the ClientHello did not arrive within `handshake_timeout`.
     HandshakeTimeout,
+    /// Not a TLS ClientHello where SNI routing needs one, or a malformed one.
+    ClientHello,
+    /// No SNI route matches and the listener has no default pool.
+    NoRoute,
 }
 
 // === impl RejectReason ===
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MaxConnections,
         RejectReason::NoUpstream,
         RejectReason::Denied,
         RejectReason::UntrustedProxy,
         RejectReason::ProxyProtocol,
         RejectReason::HandshakeTimeout,
+        RejectReason::ClientHello,
+        RejectReason::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +77,8 @@ impl RejectReason {
             RejectReason::UntrustedProxy => "untrusted_proxy",
             RejectReason::ProxyProtocol => "proxy_protocol",
             RejectReason::HandshakeTimeout => "handshake_timeout",
+            RejectReason::ClientHello => "client_hello",
+            RejectReason::NoRoute => "no_route",
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::controller::Feedback;
 use crate::health::state::State;
 use crate::metrics::{PoolStats, UpstreamStats};
 use crate::pool::preferred_tier;
+use crate::proxy::sni::SniRoutes;
 
 /// Where the hot path reads routing state from.
 pub type SharedSnapshot = Arc<ArcSwap<RoutingSnapshot>>;
@@ -31,7 +32,15 @@ pub struct RoutingSnapshot {
     pools: HashMap<String, Arc<PoolRoute>>,
     /// Listener name → pool name, swapped together with the pools so that a reload that
     /// re-points a listener never shows it a pool that does not exist yet.
-    listeners: HashMap<String, Arc<ListenerConfig>>,
+    listeners: HashMap<String, Arc<ListenerRoute>>,
+}
+
+/// A listener's settings and its SNI routes, as of one snapshot.
+#[derive(Debug)]
+pub struct ListenerRoute {
+    pub config: ListenerConfig,
+    /// Server name → pool name; empty unless the listener has `routes`.
+    pub sni: SniRoutes<String>,
 }
 
 /// One upstream, long-lived: the same object across snapshots while its pool and
@@ -81,10 +90,7 @@ pub struct Tier {
 // === impl RoutingSnapshot ===
 
 impl RoutingSnapshot {
-    pub fn new(
-        pools: Vec<Arc<PoolRoute>>,
-        listeners: HashMap<String, Arc<ListenerConfig>>,
-    ) -> Self {
+    pub fn new(pools: Vec<Arc<PoolRoute>>, listeners: HashMap<String, Arc<ListenerRoute>>) -> Self {
         Self {
             pools: pools
                 .into_iter()
@@ -102,15 +108,18 @@ impl RoutingSnapshot {
     pub fn route_for_listener(&self, name: &str) -> Option<&Arc<PoolRoute>> {
         self.listeners
             .get(name)
-            .and_then(|l| self.pools.get(&l.pool))
+            .and_then(|l| l.config.pool.as_ref())
+            .and_then(|pool| self.pools.get(pool))
     }
 
     pub fn listener_pool(&self, name: &str) -> Option<&str> {
-        self.listeners.get(name).map(|l| l.pool.as_str())
+        self.listeners
+            .get(name)
+            .and_then(|l| l.config.pool.as_deref())
     }
 
     /// Listener `name`'s settings as of this snapshot (access lists, PROXY protocol).
-    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerConfig>> {
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRoute>> {
         self.listeners.get(name)
     }
 

@@ -64,8 +64,12 @@ pub struct ListenerConfig {
     pub name: String,
     /// Never empty, no address twice in the whole file.
     pub binds: Vec<SocketAddr>,
-    /// Name of a pool that exists in the same config.
-    pub pool: String,
+    /// The pool clients go to: every client, or with SNI `routes` those whose name
+    /// matches no route (`None`: they are closed). Always a defined pool.
+    pub pool: Option<String>,
+    /// SNI name pattern (lowercase; exact or `*.` one leading label) → pool, for TLS
+    /// passthrough routing. Empty = no SNI peeking.
+    pub routes: Vec<(String, String)>,
     /// `None` = unlimited. Beyond it, new clients are accepted and closed at once.
     pub max_connections: Option<NonZeroUsize>,
     /// listen(2) backlog. Default 1024.

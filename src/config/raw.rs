@@ -72,7 +72,10 @@ pub enum OneOrMany {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub bind: S<OneOrMany>,
-    pub pool: S<String>,
+    pub pool: Option<S<String>>,
+    /// SNI name pattern → pool (passthrough routing).
+    #[serde(default)]
+    pub routes: BTreeMap<S<String>, S<String>>,
     #[serde(default = "default_max_connections")]
     pub max_connections: S<i64>,
     #[serde(default = "default_backlog")]

@@ -43,9 +43,12 @@ pub(super) fn render(config: &Config) -> String {
             "listener {}: bind {} -> pool {} (max_connections {max}, backlog {})",
             listener.name,
             binds.join(", "),
-            listener.pool,
+            listener.pool.as_deref().unwrap_or("none"),
             listener.backlog,
         );
+        for (pattern, pool) in &listener.routes {
+            let _ = writeln!(out, "  SNI {pattern} -> pool {pool} (passthrough)");
+        }
         let nets = |list: &[super::IpNet]| {
             if list.is_empty() {
                 "any".to_string()

@@ -239,21 +239,42 @@ impl Validator<'_> {
             }
         }
 
-        let pool = l.pool.get_ref();
-        if !pools.contains(pool.as_str()) {
-            let mut defined: Vec<&str> = pools.iter().copied().collect();
-            defined.sort_unstable();
-            let defined = if defined.is_empty() {
-                "none".to_string()
-            } else {
-                defined.join(", ")
-            };
-            self.report(
-                l.pool.span(),
-                &key("pool"),
-                format!("pool {pool:?} is not defined; defined pools: {defined}"),
+        let mut defined: Vec<&str> = pools.iter().copied().collect();
+        defined.sort_unstable();
+        let defined = if defined.is_empty() {
+            "none".to_string()
+        } else {
+            defined.join(", ")
+        };
+        let pool_exists = |v: &mut Self, pool: &S<String>, key: &str| {
+            if pools.contains(pool.get_ref().as_str()) {
+                return true;
+            }
+            v.report(
+                pool.span(),
+                key,
+                format!(
+                    "pool {:?} is not defined; defined pools: {defined}",
+                    pool.get_ref()
+                ),
             );
+            false
+        };
+        if let Some(pool) = &l.pool {
+            ok &= pool_exists(self, pool, &key("pool"));
+        } else if l.routes.is_empty() {
+            self.report(raw.span(), &key("pool"), "a listener needs `pool`, or SNI `routes` (then `pool` is where clients without a matching name go)");
             ok = false;
+        }
+        let mut routes = Vec::new();
+        for (pattern, pool) in &l.routes {
+            let route_key = format!("listeners.{name}.routes.{}", pattern.get_ref());
+            if let Err(message) = crate::proxy::sni::validate_pattern(pattern.get_ref()) {
+                self.report(pattern.span(), &route_key, message);
+                ok = false;
+            }
+            ok &= pool_exists(self, pool, &route_key);
+            routes.push((pattern.get_ref().to_lowercase(), pool.get_ref().clone()));
         }
         let max_connections = self.int(
             &l.max_connections,
@@ -294,7 +315,8 @@ impl Validator<'_> {
         Some(ListenerConfig {
             name: name.to_string(),
             binds,
-            pool: pool.clone(),
+            pool: l.pool.as_ref().map(|p| p.get_ref().clone()),
+            routes,
             max_connections: NonZeroUsize::new(max_connections? as usize),
             backlog: backlog? as u32,
             handshake_timeout: handshake_timeout?,

@@ -167,7 +167,11 @@ fn bind_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Res
 
 /// The tcp_keepalive of the pool a listener forwards to.
 pub fn pool_keepalive(config: &Config, listener: &ListenerConfig) -> Option<Duration> {
-    config.pool(&listener.pool).and_then(|p| p.tcp_keepalive)
+    let pool = listener
+        .pool
+        .as_deref()
+        .or_else(|| listener.routes.first().map(|(_, pool)| pool.as_str()))?;
+    config.pool(pool).and_then(|p| p.tcp_keepalive)
 }
 
 /// Backlog (listen(2) may be called again to change it), and the options accepted
@@ -367,7 +371,7 @@ impl ListenerSet {
                     warn!(listener = %bound.config.name, error = %e, "cannot set the listening socket's options");
                 }
                 if let Ok(addr) = socket.listener.local_addr() {
-                    info!(listener = %bound.config.name, %addr, pool = %bound.config.pool, "listening");
+                    info!(listener = %bound.config.name, %addr, pool = ?bound.config.pool, "listening");
                 }
                 sockets.push(socket);
             }
@@ -474,7 +478,7 @@ async fn accept_loop(
 fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {
     context.stats.connections_total.fetch_add(1, Relaxed);
     let settings = context.snapshot.load().listener(&context.name).cloned();
-    if settings.is_some_and(|l| !super::access::is_allowed(&l, peer.ip())) {
+    if settings.is_some_and(|l| !super::access::is_allowed(&l.config, peer.ip())) {
         context.stats.reject(RejectReason::Denied);
         debug!(listener = %context.name, client = %peer, "client network not allowed; closing");
         return;

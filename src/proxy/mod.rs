@@ -65,8 +65,12 @@ pub(crate) async fn serve(
         let Some(origin) = client_origin(&client, peer, context).await else {
             return;
         };
+        let Some(pool) = choose_pool(&client, &origin, context).await else {
+            return;
+        };
         loop {
-            let Some(link) = connect_client(&client, &origin, context, shutdown).await else {
+            let Some(link) = connect_client(&client, &origin, &pool, context, shutdown).await
+            else {
                 return;
             };
             let upstream = &link.upstream;
@@ -136,16 +140,13 @@ struct Link {
 async fn connect_client(
     client: &TcpStream,
     origin: &Origin,
+    pool: &str,
     context: &ListenerContext,
     shutdown: &Shutdown,
 ) -> Option<Link> {
-    let route = context
-        .snapshot
-        .load()
-        .route_for_listener(&context.name)
-        .cloned();
+    let route = context.snapshot.load().pool(pool).cloned();
     let Some(route) = route else {
-        // Only for a connection accepted just before a reload removed its listener.
+        // Only for a connection accepted just before a reload removed its pool.
         context.stats.connections_failed.fetch_add(1, Relaxed);
         return None;
     };
@@ -233,10 +234,11 @@ async fn client_origin(
         early: Vec::new(),
     };
     let settings = context.snapshot.load().listener(&context.name).cloned()?;
+    let settings = &settings.config;
     let Some(accept) = settings.accept_proxy_protocol else {
         return Some(direct);
     };
-    if !access::may_send_proxy_header(&settings, peer.ip()) {
+    if !access::may_send_proxy_header(settings, peer.ip()) {
         context.stats.reject(RejectReason::UntrustedProxy);
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
@@ -269,6 +271,90 @@ async fn client_origin(
         destination,
         early,
     })
+}
+
+/// The pool for this client: the listener's, or with SNI routes the one its TLS server
+/// name selects (the ClientHello is peeked, never consumed or changed). `None` when the
+/// client was refused (counted by reason).
+async fn choose_pool(
+    client: &TcpStream,
+    origin: &Origin,
+    context: &ListenerContext,
+) -> Option<String> {
+    let listener = context.snapshot.load().listener(&context.name).cloned()?;
+    if listener.sni.is_empty() {
+        return listener.config.pool.clone();
+    }
+    let peeked = tokio::time::timeout(
+        listener.config.handshake_timeout,
+        peek_server_name(client, &origin.early),
+    )
+    .await;
+    let name = match peeked {
+        Err(_) => {
+            context.stats.reject(RejectReason::HandshakeTimeout);
+            debug!("no complete ClientHello within handshake_timeout; closing");
+            return None;
+        }
+        Ok(Err(e)) => {
+            context.stats.reject(RejectReason::ClientHello);
+            debug!(error = %e, "cannot route by SNI; closing");
+            return None;
+        }
+        Ok(Ok(name)) => name,
+    };
+    let routed = name
+        .as_deref()
+        .and_then(|n| listener.sni.lookup(n))
+        .cloned();
+    let pool = routed.or_else(|| listener.config.pool.clone());
+    if pool.is_none() {
+        context.stats.reject(RejectReason::NoRoute);
+        debug!(server_name = ?name, "no SNI route matches and there is no default pool; closing");
+    }
+    pool
+}
+
+/// Peeks (without consuming) until the whole ClientHello is visible; returns its server
+/// name. `early` are bytes already read after a PROXY header: the hello starts there.
+async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<String>, String> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
+    let start = early.len();
+    let mut buf = vec![0u8; (start + 4096).min(sni::MAX_PEEK_LEN.max(start))];
+    buf[..start].copy_from_slice(early);
+    let mut seen = 0;
+    loop {
+        if let Some(info) = match sni::parse_client_hello(&buf[..start + seen]) {
+            Ok(found) => found,
+            Err(e) => return Err(e.to_string()),
+        } {
+            return Ok(info.server_name);
+        }
+        if start + seen == buf.len() {
+            if buf.len() >= sni::MAX_PEEK_LEN {
+                return Err("ClientHello too large".to_string());
+            }
+            buf.resize((buf.len() * 2).min(sni::MAX_PEEK_LEN), 0);
+        }
+        let space = &mut buf[start..];
+        let peeked = client.try_io(Interest::READABLE, || {
+            let n = splice::peek(fd, space)?;
+            // Nothing new since the last look: report "would block" so that tokio
+            // waits for the next arrival instead of peeking the same bytes again.
+            if n != 0 && n == seen {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match peeked {
+            Ok(0) => return Err("closed before the ClientHello was complete".to_string()),
+            Ok(n) => seen = n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                client.readable().await.map_err(|e| e.to_string())?;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Reads until a complete PROXY header has arrived; returns it and the bytes after it.

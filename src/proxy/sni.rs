@@ -251,6 +251,15 @@ impl SniError {
 
 // === impl SniRoutes ===
 
+impl<T> Default for SniRoutes<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+}
+
 impl<T> SniRoutes<T> {
     /// Builds the routes from `(pattern, target)` pairs, refusing invalid patterns and
     /// patterns that differ only by case.

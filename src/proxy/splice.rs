@@ -189,6 +189,24 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// One non-blocking `recv(2)` with `MSG_PEEK`: the bytes stay queued for the copy.
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: as in `recv`: at most `buf.len()` bytes into memory we exclusively borrow,
+    // on a descriptor the caller keeps open.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Errors meaning splice cannot work on these descriptors: fall back to copying.
 pub fn is_unsupported(e: &io::Error) -> bool {
     matches!(
