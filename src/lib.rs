@@ -21,6 +21,7 @@ pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
 pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,6 +14,8 @@ pub enum ConnectFailure {
     Reset,
     Unreachable,
     Timeout,
+    /// The TLS handshake with the upstream failed (e.g. an untrusted certificate).
+    Tls,
     /// Anything else, e.g. out of file descriptors.
     Error,
 }
@@ -53,12 +55,14 @@ pub enum RejectReason {
     ClientHello,
     /// No SNI route matches and the listener has no default pool.
     NoRoute,
+    /// The client's TLS handshake failed or timed out (e.g. no client certificate).
+    TlsHandshake,
 }
 
 // === impl RejectReason ===
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::MaxConnections,
         RejectReason::NoUpstream,
         RejectReason::Denied,
@@ -67,6 +71,7 @@ impl RejectReason {
         RejectReason::HandshakeTimeout,
         RejectReason::ClientHello,
         RejectReason::NoRoute,
+        RejectReason::TlsHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +84,7 @@ impl RejectReason {
             RejectReason::HandshakeTimeout => "handshake_timeout",
             RejectReason::ClientHello => "client_hello",
             RejectReason::NoRoute => "no_route",
+            RejectReason::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -136,11 +142,12 @@ pub struct Histogram {
 // === impl ConnectFailure ===
 
 impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 5] = [
+    pub const ALL: [ConnectFailure; 6] = [
         ConnectFailure::Refused,
         ConnectFailure::Reset,
         ConnectFailure::Unreachable,
         ConnectFailure::Timeout,
+        ConnectFailure::Tls,
         ConnectFailure::Error,
     ];
 
@@ -150,6 +157,7 @@ impl ConnectFailure {
             ConnectFailure::Reset => "reset",
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Tls => "tls",
             ConnectFailure::Error => "error",
         }
     }

@@ -174,8 +174,9 @@ async fn first_checks(
             }
             let key = (pool.name.clone(), upstream.address);
             let pool = pool.clone();
+            let upstream = upstream.clone();
             checks.spawn(async move {
-                let result = health::check(key.1, &pool).await;
+                let result = health::check(&upstream, &pool).await;
                 (key, result)
             });
         }

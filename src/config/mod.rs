@@ -67,9 +67,11 @@ pub struct ListenerConfig {
     /// The pool clients go to: every client, or with SNI `routes` those whose name
     /// matches no route (`None`: they are closed). Always a defined pool.
     pub pool: Option<String>,
-    /// SNI name pattern (lowercase; exact or `*.` one leading label) → pool, for TLS
-    /// passthrough routing. Empty = no SNI peeking.
+    /// SNI name pattern (lowercase; exact or `*.` one leading label) → pool: routes the
+    /// ClientHello (passthrough), or the terminated session's name (with `tls`).
     pub routes: Vec<(String, String)>,
+    /// Terminate TLS here; `None` = plain TCP or passthrough.
+    pub tls: Option<crate::tls::ServerTls>,
     /// `None` = unlimited. Beyond it, new clients are accepted and closed at once.
     pub max_connections: Option<NonZeroUsize>,
     /// listen(2) backlog. Default 1024.
@@ -152,6 +154,8 @@ pub struct PoolConfig {
     pub tcp_keepalive: Option<Duration>,
     /// Header sent to upstreams with the client's address; `None` = off.
     pub proxy_protocol: Option<ProxyProtocolVersion>,
+    /// Originate TLS to the upstreams (and in health checks); `None` = plain TCP.
+    pub tls: Option<crate::tls::ClientTls>,
     /// Never empty; addresses and names unique within the pool.
     pub upstreams: Vec<UpstreamConfig>,
     pub health: HealthConfig,

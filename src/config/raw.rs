@@ -73,9 +73,10 @@ pub enum OneOrMany {
 pub struct RawListener {
     pub bind: S<OneOrMany>,
     pub pool: Option<S<String>>,
-    /// SNI name pattern → pool (passthrough routing).
+    /// SNI name pattern → pool (passthrough routing, or after termination).
     #[serde(default)]
     pub routes: BTreeMap<S<String>, S<String>>,
+    pub tls: Option<S<RawListenerTls>>,
     #[serde(default = "default_max_connections")]
     pub max_connections: S<i64>,
     #[serde(default = "default_backlog")]
@@ -119,12 +120,50 @@ pub struct RawPool {
     pub tcp_keepalive: S<String>,
     #[serde(default = "default_off")]
     pub proxy_protocol: S<String>,
+    pub tls: Option<S<RawPoolTls>>,
     #[serde(default = "default_upstreams")]
     pub upstreams: S<Vec<S<RawUpstream>>>,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]
     pub outlier: RawOutlier,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
+    #[serde(default)]
+    pub certs: Vec<S<RawCertEntry>>,
+    #[serde(default = "default_min_version")]
+    pub min_version: S<String>,
+    #[serde(default)]
+    pub alpn: Vec<S<String>>,
+    #[serde(default = "default_empty")]
+    pub client_ca: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertEntry {
+    pub cert: S<String>,
+    pub key: S<String>,
+    #[serde(default)]
+    pub names: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolTls {
+    pub server_name: Option<S<String>>,
+    pub ca: Option<S<String>>,
+    #[serde(default = "default_empty")]
+    pub client_cert: S<String>,
+    #[serde(default = "default_empty")]
+    pub client_key: S<String>,
+    #[serde(default = "default_true")]
+    pub verify: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +228,9 @@ fn default_max_connections() -> S<i64> {
 }
 fn default_backlog() -> S<i64> {
     at(1024)
+}
+fn default_min_version() -> S<String> {
+    text("1.2")
 }
 fn default_handshake_timeout() -> S<String> {
     text("5s")

@@ -18,6 +18,8 @@ const MAX_CONNECT_ATTEMPTS: i64 = 16;
 
 struct Validator<'a> {
     file: &'a Path,
+    /// Relative paths in the file (certificates, keys) resolve against its folder.
+    base: std::path::PathBuf,
     text: &'a str,
     problems: Vec<Problem>,
 }
@@ -25,6 +27,7 @@ struct Validator<'a> {
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut v = Validator {
         file: path,
+        base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         text,
         problems: Vec::new(),
     };
@@ -309,6 +312,12 @@ impl Validator<'_> {
             ok = false;
         }
 
+        let tls = match &l.tls {
+            None => Some(None),
+            Some(tls) => self.server_tls(tls, &key("tls")).map(Some),
+        };
+        ok &= tls.is_some();
+        let tls = tls.flatten();
         if !ok {
             return None;
         }
@@ -317,6 +326,7 @@ impl Validator<'_> {
             binds,
             pool: l.pool.as_ref().map(|p| p.get_ref().clone()),
             routes,
+            tls,
             max_connections: NonZeroUsize::new(max_connections? as usize),
             backlog: backlog? as u32,
             handshake_timeout: handshake_timeout?,
@@ -410,6 +420,10 @@ impl Validator<'_> {
                 _ => None,
             });
 
+        let tls = match &p.tls {
+            None => Some(None),
+            Some(tls) => self.client_tls(tls, &key("tls")).map(Some),
+        };
         let upstreams = self.upstreams(name, p, raw.span());
         let health = self.health(name, p);
         let outlier = self.outlier(name, p);
@@ -428,6 +442,7 @@ impl Validator<'_> {
             when_all_down: when_all_down?,
             tcp_keepalive: tcp_keepalive?,
             proxy_protocol: proxy_protocol?,
+            tls: tls?,
             upstreams: upstreams?,
             health: health?,
             outlier: outlier?,
@@ -596,6 +611,131 @@ impl Validator<'_> {
             self.report(value.span(), key, format!("{:?} is not allowed; use \"off\" or a positive duration with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
         }
         parsed.map(Some)
+    }
+
+    fn path(&self, value: &str) -> std::path::PathBuf {
+        self.base.join(value)
+    }
+
+    fn server_tls(
+        &mut self,
+        raw: &S<super::raw::RawListenerTls>,
+        key: &str,
+    ) -> Option<crate::tls::ServerTls> {
+        use crate::tls::{CertFiles, ServerSettings, ServerTls};
+        let t = raw.get_ref();
+        let mut certs = Vec::new();
+        match (&t.cert, &t.key) {
+            (Some(cert), Some(key_file)) => certs.push(CertFiles {
+                cert: self.path(cert.get_ref()),
+                key: self.path(key_file.get_ref()),
+                names: Vec::new(),
+            }),
+            (None, None) => {}
+            _ => {
+                self.report(raw.span(), key, "`cert` and `key` go together; give both, or use `certs = [{ cert, key, names }]`");
+                return None;
+            }
+        }
+        for entry in &t.certs {
+            let e = entry.get_ref();
+            let mut names = Vec::new();
+            for name in &e.names {
+                if let Err(message) = crate::proxy::sni::validate_pattern(name.get_ref()) {
+                    self.report(name.span(), &format!("{key}.certs.names"), message);
+                    return None;
+                }
+                names.push(name.get_ref().to_ascii_lowercase());
+            }
+            certs.push(CertFiles {
+                cert: self.path(e.cert.get_ref()),
+                key: self.path(e.key.get_ref()),
+                names,
+            });
+        }
+        if certs.is_empty() {
+            self.report(
+                raw.span(),
+                key,
+                "no certificate; set `cert` and `key`, or `certs = [{ cert, key, names }]`",
+            );
+            return None;
+        }
+        let tls13_only = self.choice(
+            &t.min_version,
+            &format!("{key}.min_version"),
+            &["1.2", "1.3"],
+        )? == "1.3";
+        let settings = ServerSettings {
+            certs,
+            tls13_only,
+            alpn: t.alpn.iter().map(|a| a.get_ref().clone()).collect(),
+            client_ca: (!t.client_ca.get_ref().is_empty())
+                .then(|| self.path(t.client_ca.get_ref())),
+        };
+        match ServerTls::load(settings) {
+            Ok(tls) => Some(tls),
+            Err(message) => {
+                self.report(raw.span(), key, message);
+                None
+            }
+        }
+    }
+
+    fn client_tls(
+        &mut self,
+        raw: &S<super::raw::RawPoolTls>,
+        key: &str,
+    ) -> Option<crate::tls::ClientTls> {
+        use crate::tls::{ClientSettings, ClientTls};
+        let t = raw.get_ref();
+        let client_cert = match (
+            t.client_cert.get_ref().is_empty(),
+            t.client_key.get_ref().is_empty(),
+        ) {
+            (true, true) => None,
+            (false, false) => Some((
+                self.path(t.client_cert.get_ref()),
+                self.path(t.client_key.get_ref()),
+            )),
+            _ => {
+                self.report(
+                    raw.span(),
+                    key,
+                    "`client_cert` and `client_key` go together; give both or neither",
+                );
+                return None;
+            }
+        };
+        if let Some(name) = &t.server_name
+            && rustls::pki_types::ServerName::try_from(name.get_ref().as_str()).is_err()
+        {
+            self.report(
+                name.span(),
+                &format!("{key}.server_name"),
+                format!("{:?} is not a DNS name or IP address", name.get_ref()),
+            );
+            return None;
+        }
+        if !t.verify {
+            tracing::warn!(
+                key,
+                "TLS verification of upstream certificates is OFF: any certificate is accepted"
+            );
+        }
+        let settings = ClientSettings {
+            server_name: t.server_name.as_ref().map(|n| n.get_ref().clone()),
+            ca: t.ca.as_ref().map(|c| self.path(c.get_ref())),
+            client_cert,
+            verify: t.verify,
+        };
+        match ClientTls::load(settings) {
+            Ok(tls) => Some(tls),
+            Err(message) => {
+                self.report(raw.span(), key, message);
+                None
+            }
+        }
     }
 
     /// A list of networks in CIDR notation; a bare address is a single-host network.

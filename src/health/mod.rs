@@ -9,17 +9,16 @@
 pub mod outlier;
 pub mod state;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PoolConfig;
+use crate::config::{HealthConfig, PoolConfig, UpstreamConfig};
 use crate::controller::{ControllerHandle, Message};
 use crate::metrics::ConnectFailure;
 use crate::proxy::proxy_protocol;
@@ -57,6 +56,7 @@ impl CheckFailure {
             CheckFailure::Connect(ConnectFailure::Reset) => "connection reset",
             CheckFailure::Connect(ConnectFailure::Unreachable) => "unreachable",
             CheckFailure::Connect(ConnectFailure::Timeout) => "connect timeout",
+            CheckFailure::Connect(ConnectFailure::Tls) => "TLS handshake failed",
             CheckFailure::Connect(ConnectFailure::Error) => "connect error",
             CheckFailure::Timeout => "check timeout",
             CheckFailure::ExpectMismatch => "expect mismatch",
@@ -122,7 +122,7 @@ async fn check_loop(
         }
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            result = check(upstream.config.address, &pool) => result,
+            result = check(&upstream.config, &pool) => result,
         };
         let (reply, interval) = oneshot::channel();
         controller.send(Message::CheckResult {
@@ -141,15 +141,15 @@ async fn check_loop(
 /// One check: connect, then send and expect if configured, all within `timeout`. A
 /// pool that sends PROXY headers to its upstreams sends a v2 LOCAL (v1 UNKNOWN) header
 /// first, so that a server requiring the header accepts the check.
-pub async fn check(addr: SocketAddr, pool: &PoolConfig) -> Result<(), CheckFailure> {
+pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Result<(), CheckFailure> {
     let health = &pool.health;
     let deadline = Instant::now() + health.timeout;
-    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    let mut stream = match timeout_at(deadline, TcpStream::connect(upstream.address)).await {
         Err(_) => return Err(CheckFailure::Connect(ConnectFailure::Timeout)),
         Ok(Err(e)) => return Err(CheckFailure::Connect(ConnectFailure::from_io(&e))),
         Ok(Ok(stream)) => stream,
     };
-    let exchange = async {
+    let checked = async {
         if let Some(version) = pool.proxy_protocol {
             let header =
                 proxy_protocol::encode_local(crate::proxy::proxy_protocol_version(version));
@@ -158,33 +158,51 @@ pub async fn check(addr: SocketAddr, pool: &PoolConfig) -> Result<(), CheckFailu
                 .await
                 .map_err(|_| CheckFailure::Io)?;
         }
-        if !health.send.is_empty() {
-            stream
-                .write_all(&health.send)
-                .await
-                .map_err(|_| CheckFailure::Io)?;
-        }
-        if health.expect.is_empty() {
-            return Ok(());
-        }
-        let mut reply = vec![0u8; health.expect.len()];
-        let mut got = 0;
-        while got < reply.len() {
-            let n = stream
-                .read(&mut reply[got..])
-                .await
-                .map_err(|_| CheckFailure::Io)?;
-            if n == 0 {
-                return Err(CheckFailure::Closed);
+        match &pool.tls {
+            None => exchange(&mut stream, health).await,
+            Some(tls) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut session = crate::proxy::tls::connect(tls, &upstream.target, stream, left)
+                    .await
+                    .map_err(|_| CheckFailure::Connect(ConnectFailure::Tls))?;
+                exchange(&mut session, health).await
             }
-            if reply[got..got + n] != health.expect[got..got + n] {
-                return Err(CheckFailure::ExpectMismatch);
-            }
-            got += n;
         }
-        Ok(())
     };
-    timeout_at(deadline, exchange)
+    timeout_at(deadline, checked)
         .await
         .unwrap_or(Err(CheckFailure::Timeout))
+}
+
+/// The send/expect part of a check, over plain TCP or TLS.
+async fn exchange<S>(stream: &mut S, health: &HealthConfig) -> Result<(), CheckFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !health.send.is_empty() {
+        stream
+            .write_all(&health.send)
+            .await
+            .map_err(|_| CheckFailure::Io)?;
+        stream.flush().await.map_err(|_| CheckFailure::Io)?;
+    }
+    if health.expect.is_empty() {
+        return Ok(());
+    }
+    let mut reply = vec![0u8; health.expect.len()];
+    let mut got = 0;
+    while got < reply.len() {
+        let n = stream
+            .read(&mut reply[got..])
+            .await
+            .map_err(|_| CheckFailure::Io)?;
+        if n == 0 {
+            return Err(CheckFailure::Closed);
+        }
+        if reply[got..got + n] != health.expect[got..got + n] {
+            return Err(CheckFailure::ExpectMismatch);
+        }
+        got += n;
+    }
+    Ok(())
 }

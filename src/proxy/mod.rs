@@ -11,6 +11,7 @@ pub mod listener;
 pub mod proxy_protocol;
 pub mod sni;
 pub mod splice;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,9 +63,27 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
-        let Some(origin) = client_origin(&client, peer, context).await else {
+        let Some(mut origin) = client_origin(&client, peer, context).await else {
             return;
         };
+        let listener = context.snapshot.load().listener(&context.name).cloned();
+        if let Some(server_tls) = listener.as_ref().and_then(|l| l.config.tls.clone()) {
+            let early = std::mem::take(&mut origin.early);
+            let timeout = listener
+                .as_ref()
+                .map_or(Duration::from_secs(5), |l| l.config.handshake_timeout);
+            let session = match tls::accept(server_tls.config.clone(), client, early, timeout).await
+            {
+                Ok(session) => session,
+                Err(e) => {
+                    context.stats.reject(RejectReason::TlsHandshake);
+                    debug!(error = %e, "client TLS handshake failed; closing");
+                    return;
+                }
+            };
+            serve_terminated(session, &origin, context, shutdown).await;
+            return;
+        }
         let Some(pool) = choose_pool(&client, &origin, context).await else {
             return;
         };
@@ -73,13 +92,22 @@ pub(crate) async fn serve(
             else {
                 return;
             };
+            let Link { stream, meta: link } = link;
             let upstream = &link.upstream;
             tracing::Span::current().record("upstream", upstream.label());
             upstream.stats.connections_total.fetch_add(1, Relaxed);
             let _upstream_active = Active::enter(&upstream.stats.connections_active);
+            let upstream_stream = match stream {
+                UpstreamStream::Plain(stream) => stream,
+                UpstreamStream::Tls(mut stream) => {
+                    let mut client = client;
+                    generic_copy(&mut client, &mut *stream, &link, context, shutdown).await;
+                    return;
+                }
+            };
             let outcome = copy::copy_bidirectional(
                 &client,
-                &link.stream,
+                &upstream_stream,
                 link.idle_timeout,
                 Counters {
                     listener: &context.stats.bytes_in,
@@ -125,13 +153,105 @@ pub(crate) async fn serve(
     .await
 }
 
-/// A client's connection to one upstream, and what its copy needs.
-struct Link {
-    stream: TcpStream,
+/// The upstream side of a connection.
+enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// What a copy needs to know about the upstream side.
+struct LinkMeta {
     upstream: Arc<Upstream>,
     /// Cancelled when the upstream's connections must close (down, maint, drain).
     close: CancellationToken,
     idle_timeout: Option<Duration>,
+}
+
+/// A client's connection to one upstream, and what its copy needs.
+struct Link {
+    stream: UpstreamStream,
+    meta: LinkMeta,
+}
+
+/// A client whose TLS session this listener terminated: routed by its server name
+/// (SNI routes, else the listener's pool), then copied to the upstream.
+async fn serve_terminated(
+    mut session: tokio_rustls::server::TlsStream<tls::Prefixed>,
+    origin: &Origin,
+    context: &ListenerContext,
+    shutdown: &Shutdown,
+) {
+    let listener = context.snapshot.load().listener(&context.name).cloned();
+    let Some(listener) = listener else {
+        return;
+    };
+    let name = session.get_ref().1.server_name().map(str::to_string);
+    let pool = name
+        .as_deref()
+        .and_then(|n| listener.sni.lookup(n))
+        .cloned()
+        .or_else(|| listener.config.pool.clone());
+    let Some(pool) = pool else {
+        context.stats.reject(RejectReason::NoRoute);
+        debug!(server_name = ?name, "no route for the TLS server name and no default pool; closing");
+        return;
+    };
+    let raw = &session.get_ref().0.inner;
+    let Some(link) = connect_client(raw, origin, &pool, context, shutdown).await else {
+        return;
+    };
+    let Link { stream, meta } = link;
+    tracing::Span::current().record("upstream", meta.upstream.label());
+    meta.upstream.stats.connections_total.fetch_add(1, Relaxed);
+    let _upstream_active = Active::enter(&meta.upstream.stats.connections_active);
+    match stream {
+        UpstreamStream::Plain(mut stream) => {
+            generic_copy(&mut session, &mut stream, &meta, context, shutdown).await
+        }
+        UpstreamStream::Tls(mut stream) => {
+            generic_copy(&mut session, &mut *stream, &meta, context, shutdown).await
+        }
+    }
+}
+
+/// The copy for connections with TLS on either side.
+async fn generic_copy<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    link: &LinkMeta,
+    context: &ListenerContext,
+    shutdown: &Shutdown,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let outcome = tls::copy_streams(
+        client,
+        upstream,
+        link.idle_timeout,
+        Counters {
+            listener: &context.stats.bytes_in,
+            upstream: &link.upstream.stats.bytes_sent,
+        },
+        Counters {
+            listener: &context.stats.bytes_out,
+            upstream: &link.upstream.stats.bytes_received,
+        },
+        async {
+            tokio::select! {
+                _ = shutdown.force_closed() => {}
+                _ = link.close.cancelled() => {}
+            }
+        },
+    )
+    .await;
+    debug!(
+        upstream = link.upstream.label(),
+        end = ?outcome.end,
+        sent = outcome.client_to_upstream,
+        received = outcome.upstream_to_client,
+        "upstream connection closed"
+    );
 }
 
 /// Routes and connects one client: attempts in the pool's order, each failure counted
@@ -173,26 +293,57 @@ async fn connect_client(
         };
         let index = connected.upstream;
         let introduced = introduce(&connected.stream, route.config.proxy_protocol, origin).await;
-        if introduced.is_ok()
-            && !upstream_gone_first(client, &connected.stream, route.config.connect_timeout).await
-        {
-            route.feedback.connect_succeeded(&route.upstreams[index]);
-            route
-                .stats
-                .connect_seconds
-                .observe(connect_started.elapsed());
-            // The route is dropped here: a connection open for hours must not pin it.
-            return Some(Link {
-                stream: connected.stream,
-                upstream: route.upstreams[index].clone(),
-                close: route.closers[index].token(),
-                idle_timeout: route.config.idle_timeout,
-            });
+        let established = match (&route.config.tls, introduced) {
+            (_, Err(_)) => Err(ConnectFailure::Reset),
+            (Some(tls), Ok(())) => {
+                let target = &route.upstreams[index].config.target;
+                match tls::connect(tls, target, connected.stream, route.config.connect_timeout)
+                    .await
+                {
+                    Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
+                    Err(e) => {
+                        debug!(upstream = route.upstreams[index].label(), error = %e, "upstream TLS failed");
+                        Err(ConnectFailure::Tls)
+                    }
+                }
+            }
+            (None, Ok(())) => {
+                if upstream_gone_first(client, &connected.stream, route.config.connect_timeout)
+                    .await
+                {
+                    Err(ConnectFailure::Reset)
+                } else {
+                    Ok(UpstreamStream::Plain(connected.stream))
+                }
+            }
+        };
+        match established {
+            Ok(stream) => {
+                route.feedback.connect_succeeded(&route.upstreams[index]);
+                route
+                    .stats
+                    .connect_seconds
+                    .observe(connect_started.elapsed());
+                // The route is dropped here: a connection open for hours must not pin it.
+                return Some(Link {
+                    stream,
+                    meta: LinkMeta {
+                        upstream: route.upstreams[index].clone(),
+                        close: route.closers[index].token(),
+                        idle_timeout: route.config.idle_timeout,
+                    },
+                });
+            }
+            Err(reason) => {
+                // Accepted and closed before a byte flowed either way (a server dying
+                // with connections in its accept queue), or a failed TLS handshake: a
+                // failed attempt, invisible to the client.
+                route
+                    .feedback
+                    .connect_failed(&route.upstreams[index], reason);
+            }
         }
-        // Accepted and closed before a byte flowed either way (a server dying with
-        // connections in its accept queue): a failed attempt, invisible to the client.
         let failed = &route.upstreams[index];
-        route.feedback.connect_failed(failed, ConnectFailure::Reset);
         debug!(
             upstream = failed.label(),
             "upstream closed before any byte; trying the next"
