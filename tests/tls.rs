@@ -318,3 +318,38 @@ fn a_bad_certificate_file_fails_check_with_its_position() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("wild", &["a.example.com", "b.example.com"]);
+    let pa = Server::named("pa").await;
+    let pb = Server::named("pb").await;
+    let text = format!(
+        "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"pb\"\n\n[listeners.front.tls]\ncert = \"{d}/wild.pem\"\nkey = \"{d}/wild.key\"\nalpn = [\"h2\", \"http/1.1\"]\n\n[listeners.front.routes]\n\"a.example.com\" = \"pa\"\n\n\
+         [pools.pa]\nupstreams = [{{ address = \"{a}\" }}]\n[pools.pa.health]\nenabled = false\n\n[pools.pb]\nupstreams = [{{ address = \"{b}\" }}]\n[pools.pb.health]\nenabled = false\n",
+        d = dir.display(),
+        a = pa.addr,
+        b = pb.addr
+    );
+    let proxy = start_proxy(&text);
+    for (sni, expected) in [("a.example.com", "pa"), ("b.example.com", "pb")] {
+        let mut config = (*pki.client_config("main", None)).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let mut tls = tls_client(proxy.addr("front"), Arc::new(config), sni)
+            .await
+            .expect("handshake");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "ALPN negotiated"
+        );
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while tls.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        assert_eq!(String::from_utf8_lossy(&line), expected, "{sni}");
+    }
+}
