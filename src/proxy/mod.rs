@@ -72,8 +72,15 @@ pub(crate) async fn serve(
             let timeout = listener
                 .as_ref()
                 .map_or(Duration::from_secs(5), |l| l.config.handshake_timeout);
-            let session = match tls::accept(server_tls.config.clone(), client, early, timeout).await
-            {
+            // Boxed, like every TLS future here: a rustls session is large, and an
+            // inline one would grow every plain connection's task by its size.
+            let accepting = Box::pin(tls::accept(
+                server_tls.config.clone(),
+                client,
+                early,
+                timeout,
+            ));
+            let session = match accepting.await {
                 Ok(session) => session,
                 Err(e) => {
                     context.stats.reject(RejectReason::TlsHandshake);
@@ -81,7 +88,7 @@ pub(crate) async fn serve(
                     return;
                 }
             };
-            serve_terminated(session, &origin, context, shutdown).await;
+            Box::pin(serve_terminated(session, &origin, context, shutdown)).await;
             return;
         }
         let Some(pool) = choose_pool(&client, &origin, context).await else {
@@ -101,7 +108,14 @@ pub(crate) async fn serve(
                 UpstreamStream::Plain(stream) => stream,
                 UpstreamStream::Tls(mut stream) => {
                     let mut client = client;
-                    generic_copy(&mut client, &mut *stream, &link, context, shutdown).await;
+                    Box::pin(generic_copy(
+                        &mut client,
+                        &mut *stream,
+                        &link,
+                        context,
+                        shutdown,
+                    ))
+                    .await;
                     return;
                 }
             };
@@ -297,9 +311,13 @@ async fn connect_client(
             (_, Err(_)) => Err(ConnectFailure::Reset),
             (Some(tls), Ok(())) => {
                 let target = &route.upstreams[index].config.target;
-                match tls::connect(tls, target, connected.stream, route.config.connect_timeout)
-                    .await
-                {
+                let handshake = Box::pin(tls::connect(
+                    tls,
+                    target,
+                    connected.stream,
+                    route.config.connect_timeout,
+                ));
+                match handshake.await {
                     Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
                     Err(e) => {
                         debug!(upstream = route.upstreams[index].label(), error = %e, "upstream TLS failed");
