@@ -103,6 +103,8 @@ pub struct Controller {
     pools: Vec<PoolState>,
     /// Listener name → its settings (pool, access lists), published with the pools.
     listeners: HashMap<String, Arc<ListenerRoute>>,
+    /// Closers to fire once the snapshot that excludes their upstream is published.
+    closing: Vec<Arc<Closer>>,
     snapshot: SharedSnapshot,
     events: Arc<EventLog>,
     handle: ControllerHandle,
@@ -263,6 +265,7 @@ impl Controller {
         let mut controller = Self {
             pools,
             listeners: listener_routes(config),
+            closing: Vec::new(),
             snapshot: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
             events,
             handle,
@@ -466,12 +469,21 @@ impl Controller {
         if self.refresh_without_publish(p) {
             self.publish(p);
         }
+        self.close_pending();
+    }
+
+    /// Closes the connections of upstreams that went down or into maint.
+    fn close_pending(&mut self) {
+        for closer in self.closing.drain(..) {
+            closer.close_all();
+        }
     }
 
     /// [`refresh`](Self::refresh) without the swap; returns whether routing changed.
     fn refresh_without_publish(&mut self, p: usize) -> bool {
         let now = Instant::now();
         let events = self.events.clone();
+        let closing = &mut self.closing;
         let pool = &mut self.pools[p];
         let mut changed = false;
         for slot in &mut pool.slots {
@@ -504,8 +516,9 @@ impl Controller {
                     || (new == State::Down
                         && pool.config.on_upstream_down == OnUpstreamDown::Close);
                 if close {
-                    slot.closer.close_all();
-                    slot.closer = Arc::default();
+                    // Closed only after the new snapshot is published (see `refresh`):
+                    // a client moved off this upstream must find it already excluded.
+                    closing.push(std::mem::take(&mut slot.closer));
                 }
                 slot.shown = new;
                 changed = true;
@@ -636,6 +649,7 @@ impl Controller {
             self.refresh_without_publish(p);
         }
         self.publish_all();
+        self.close_pending();
     }
 
     fn reloaded_pool(
