@@ -353,3 +353,66 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
         assert_eq!(String::from_utf8_lossy(&line), expected, "{sni}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_handshake_timeout_and_a_bad_certificate_on_reload() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("server", &["db.example.com"]);
+    let upstream = Server::echo().await;
+    let tls_table = format!(
+        "pool = \"p\"\nhandshake_timeout = \"300ms\"\n\n[listeners.front.tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\nmin_version = \"1.3\"\n\n[pools.p]",
+        d = dir.display()
+    );
+    let config =
+        one_pool_config(&[(upstream.addr, 0)], "").replace("pool = \"p\"\n\n[pools.p]", &tls_table);
+    let proxy = start_proxy(&config);
+    let front = proxy.addr("front");
+    let stats = proxy.proxy.listener("front").unwrap().context.stats.clone();
+
+    // A client that only speaks TLS 1.2 is refused by min_version = "1.3".
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.ca_path("main")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls12_only = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    assert!(
+        tls_client(front, Arc::new(tls12_only), "db.example.com")
+            .await
+            .is_err()
+    );
+    wait_until(SOON, "refusal counted", || {
+        stats.rejected(RejectReason::TlsHandshake) == 1
+    })
+    .await;
+    assert!(
+        tls_client(front, pki.client_config("main", None), "db.example.com")
+            .await
+            .is_ok(),
+        "TLS 1.3 works"
+    );
+
+    // A client that never starts its handshake is closed after handshake_timeout.
+    let mut silent = TcpStream::connect(front).await.unwrap();
+    assert!(is_closed(&mut silent, SOON).await);
+    wait_until(SOON, "timeout counted", || {
+        stats.rejected(RejectReason::TlsHandshake) == 2
+    })
+    .await;
+
+    // A reload whose certificate is broken is rejected; the old one keeps serving.
+    std::fs::write(dir.join("server.pem"), "garbage").unwrap();
+    let rejected = proxy.reloader.reload().await;
+    assert!(rejected.is_err_and(|e| e.to_string().contains("server.pem")));
+    assert!(
+        tls_client(front, pki.client_config("main", None), "db.example.com")
+            .await
+            .is_ok(),
+        "old certificate still served"
+    );
+}
