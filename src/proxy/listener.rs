@@ -477,8 +477,14 @@ async fn accept_loop(
 
 fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {
     context.stats.connections_total.fetch_add(1, Relaxed);
-    let settings = context.snapshot.load().listener(&context.name).cloned();
-    if settings.is_some_and(|l| !super::access::is_allowed(&l.config, peer.ip())) {
+    // The listener's settings as of this moment serve the whole connection setup: one
+    // snapshot load here instead of one per step.
+    let Some(listener) = context.snapshot.load().listener(&context.name).cloned() else {
+        // Only in the instant a reload removes this listener.
+        context.stats.connections_failed.fetch_add(1, Relaxed);
+        return;
+    };
+    if !super::access::is_allowed(&listener.config, peer.ip()) {
         context.stats.reject(RejectReason::Denied);
         debug!(listener = %context.name, client = %peer, "client network not allowed; closing");
         return;
@@ -491,7 +497,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
     let context = context.clone();
     let task_shutdown = shutdown.clone();
     shutdown.connections().spawn(async move {
-        super::serve(stream, peer, &context, &task_shutdown).await;
+        super::serve(stream, peer, &context, &listener, &task_shutdown).await;
         context.release(permit);
     });
 }

@@ -28,7 +28,7 @@ use crate::config::{ProxyProtocolAccept, ProxyProtocolVersion};
 use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
-use crate::snapshot::Upstream;
+use crate::snapshot::{ListenerRoute, Upstream};
 use copy::{CopyEnd, Counters};
 use listener::ListenerContext;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +53,7 @@ pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     context: &ListenerContext,
+    listener: &ListenerRoute,
     shutdown: &Shutdown,
 ) {
     let span = tracing::debug_span!(
@@ -63,15 +64,12 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
-        let Some(mut origin) = client_origin(&client, peer, context).await else {
+        let Some(mut origin) = client_origin(&client, peer, listener, context).await else {
             return;
         };
-        let listener = context.snapshot.load().listener(&context.name).cloned();
-        if let Some(server_tls) = listener.as_ref().and_then(|l| l.config.tls.clone()) {
+        if let Some(server_tls) = &listener.config.tls {
             let early = std::mem::take(&mut origin.early);
-            let timeout = listener
-                .as_ref()
-                .map_or(Duration::from_secs(5), |l| l.config.handshake_timeout);
+            let timeout = listener.config.handshake_timeout;
             // Boxed, like every TLS future here: a rustls session is large, and an
             // inline one would grow every plain connection's task by its size.
             let accepting = Box::pin(tls::accept(
@@ -88,10 +86,13 @@ pub(crate) async fn serve(
                     return;
                 }
             };
-            Box::pin(serve_terminated(session, &origin, context, shutdown)).await;
+            Box::pin(serve_terminated(
+                session, &origin, listener, context, shutdown,
+            ))
+            .await;
             return;
         }
-        let Some(pool) = choose_pool(&client, &origin, context).await else {
+        let Some(pool) = choose_pool(&client, &origin, listener, context).await else {
             return;
         };
         loop {
@@ -192,13 +193,10 @@ struct Link {
 async fn serve_terminated(
     mut session: tokio_rustls::server::TlsStream<tls::Prefixed>,
     origin: &Origin,
+    listener: &ListenerRoute,
     context: &ListenerContext,
     shutdown: &Shutdown,
 ) {
-    let listener = context.snapshot.load().listener(&context.name).cloned();
-    let Some(listener) = listener else {
-        return;
-    };
     let name = session.get_ref().1.server_name().map(str::to_string);
     let pool = name
         .as_deref()
@@ -392,6 +390,7 @@ struct Origin {
 async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
+    listener: &ListenerRoute,
     context: &ListenerContext,
 ) -> Option<Origin> {
     let local = client
@@ -402,8 +401,7 @@ async fn client_origin(
         destination: local,
         early: Vec::new(),
     };
-    let settings = context.snapshot.load().listener(&context.name).cloned()?;
-    let settings = &settings.config;
+    let settings = &listener.config;
     let Some(accept) = settings.accept_proxy_protocol else {
         return Some(direct);
     };
@@ -448,9 +446,9 @@ async fn client_origin(
 async fn choose_pool(
     client: &TcpStream,
     origin: &Origin,
+    listener: &ListenerRoute,
     context: &ListenerContext,
 ) -> Option<String> {
-    let listener = context.snapshot.load().listener(&context.name).cloned()?;
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
     }
