@@ -120,6 +120,24 @@ pub async fn copy_bidirectional(
         started,
     };
     let pumps = async { tokio::try_join!(to_upstream.pump(zero_copy), to_client.pump(zero_copy)) };
+    let end = until_end(pumps, idle_timeout, started, &last_activity, closed).await;
+    CopyOutcome {
+        end,
+        client_to_upstream: sent.load(Relaxed),
+        upstream_to_client: received.load(Relaxed),
+    }
+}
+
+/// Runs `copying` until it finishes, the idle deadline passes (no byte read for
+/// `idle_timeout` since `last_activity`, milliseconds after `started`), or `closed`
+/// resolves; how it ended. Shared by the plain and the TLS copy.
+pub(super) async fn until_end<T>(
+    copying: impl std::future::Future<Output = io::Result<T>>,
+    idle_timeout: Option<Duration>,
+    started: Instant,
+    last_activity: &AtomicU64,
+    closed: impl std::future::Future<Output = ()>,
+) -> CopyEnd {
     let idle = async {
         let Some(limit) = idle_timeout else {
             return std::future::pending().await;
@@ -132,16 +150,10 @@ pub async fn copy_bidirectional(
             sleep_until(deadline).await;
         }
     };
-
-    let end = tokio::select! {
-        result = pumps => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
+    tokio::select! {
+        result = copying => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
         _ = idle => CopyEnd::Idle,
         _ = closed => CopyEnd::Closed,
-    };
-    CopyOutcome {
-        end,
-        client_to_upstream: sent.load(Relaxed),
-        upstream_to_client: received.load(Relaxed),
     }
 }
 

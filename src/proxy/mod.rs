@@ -410,24 +410,14 @@ async fn client_origin(
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
     }
-    let header = tokio::time::timeout(
+    let (header, early) = handshake_step(
+        context,
         settings.handshake_timeout,
         read_proxy_header(client, accept_mode(accept)),
+        RejectReason::ProxyProtocol,
+        "PROXY header",
     )
-    .await;
-    let (header, early) = match header {
-        Err(_) => {
-            context.stats.reject(RejectReason::HandshakeTimeout);
-            debug!("no complete PROXY header within handshake_timeout; closing");
-            return None;
-        }
-        Ok(Err(e)) => {
-            context.stats.reject(RejectReason::ProxyProtocol);
-            debug!(error = %e, "bad PROXY header; closing");
-            return None;
-        }
-        Ok(Ok(header)) => header,
-    };
+    .await?;
     // LOCAL / UNKNOWN headers (a balancer's own health check) carry no client address.
     let (source, destination) = match header.addresses() {
         Some(addresses) => (addresses.source, addresses.destination),
@@ -452,24 +442,14 @@ async fn choose_pool(
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
     }
-    let peeked = tokio::time::timeout(
+    let name = handshake_step(
+        context,
         listener.config.handshake_timeout,
         peek_server_name(client, &origin.early),
+        RejectReason::ClientHello,
+        "ClientHello",
     )
-    .await;
-    let name = match peeked {
-        Err(_) => {
-            context.stats.reject(RejectReason::HandshakeTimeout);
-            debug!("no complete ClientHello within handshake_timeout; closing");
-            return None;
-        }
-        Ok(Err(e)) => {
-            context.stats.reject(RejectReason::ClientHello);
-            debug!(error = %e, "cannot route by SNI; closing");
-            return None;
-        }
-        Ok(Ok(name)) => name,
-    };
+    .await?;
     let routed = name
         .as_deref()
         .and_then(|n| listener.sni.lookup(n))
@@ -480,6 +460,30 @@ async fn choose_pool(
         debug!(server_name = ?name, "no SNI route matches and there is no default pool; closing");
     }
     pool
+}
+
+/// Runs one step of a client's setup under `handshake_timeout`; a timeout or a failure
+/// refuses the client, counted as `HandshakeTimeout` or `failure`.
+async fn handshake_step<T>(
+    context: &ListenerContext,
+    limit: Duration,
+    step: impl std::future::Future<Output = Result<T, String>>,
+    failure: RejectReason,
+    what: &str,
+) -> Option<T> {
+    match tokio::time::timeout(limit, step).await {
+        Err(_) => {
+            context.stats.reject(RejectReason::HandshakeTimeout);
+            debug!("no complete {what} within handshake_timeout; closing");
+            None
+        }
+        Ok(Err(e)) => {
+            context.stats.reject(failure);
+            debug!(error = %e, "bad {what}; closing");
+            None
+        }
+        Ok(Ok(value)) => Some(value),
+    }
 }
 
 /// Peeks (without consuming) until the whole ClientHello is visible; returns its server

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::copy::{CopyEnd, CopyOutcome, Counters};
+use super::copy::{CopyOutcome, Counters, until_end};
 
 /// TLS copy buffers; smaller than the plain path's, since a TLS record is at most 16 KiB.
 const TLS_BUFFER: usize = 16 * 1024;
@@ -114,23 +114,7 @@ where
         TLS_BUFFER,
         TLS_BUFFER,
     );
-    let idle = async {
-        let Some(limit) = idle_timeout else {
-            return std::future::pending().await;
-        };
-        loop {
-            let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            sleep_until(deadline).await;
-        }
-    };
-    let end = tokio::select! {
-        result = copy => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
-        _ = idle => CopyEnd::Idle,
-        _ = closed => CopyEnd::Closed,
-    };
+    let end = until_end(copy, idle_timeout, started, &last_activity, closed).await;
     CopyOutcome {
         end,
         client_to_upstream: sent.load(Relaxed),
