@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use switchyard::config::{Config, LogFormat};
@@ -129,6 +129,7 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn run(cli: &Cli, path: &Path) -> ExitCode {
+    switchyard::shutdown::ignore_hangup_until_handled();
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -172,7 +173,9 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
     })
 }
 
-/// SIGTERM/SIGINT begin a graceful shutdown (SIGHUP, reload, is `switchyard::run`'s).
+/// The first SIGTERM/SIGINT begins a graceful shutdown; a second one means "now": the
+/// process exits at once, closing whatever is still open (SIGHUP, reload, is
+/// `switchyard::run`'s).
 fn watch_signals(shutdown: Shutdown) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -183,6 +186,15 @@ fn watch_signals(shutdown: Shutdown) -> std::io::Result<()> {
             _ = interrupt.recv() => info!("SIGINT received"),
         }
         shutdown.begin();
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        warn!(
+            open = shutdown.open_connections(),
+            "second stop signal: exiting now without waiting for open connections"
+        );
+        std::process::exit(1);
     });
     Ok(())
 }

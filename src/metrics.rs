@@ -49,7 +49,8 @@ pub enum RejectReason {
     UntrustedProxy,
     /// A malformed, oversized or truncated PROXY header.
     ProxyProtocol,
-    /// The PROXY header or the ClientHello did not arrive within `handshake_timeout`.
+    /// The PROXY header, the ClientHello or the TLS handshake did not complete within
+    /// `handshake_timeout` (one deadline for all of them, from accept).
     HandshakeTimeout,
     /// Not a TLS ClientHello where SNI routing needs one, or a malformed one.
     ClientHello,

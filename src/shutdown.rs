@@ -72,3 +72,19 @@ impl Shutdown {
         left
     }
 }
+
+/// Ignores SIGHUP until the reload handler replaces this disposition.
+///
+/// SIGHUP's default action ends the process, and the reload handler can only be
+/// installed once the runtime runs, after the config is loaded: a reload asked for during
+/// start-up (a deployment script racing the start) would otherwise kill the proxy. The
+/// file read at start is the newest one anyway, so an ignored early SIGHUP loses nothing
+/// but a reload of the same file.
+#[allow(unsafe_code)]
+pub fn ignore_hangup_until_handled() {
+    // SAFETY: signal(2) with SIG_IGN installs no handler code, only a disposition; it
+    // is called before any other thread exists, so nothing races it.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}

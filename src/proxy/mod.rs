@@ -64,27 +64,26 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
-        let Some(mut origin) = client_origin(&client, peer, listener, context).await else {
+        // One deadline for every step before routing (PROXY header, ClientHello, TLS
+        // handshake), so that a slow client cannot buy a fresh timeout per step.
+        let handshake = Handshake {
+            context,
+            shutdown,
+            deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
+        };
+        let Some(mut origin) = client_origin(&client, peer, listener, &handshake).await else {
             return;
         };
         if let Some(server_tls) = &listener.config.tls {
             let early = std::mem::take(&mut origin.early);
-            let timeout = listener.config.handshake_timeout;
             // Boxed, like every TLS future here: a rustls session is large, and an
             // inline one would grow every plain connection's task by its size.
-            let accepting = Box::pin(tls::accept(
-                server_tls.config.clone(),
-                client,
-                early,
-                timeout,
-            ));
-            let session = match accepting.await {
-                Ok(session) => session,
-                Err(e) => {
-                    context.stats.reject(RejectReason::TlsHandshake);
-                    debug!(error = %e, "client TLS handshake failed; closing");
-                    return;
-                }
+            let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
+            let Some(session) = handshake
+                .step(accepting, RejectReason::TlsHandshake, "TLS handshake")
+                .await
+            else {
+                return;
             };
             Box::pin(serve_terminated(
                 session, &origin, listener, context, shutdown,
@@ -92,7 +91,7 @@ pub(crate) async fn serve(
             .await;
             return;
         }
-        let Some(pool) = choose_pool(&client, &origin, listener, context).await else {
+        let Some(pool) = choose_pool(&client, &origin, listener, &handshake).await else {
             return;
         };
         loop {
@@ -391,8 +390,9 @@ async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
     listener: &ListenerRoute,
-    context: &ListenerContext,
+    handshake: &Handshake<'_>,
 ) -> Option<Origin> {
+    let context = handshake.context;
     let local = client
         .local_addr()
         .unwrap_or_else(|_| unspecified_like(peer));
@@ -410,14 +410,13 @@ async fn client_origin(
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
     }
-    let (header, early) = handshake_step(
-        context,
-        settings.handshake_timeout,
-        read_proxy_header(client, accept_mode(accept)),
-        RejectReason::ProxyProtocol,
-        "PROXY header",
-    )
-    .await?;
+    let (header, early) = handshake
+        .step(
+            read_proxy_header(client, accept_mode(accept)),
+            RejectReason::ProxyProtocol,
+            "PROXY header",
+        )
+        .await?;
     // LOCAL / UNKNOWN headers (a balancer's own health check) carry no client address.
     let (source, destination) = match header.addresses() {
         Some(addresses) => (addresses.source, addresses.destination),
@@ -437,57 +436,78 @@ async fn choose_pool(
     client: &TcpStream,
     origin: &Origin,
     listener: &ListenerRoute,
-    context: &ListenerContext,
+    handshake: &Handshake<'_>,
 ) -> Option<String> {
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
     }
-    let name = handshake_step(
-        context,
-        listener.config.handshake_timeout,
-        peek_server_name(client, &origin.early),
-        RejectReason::ClientHello,
-        "ClientHello",
-    )
-    .await?;
+    let name = handshake
+        .step(
+            peek_server_name(client, &origin.early),
+            RejectReason::ClientHello,
+            "ClientHello",
+        )
+        .await?;
     let routed = name
         .as_deref()
         .and_then(|n| listener.sni.lookup(n))
         .cloned();
     let pool = routed.or_else(|| listener.config.pool.clone());
     if pool.is_none() {
-        context.stats.reject(RejectReason::NoRoute);
+        handshake.context.stats.reject(RejectReason::NoRoute);
         debug!(server_name = ?name, "no SNI route matches and there is no default pool; closing");
     }
     pool
 }
 
-/// Runs one step of a client's setup under `handshake_timeout`; a timeout or a failure
-/// refuses the client, counted as `HandshakeTimeout` or `failure`.
-async fn handshake_step<T>(
-    context: &ListenerContext,
-    limit: Duration,
-    step: impl std::future::Future<Output = Result<T, String>>,
-    failure: RejectReason,
-    what: &str,
-) -> Option<T> {
-    match tokio::time::timeout(limit, step).await {
-        Err(_) => {
-            context.stats.reject(RejectReason::HandshakeTimeout);
-            debug!("no complete {what} within handshake_timeout; closing");
-            None
+/// The steps of a client's setup before it is routed, under one deadline.
+struct Handshake<'a> {
+    context: &'a ListenerContext,
+    shutdown: &'a Shutdown,
+    /// Accept time plus `handshake_timeout`.
+    deadline: tokio::time::Instant,
+}
+
+impl Handshake<'_> {
+    /// Runs one step; a missed deadline refuses the client as `HandshakeTimeout`, a
+    /// failure as `failure`. A client still handshaking when the shutdown grace ends
+    /// is closed with the rest, not waited for.
+    async fn step<T>(
+        &self,
+        step: impl std::future::Future<Output = Result<T, String>>,
+        failure: RejectReason,
+        what: &str,
+    ) -> Option<T> {
+        let bounded = tokio::time::timeout_at(self.deadline, step);
+        let outcome = tokio::select! {
+            outcome = bounded => outcome,
+            _ = self.shutdown.force_closed() => {
+                debug!("shutdown grace ended during the {what}; closing");
+                return None;
+            }
+        };
+        match outcome {
+            Err(_) => {
+                self.context.stats.reject(RejectReason::HandshakeTimeout);
+                debug!("no complete {what} within handshake_timeout; closing");
+                None
+            }
+            Ok(Err(e)) => {
+                self.context.stats.reject(failure);
+                debug!(error = %e, "bad {what}; closing");
+                None
+            }
+            Ok(Ok(value)) => Some(value),
         }
-        Ok(Err(e)) => {
-            context.stats.reject(failure);
-            debug!(error = %e, "bad {what}; closing");
-            None
-        }
-        Ok(Ok(value)) => Some(value),
     }
 }
 
 /// Peeks (without consuming) until the whole ClientHello is visible; returns its server
 /// name. `early` are bytes already read after a PROXY header: the hello starts there.
+///
+/// Every turn of the loop either sees new bytes or awaits readiness, and a client that
+/// closed its write side with an incomplete hello is an error at once: peeking the same
+/// bytes again would otherwise spin without ever yielding to the timer.
 async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<String>, String> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(client);
     let start = early.len();
@@ -511,7 +531,7 @@ async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<Str
         let peeked = client.try_io(Interest::READABLE, || {
             let n = splice::peek(fd, space)?;
             // Nothing new since the last look: report "would block" so that tokio
-            // waits for the next arrival instead of peeking the same bytes again.
+            // clears the readiness and waits for the next arrival.
             if n != 0 && n == seen {
                 return Err(std::io::ErrorKind::WouldBlock.into());
             }
@@ -521,10 +541,25 @@ async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<Str
             Ok(0) => return Err("closed before the ClientHello was complete".to_string()),
             Ok(n) => seen = n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                client.readable().await.map_err(|e| e.to_string())?;
+                let ready = client
+                    .ready(Interest::READABLE)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // A closed read side stays readable for ever. Bytes may have arrived
+                // together with the FIN, so look once more before giving up.
+                if ready.is_read_closed() {
+                    let n = splice::peek(fd, &mut buf[start..]).map_err(|e| e.to_string())?;
+                    if n == seen {
+                        return Err("closed before the ClientHello was complete".to_string());
+                    }
+                    seen = n;
+                }
             }
             Err(e) => return Err(e.to_string()),
         }
+        // Belt and braces: whatever the socket reports, this loop gives the scheduler
+        // (and the handshake deadline) a turn when it runs long.
+        tokio::task::coop::consume_budget().await;
     }
 }
 

@@ -39,23 +39,21 @@ struct Counted<'a, S> {
     started: Instant,
 }
 
-/// Terminates a client's TLS session within `timeout`.
+/// Terminates a client's TLS session; the caller bounds it in time.
 pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     client: TcpStream,
     early: Vec<u8>,
-    timeout: Duration,
 ) -> Result<tokio_rustls::server::TlsStream<Prefixed>, String> {
     let stream = Prefixed {
         prefix: early,
         read: 0,
         inner: client,
     };
-    match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream)).await {
-        Err(_) => Err("TLS handshake timed out".to_string()),
-        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-        Ok(Ok(stream)) => Ok(stream),
-    }
+    TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))
 }
 
 /// Originates a TLS session to an upstream within `timeout`.
