@@ -13,14 +13,16 @@ use switchyard::shutdown::Shutdown;
 #[derive(Debug, Parser)]
 #[command(
     name = "switchyard",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SWITCHYARD_GIT_COMMIT"), ")"),
     about = "A TCP proxy with built-in failover"
 )]
 struct Cli {
     /// Log output format (overrides the config's log.format).
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormatArg>,
-    /// Log level or filter, e.g. "debug" (overrides RUST_LOG and the config's log.level).
+    /// Log level (error, warn, info, debug, trace, off) or comma-separated
+    /// target=level directives, e.g. "info,switchyard::health=debug" (overrides RUST_LOG
+    /// and the config's log.level).
     #[arg(long, global = true)]
     log_level: Option<String>,
     #[command(subcommand)]
@@ -37,18 +39,22 @@ enum LogFormatArg {
 enum Command {
     /// Run the proxy.
     Run {
+        /// The configuration file.
         #[arg(short = 'c', long = "config", default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
-    /// Validate a config file and print what it sets up.
+    /// Validate a config file and print what it sets up (exit 0 means `run` starts).
     Check {
+        /// The configuration file.
         #[arg(short = 'c', long = "config", default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
     /// Ask a running instance's admin API for its pools and upstreams.
     Status {
+        /// The admin API's address (host:port).
         #[arg(long, default_value = "127.0.0.1:9900")]
         admin: String,
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -58,6 +64,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = log_filter_text(&cli).and_then(|text| parse_log_filter(&text)) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Command::Check { ref config } => check(config),
         Command::Run { ref config } => run(&cli, config),
@@ -199,20 +209,58 @@ fn watch_signals(shutdown: Shutdown) -> std::io::Result<()> {
     Ok(())
 }
 
-fn init_logging(cli: &Cli, config_level: &str, config_format: LogFormat) {
-    let filter = match (&cli.log_level, std::env::var("RUST_LOG")) {
-        (Some(level), _) => EnvFilter::try_new(level),
-        (None, Ok(env)) if !env.is_empty() => EnvFilter::try_new(env),
-        _ => EnvFilter::try_new(config_level),
+/// The log filter asked for on the command line or in RUST_LOG, if any.
+fn log_filter_text(cli: &Cli) -> Result<String, String> {
+    if let Some(level) = &cli.log_level {
+        return Ok(level.clone());
     }
-    .unwrap_or_else(|_| EnvFilter::new("info"));
+    match std::env::var("RUST_LOG") {
+        Ok(env) => Ok(env),
+        Err(std::env::VarError::NotPresent) => Ok(String::new()),
+        Err(std::env::VarError::NotUnicode(_)) => Err("RUST_LOG is not valid UTF-8".into()),
+    }
+}
+
+const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// A level, or comma-separated `target=level` directives. Stricter than `EnvFilter`,
+/// which reads an unknown word such as "verbose" as a target name and silently logs
+/// nothing useful: a typo must be a usage error, as it is in the config file.
+fn parse_log_filter(text: &str) -> Result<Option<EnvFilter>, String> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unknown log level {level:?} in {text:?}; use one of {} or target=level directives such as \"info,switchyard::health=debug\"",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    EnvFilter::try_new(text)
+        .map(Some)
+        .map_err(|e| format!("invalid log filter {text:?}: {e}"))
+}
+
+fn init_logging(cli: &Cli, config_level: &str, config_format: LogFormat) {
+    // Validated in `main`; the config's level was validated with the config.
+    let filter = log_filter_text(cli)
+        .ok()
+        .and_then(|text| parse_log_filter(&text).ok().flatten())
+        .unwrap_or_else(|| EnvFilter::new(config_level));
     let json = match cli.log_format {
         Some(LogFormatArg::Json) => true,
         Some(LogFormatArg::Text) => false,
         None => config_format == LogFormat::Json,
     };
+    // Colour codes only for a person at a terminal: in a file or a journal they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -283,3 +283,128 @@ async fn sighup_does_not_kill_the_process() {
     }
     assert!(child.0.try_wait().unwrap().is_none());
 }
+
+#[test]
+fn an_unknown_log_level_is_a_usage_error() {
+    let out = switchyard(&["--log-level", "verbose", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown log level \"verbose\""), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .env("RUST_LOG", "switchyard=loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Directives with valid levels still work.
+    let out = switchyard(&["--log-level", "warn,switchyard::health=debug", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let out = switchyard(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("switchyard {} (", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|h| h.status.success());
+    if let Some(head) = head {
+        // The build script reruns whenever HEAD moves, so the binary names this commit.
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        assert!(stdout.contains(&format!("({head})")), "{stdout} vs {head}");
+    }
+}
+
+#[test]
+fn every_flag_has_help_text() {
+    for command in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["check", "--help"],
+        &["status", "--help"],
+    ] {
+        let out = switchyard(command);
+        assert_eq!(out.status.code(), Some(0));
+        let help = String::from_utf8_lossy(&out.stdout);
+        for line in help.lines().filter(|l| l.trim_start().starts_with('-')) {
+            let described = line
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, text)| !text.trim().is_empty());
+            assert!(described, "{command:?}: no help text on {line:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_written_to_a_file_have_no_colour_codes_and_plain_values() {
+    let upstream = Server::echo().await;
+    let port = closed_port().port();
+    let dir = temp_dir("plain-logs");
+    let path = dir.join("run.toml");
+    let log_path = dir.join("stderr.log");
+    let config = one_pool_config(&[(upstream.addr, 0)], "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&path, config).unwrap();
+    let mut child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--log-level", "debug", "run", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + SOON;
+    while echo_round_trip(addr, b"logged").await.is_err() {
+        assert!(Instant::now() < deadline, "switchyard did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send_signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0, SOON).await.success());
+    let log = std::fs::read(&log_path).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("switchyard started"), "{text}");
+    assert!(!log.contains(&0x1b), "escape bytes in a log file:\n{text}");
+    assert!(text.contains("pool=p"), "{text}");
+    assert!(!text.contains("Some("), "Debug-formatted values:\n{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With one `SO_REUSEPORT` socket per worker, an address is still one address to an
+/// operator: once in the start-up log, `/status` and `switchyard status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listener_address_is_shown_once() {
+    let upstream = Server::echo().await;
+    let (admin, front) = (closed_port(), closed_port());
+    let toml = format!(
+        "[runtime]\nworker_threads = 2\n[admin]\nlisten = \"{admin}\"\n{}",
+        one_pool_config(&[(upstream.addr, 0)], "").replace("127.0.0.1:0", &front.to_string())
+    );
+    let proxy = ChildProxy::start(&toml, admin).await;
+    let status = get_json(admin, "/status").await;
+    let binds = &status["listeners"][0]["binds"];
+    assert_eq!(binds, &serde_json::json!([front.to_string()]), "{status}");
+    let table = switchyard(&["status", "--admin", &admin.to_string()]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.matches(&front.to_string()).count(), 1, "{table}");
+    let deadline = Instant::now() + SOON;
+    while !proxy.stderr().contains("listening") {
+        assert!(Instant::now() < deadline, "no start-up log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = proxy.stderr();
+    let listening = log
+        .lines()
+        .filter(|l| l.contains("listening") && l.contains(&front.to_string()))
+        .count();
+    assert_eq!(listening, 1, "{log}");
+}

@@ -117,13 +117,29 @@ impl BoundListener {
         })
     }
 
-    /// The addresses actually bound (port 0 resolved).
+    /// The addresses actually bound (port 0 resolved), each once however many
+    /// `SO_REUSEPORT` sockets share it.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets
-            .iter()
-            .filter_map(|(_, s)| s.local_addr().ok())
-            .collect()
+        let mut addrs = Vec::new();
+        for addr in self.sockets.iter().filter_map(|(_, s)| s.local_addr().ok()) {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        addrs
     }
+}
+
+/// The addresses of `sockets`, each once: the `SO_REUSEPORT` siblings of one address
+/// are one address to an operator.
+fn distinct_addrs(sockets: &[RunningSocket]) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for addr in sockets.iter().filter_map(|s| s.listener.local_addr().ok()) {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    addrs
 }
 
 /// One socket per accept loop for `addr`; port 0 gets one socket, since each
@@ -281,11 +297,7 @@ impl ListenerSet {
             .map(|l| ListenerView {
                 context: l.context.clone(),
                 config: l.config.clone(),
-                addrs: l
-                    .sockets
-                    .iter()
-                    .filter_map(|s| s.listener.local_addr().ok())
-                    .collect(),
+                addrs: distinct_addrs(&l.sockets),
             })
             .collect()
     }
@@ -370,10 +382,11 @@ impl ListenerSet {
                 {
                     warn!(listener = %bound.config.name, error = %e, "cannot set the listening socket's options");
                 }
-                if let Ok(addr) = socket.listener.local_addr() {
-                    info!(listener = %bound.config.name, %addr, pool = ?bound.config.pool, "listening");
-                }
                 sockets.push(socket);
+            }
+            for addr in distinct_addrs(&sockets) {
+                let pool = bound.config.pool.as_deref().unwrap_or("(SNI routes only)");
+                info!(listener = %bound.config.name, %addr, %pool, "listening");
             }
             if let Some(previous) = previous {
                 for socket in previous.sockets {
@@ -472,7 +485,9 @@ async fn accept_loop(
             }
         }
     }
-    debug!(listener = %context.name, addr = ?local, "stopped accepting");
+    if let Some(addr) = local {
+        debug!(listener = %context.name, %addr, "stopped accepting");
+    }
 }
 
 fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {

@@ -101,7 +101,7 @@ pub(crate) async fn serve(
             };
             let Link { stream, meta: link } = link;
             let upstream = &link.upstream;
-            tracing::Span::current().record("upstream", upstream.label());
+            tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
             upstream.stats.connections_total.fetch_add(1, Relaxed);
             let _upstream_active = Active::enter(&upstream.stats.connections_active);
             let upstream_stream = match stream {
@@ -141,7 +141,7 @@ pub(crate) async fn serve(
             )
             .await;
             debug!(
-                upstream = upstream.label(),
+                upstream = %upstream.label(),
                 end = ?outcome.end,
                 sent = outcome.client_to_upstream,
                 received = outcome.upstream_to_client,
@@ -158,7 +158,7 @@ pub(crate) async fn serve(
                 return;
             }
             debug!(
-                upstream = upstream.label(),
+                upstream = %upstream.label(),
                 "upstream went down before any byte; reconnecting the client"
             );
         }
@@ -204,7 +204,7 @@ async fn serve_terminated(
         .or_else(|| listener.config.pool.clone());
     let Some(pool) = pool else {
         context.stats.reject(RejectReason::NoRoute);
-        debug!(server_name = ?name, "no route for the TLS server name and no default pool; closing");
+        debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no route for the TLS server name and no default pool; closing");
         return;
     };
     let raw = &session.get_ref().0.inner;
@@ -212,7 +212,7 @@ async fn serve_terminated(
         return;
     };
     let Link { stream, meta } = link;
-    tracing::Span::current().record("upstream", meta.upstream.label());
+    tracing::Span::current().record("upstream", tracing::field::display(meta.upstream.label()));
     meta.upstream.stats.connections_total.fetch_add(1, Relaxed);
     let _upstream_active = Active::enter(&meta.upstream.stats.connections_active);
     match stream {
@@ -257,7 +257,7 @@ async fn generic_copy<A, B>(
     )
     .await;
     debug!(
-        upstream = link.upstream.label(),
+        upstream = %link.upstream.label(),
         end = ?outcome.end,
         sent = outcome.client_to_upstream,
         received = outcome.upstream_to_client,
@@ -317,7 +317,7 @@ async fn connect_client(
                 match handshake.await {
                     Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
                     Err(e) => {
-                        debug!(upstream = route.upstreams[index].label(), error = %e, "upstream TLS failed");
+                        debug!(upstream = %route.upstreams[index].label(), error = %e, "upstream TLS failed");
                         Err(ConnectFailure::Tls)
                     }
                 }
@@ -360,7 +360,7 @@ async fn connect_client(
         }
         let failed = &route.upstreams[index];
         debug!(
-            upstream = failed.label(),
+            upstream = %failed.label(),
             "upstream closed before any byte; trying the next"
         );
         remaining = &remaining[connected.attempts..];
@@ -455,7 +455,7 @@ async fn choose_pool(
     let pool = routed.or_else(|| listener.config.pool.clone());
     if pool.is_none() {
         handshake.context.stats.reject(RejectReason::NoRoute);
-        debug!(server_name = ?name, "no SNI route matches and there is no default pool; closing");
+        debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no SNI route matches and there is no default pool; closing");
     }
     pool
 }
