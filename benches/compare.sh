@@ -4,6 +4,7 @@
 #   benches/compare.sh                 # 3 rounds, 5 s per measurement (about 10 minutes)
 #   ROUNDS=5 benches/compare.sh        # more rounds
 #   QUICK=1 benches/compare.sh         # smoke run: 1 round, 2 s per measurement, 1000 idle conns
+#   benches/compare.sh --help          # this text; runs nothing
 #
 # Targets: direct (no proxy), switchyard, HAProxy, HAProxy with splice forced
 # (option splice-request/splice-response) and NGINX stream. Each proxy forwards one
@@ -36,9 +37,9 @@
 # compare.svg (grouped bars relative to HAProxy), and prints the Markdown at the end.
 #
 # Needs: cargo, python3, and (installed with apt-get when missing, as root) haproxy,
-# nginx-light or nginx, libnginx-mod-stream, iperf3, sockperf, wrk. Installing the nginx
-# package on a host with an init system starts the system's own nginx on port 80 as usual;
-# this script runs its own instances from a temporary folder and never touches that one.
+# nginx-light or nginx, libnginx-mod-stream, iperf3, sockperf, wrk. Packages are installed
+# with their system services held back (policy-rc.d), so no system nginx or haproxy is left
+# running; this script runs its own instances from a temporary folder.
 # Everything listens on 127.0.0.1 only. Every process started here is stopped by its PID
 # on exit, error or interrupt. Every wait polls with a deadline.
 #
@@ -48,6 +49,23 @@
 # with the configs and logs).
 
 set -euo pipefail
+
+usage() {
+    # The header comment above is the manual.
+    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
+for arg in "$@"; do
+    case $arg in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        echo "compare.sh: unknown argument '$arg'; it takes none (settings are environment variables, see --help)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -183,12 +201,23 @@ apt_install() {
     if ((EUID != 0)); then
         die "missing packages: $*; install them (as root: apt-get install -y $*) and run again"
     fi
-    log "installing $* with apt-get"
+    log "installing $* with apt-get (their system services are not started)"
+    # Packages such as nginx and haproxy start a system service on install; a benchmark
+    # must not leave one running. policy-rc.d answering 101 tells invoke-rc.d "not now".
+    local policy=/usr/sbin/policy-rc.d placed=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && placed=1
+    fi
+    local status=0
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; then
         # Stale package lists are the usual cause: refresh once and retry.
         DEBIAN_FRONTEND=noninteractive apt-get update &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" || status=$?
     fi
+    if ((placed)); then
+        rm -f "$policy"
+    fi
+    return "$status"
 }
 
 # NGINX compiled with the stream module inside (not "--with-stream=dynamic").

@@ -336,10 +336,12 @@ impl Controller {
                 slot.state
                     .on_check(result.is_ok(), health.rise, health.fall, now);
                 slot.reason = Some(match (result, slot.state.state(now)) {
+                    // Ejected while the checks had it down: the ejection is over, but
+                    // the upstream stays down until `rise` passes in a row.
                     (Ok(()), State::Down) => format!(
-                        "ejection ended by a passing check; {} of {} passes towards up",
+                        "a passing check ended the ejection; still down until {} passes in a row ({} so far)",
+                        health.rise,
                         slot.state.counts().0,
-                        health.rise
                     ),
                     (Ok(()), _) => "check passed".to_string(),
                     (Err(failure), _) => failure.to_string(),

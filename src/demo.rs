@@ -238,69 +238,81 @@ fn print_timeline(
         )
     };
 
-    println!("timeline");
-    println!("  {}  clients served by the primary", ms(Duration::ZERO));
-    println!(
-        "  {}  primary killed: listener closed, its connections dropped",
-        ms(killed_at)
-    );
+    // Printed in time order: which of detection, switch and first client comes first
+    // depends on the run.
+    let mut lines: Vec<(Duration, String)> = Vec::new();
+    lines.push((Duration::ZERO, "clients served by the primary".to_string()));
+    lines.push((
+        killed_at,
+        "primary killed: listener closed, its connections dropped".to_string(),
+    ));
     let detection = first_event(killed_at, &|e| {
         e.upstream.as_deref() == Some("primary") && e.new != "up"
     });
     if let Some(e) = detection {
-        println!(
-            "  {}  detection: primary {} -> {} ({}), {} the kill",
-            ms(since_start(e)),
-            e.old,
-            e.new,
-            e.reason,
-            after(since_start(e), killed_at)
-        );
+        lines.push((
+            since_start(e),
+            format!(
+                "detection: primary {} -> {} ({}), {} the kill",
+                e.old,
+                e.new,
+                e.reason,
+                after(since_start(e), killed_at)
+            ),
+        ));
     }
     if let Some(at) = first_served(killed_at, "backup") {
-        println!(
-            "  {}  first new client served by the backup, {} the kill",
-            ms(at),
-            after(at, killed_at)
-        );
+        lines.push((
+            at,
+            format!(
+                "first new client served by the backup, {} the kill",
+                after(at, killed_at)
+            ),
+        ));
     }
     if let Some(e) = first_event(killed_at, &|e| e.upstream.is_none() && e.new != "0") {
-        println!(
-            "  {}  switch: active tier {} -> {} ({})",
-            ms(since_start(e)),
-            e.old,
-            e.new,
-            e.reason
-        );
+        lines.push((
+            since_start(e),
+            format!("switch: active tier {} -> {} ({})", e.old, e.new, e.reason),
+        ));
     }
-    println!("  {}  primary restarted", ms(restarted_at));
+    lines.push((restarted_at, "primary restarted".to_string()));
     if let Some(e) = first_event(restarted_at, &|e| {
         e.upstream.as_deref() == Some("primary") && e.new == "up"
     }) {
-        println!(
-            "  {}  primary up again ({}), {} the restart",
-            ms(since_start(e)),
-            e.reason,
-            after(since_start(e), restarted_at)
-        );
+        lines.push((
+            since_start(e),
+            format!(
+                "primary up again ({}), {} the restart",
+                e.reason,
+                after(since_start(e), restarted_at)
+            ),
+        ));
     }
     if let Some(e) = first_event(restarted_at, &|e| e.upstream.is_none() && e.new == "0") {
-        println!(
-            "  {}  failback: active tier {} -> {} ({})",
-            ms(since_start(e)),
-            e.old,
-            e.new,
-            e.reason
-        );
+        lines.push((
+            since_start(e),
+            format!(
+                "failback: active tier {} -> {} ({})",
+                e.old, e.new, e.reason
+            ),
+        ));
     }
     if let Some(at) = first_served(restarted_at, "primary") {
-        println!(
-            "  {}  first new client served by the primary again, {} the restart",
-            ms(at),
-            after(at, restarted_at)
-        );
+        lines.push((
+            at,
+            format!(
+                "first new client served by the primary again, {} the restart",
+                after(at, restarted_at)
+            ),
+        ));
     }
-    println!("  {}  end", ms(END_AT));
+    lines.push((END_AT, "end".to_string()));
+    lines.sort_by_key(|(at, _)| *at);
+    println!("timeline");
+    for (at, what) in &lines {
+        println!("  {}  {what}", ms(*at));
+    }
     println!();
 
     let phases = [

@@ -408,3 +408,28 @@ async fn each_listener_address_is_shown_once() {
         .count();
     assert_eq!(listening, 1, "{log}");
 }
+
+/// systemd kills a unit that outlives TimeoutStopSec: it must exceed every shipped
+/// config's shutdown grace, or a drain ends in SIGKILL.
+#[test]
+fn the_systemd_unit_waits_longer_than_any_shipped_shutdown_grace() {
+    let unit = std::fs::read_to_string("config/switchyard.service").unwrap();
+    let stop_timeout = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec in the unit");
+    let stop_timeout = humantime::parse_duration(stop_timeout.trim()).unwrap();
+    let mut files = vec![PathBuf::from("config/switchyard.toml")];
+    for entry in std::fs::read_dir("config/examples").unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for file in files {
+        let config = switchyard::config::Config::load(&file).unwrap();
+        assert!(
+            config.runtime.shutdown_grace < stop_timeout,
+            "{}: shutdown_grace {:?} is not below TimeoutStopSec {stop_timeout:?}",
+            file.display(),
+            config.runtime.shutdown_grace
+        );
+    }
+}
