@@ -4,9 +4,15 @@
 //! path, 405 for a known path with the wrong method, 401 when a non-GET request lacks
 //! the bearer token, 400 for malformed input, all with a JSON error body. Handlers
 //! only read snapshots and counters, or ask the controller and the reloader by message;
-//! they never touch live state directly.
+//! they never touch live state directly. The listener and its bounds live in `server`.
 
-use std::convert::Infallible;
+mod server;
+
+pub use server::{
+    EVICTION_GRACE, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MIN_CONNECTIONS,
+    connection_cap_for,
+};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,14 +21,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::Proxy;
 use crate::config::AdminConfig;
@@ -107,37 +111,7 @@ impl Admin {
 
     /// Serves on `listener` until shutdown begins.
     pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
-        if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "admin API listening");
-        }
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.stopping() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let admin = self.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(admin.handle(request, peer).await) }
-                    });
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(error = %e, "admin connection ended with an error");
-                    }
-                });
-            }
-        });
+        server::spawn(self, listener, shutdown);
     }
 
     async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
