@@ -1,10 +1,11 @@
 //! The admin API (SPEC §5): HTTP/1.1 and JSON, on its own listener.
 //!
 //! A flat router: one match on (method, path) picks the endpoint; 404 for an unknown
-//! path, 405 for a known path with the wrong method, 401 when a non-GET request lacks
-//! the bearer token, 400 for malformed input, all with a JSON error body. Handlers
-//! only read snapshots and counters, or ask the controller and the reloader by message;
-//! they never touch live state directly. The listener and its bounds live in `server`.
+//! path, 405 for a known path with the wrong method, 401 when a POST request lacks
+//! the bearer token, 400 for malformed input, all with a JSON error body. HEAD is
+//! served wherever GET is. Handlers only read snapshots and counters, or ask the
+//! controller and the reloader by message; they never touch live state directly.
+//! Request bodies are never read. The listener and its bounds live in `server`.
 
 mod server;
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -114,36 +115,48 @@ impl Admin {
         server::spawn(self, listener, shutdown);
     }
 
+    /// Answers one request. A HEAD gets the GET answer; hyper sends its status and
+    /// headers, `Content-Length` included, without the body.
     async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-        let method = request.method().clone();
-        let route = match Route::parse(request.uri().path()) {
+        // No endpoint takes a body: dropping it now lets hyper discard what already
+        // arrived and close the connection after the answer rather than read on.
+        let (request, _) = request.into_parts();
+        let method = &request.method;
+        let path = request.uri.path();
+        let route = match Route::parse(path) {
             Ok(Some(route)) => route,
             Ok(None) => return error(StatusCode::NOT_FOUND, "no such endpoint"),
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         };
         let allowed = route.method();
-        if method != allowed {
+        let read_only = allowed == Method::GET;
+        if method != allowed && !(read_only && method == Method::HEAD) {
+            let allow = if read_only {
+                "GET, HEAD"
+            } else {
+                allowed.as_str()
+            };
             let mut response = error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} is not allowed here; use {allowed}"),
+                &format!("{method} is not allowed here; use {allow}"),
             );
-            if let Ok(value) = allowed.as_str().parse() {
+            if let Ok(value) = allow.parse() {
                 response.headers_mut().insert(ALLOW, value);
             }
             return response;
         }
-        if method != Method::GET {
-            if let Some(response) = self.refuse_unauthorized(&request) {
-                warn!(%peer, path = request.uri().path(), "admin request refused: missing or wrong token");
+        if !read_only {
+            if let Some(response) = self.refuse_unauthorized(&request.headers) {
+                warn!(%peer, path, "admin request refused: missing or wrong token");
                 return response;
             }
-            info!(%peer, path = request.uri().path(), "admin request");
+            info!(%peer, path, "admin request");
         }
         match route {
             Route::Livez => json_response(StatusCode::OK, &json!({ "status": "ok" })),
             Route::Readyz => self.readyz(),
             Route::Status => self.status().await,
-            Route::Events => self.events(request.uri().query()),
+            Route::Events => self.events(request.uri.query()),
             Route::Metrics => {
                 let body = crate::metrics::render(&self.proxy, &self.reloader.stats);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -195,10 +208,10 @@ impl Admin {
         }
     }
 
-    /// Every non-GET request needs `Authorization: Bearer <token>` when a token file is
+    /// Every POST needs `Authorization: Bearer <token>` when a token file is
     /// configured; returns the refusal when it is missing or wrong. The file is read
     /// per request so that rotating the token needs no reload.
-    fn refuse_unauthorized(&self, request: &Request<Incoming>) -> Option<HttpResponse> {
+    fn refuse_unauthorized(&self, headers: &HeaderMap) -> Option<HttpResponse> {
         let path = self.token_file.as_ref()?;
         let expected = match read_token(path) {
             Ok(token) => token,
@@ -210,8 +223,7 @@ impl Admin {
                 ));
             }
         };
-        let presented = request
-            .headers()
+        let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
