@@ -226,7 +226,7 @@ impl Admin {
         let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
             None
@@ -439,12 +439,26 @@ fn read_token(path: &std::path::Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Compares without an early exit, so response time does not reveal the prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive and one or more spaces may follow it (RFC 9110 §11.4).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("Bearer") {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    Some(rest.trim_start_matches(' '))
+}
+
+/// Whether the presented token is the expected one, in time that depends on the
+/// presented length only: every presented byte is compared (with the expected bytes
+/// repeated under it) and the length mismatch is folded into the result, so neither a
+/// matching prefix nor the expected length shows in the response time.
+fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    let mut difference = presented.len() ^ expected.len();
+    for (p, e) in presented.iter().zip(expected.iter().cycle()) {
+        difference |= usize::from(p ^ e);
+    }
+    std::hint::black_box(difference) == 0
 }
 
 /// Decodes `%XX` escapes (an upstream address like `10.0.0.1%3A5432`).
@@ -497,5 +511,21 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"secret2", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(
+            !constant_time_eq(b"secretsecret", b"secret"),
+            "a repetition of the token is not the token"
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_with_any_number_of_spaces() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER    abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("abc"), None);
     }
 }
