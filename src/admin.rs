@@ -1,12 +1,19 @@
 //! The admin API (SPEC §5): HTTP/1.1 and JSON, on its own listener.
 //!
 //! A flat router: one match on (method, path) picks the endpoint; 404 for an unknown
-//! path, 405 for a known path with the wrong method, 401 when a non-GET request lacks
-//! the bearer token, 400 for malformed input, all with a JSON error body. Handlers
-//! only read snapshots and counters, or ask the controller and the reloader by message;
-//! they never touch live state directly.
+//! path, 405 for a known path with the wrong method, 401 when a POST request lacks
+//! the bearer token, 400 for malformed input, all with a JSON error body. HEAD is
+//! served wherever GET is. Handlers only read snapshots and counters, or ask the
+//! controller and the reloader by message; they never touch live state directly.
+//! Request bodies are never read. The listener and its bounds live in `server`.
 
-use std::convert::Infallible;
+mod server;
+
+pub use server::{
+    EVICTION_GRACE, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MIN_CONNECTIONS,
+    connection_cap_for,
+};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,15 +21,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::Proxy;
 use crate::config::AdminConfig;
@@ -107,69 +112,51 @@ impl Admin {
 
     /// Serves on `listener` until shutdown begins.
     pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
-        if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "admin API listening");
-        }
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.stopping() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let admin = self.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(admin.handle(request, peer).await) }
-                    });
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(error = %e, "admin connection ended with an error");
-                    }
-                });
-            }
-        });
+        server::spawn(self, listener, shutdown);
     }
 
+    /// Answers one request. A HEAD gets the GET answer; hyper sends its status and
+    /// headers, `Content-Length` included, without the body.
     async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-        let method = request.method().clone();
-        let route = match Route::parse(request.uri().path()) {
+        // No endpoint takes a body: dropping it now lets hyper discard what already
+        // arrived and close the connection after the answer rather than read on.
+        let (request, _) = request.into_parts();
+        let method = &request.method;
+        let path = request.uri.path();
+        let route = match Route::parse(path) {
             Ok(Some(route)) => route,
             Ok(None) => return error(StatusCode::NOT_FOUND, "no such endpoint"),
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         };
         let allowed = route.method();
-        if method != allowed {
+        let read_only = allowed == Method::GET;
+        if method != allowed && !(read_only && method == Method::HEAD) {
+            let allow = if read_only {
+                "GET, HEAD"
+            } else {
+                allowed.as_str()
+            };
             let mut response = error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} is not allowed here; use {allowed}"),
+                &format!("{method} is not allowed here; use {allow}"),
             );
-            if let Ok(value) = allowed.as_str().parse() {
+            if let Ok(value) = allow.parse() {
                 response.headers_mut().insert(ALLOW, value);
             }
             return response;
         }
-        if method != Method::GET {
-            if let Some(response) = self.refuse_unauthorized(&request) {
-                warn!(%peer, path = request.uri().path(), "admin request refused: missing or wrong token");
+        if !read_only {
+            if let Some(response) = self.refuse_unauthorized(&request.headers) {
+                warn!(%peer, path, "admin request refused: missing or wrong token");
                 return response;
             }
-            info!(%peer, path = request.uri().path(), "admin request");
+            info!(%peer, path, "admin request");
         }
         match route {
             Route::Livez => json_response(StatusCode::OK, &json!({ "status": "ok" })),
             Route::Readyz => self.readyz(),
             Route::Status => self.status().await,
-            Route::Events => self.events(request.uri().query()),
+            Route::Events => self.events(request.uri.query()),
             Route::Metrics => {
                 let body = crate::metrics::render(&self.proxy, &self.reloader.stats);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -221,10 +208,10 @@ impl Admin {
         }
     }
 
-    /// Every non-GET request needs `Authorization: Bearer <token>` when a token file is
+    /// Every POST needs `Authorization: Bearer <token>` when a token file is
     /// configured; returns the refusal when it is missing or wrong. The file is read
     /// per request so that rotating the token needs no reload.
-    fn refuse_unauthorized(&self, request: &Request<Incoming>) -> Option<HttpResponse> {
+    fn refuse_unauthorized(&self, headers: &HeaderMap) -> Option<HttpResponse> {
         let path = self.token_file.as_ref()?;
         let expected = match read_token(path) {
             Ok(token) => token,
@@ -236,11 +223,10 @@ impl Admin {
                 ));
             }
         };
-        let presented = request
-            .headers()
+        let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
             None
@@ -453,12 +439,26 @@ fn read_token(path: &std::path::Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Compares without an early exit, so response time does not reveal the prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive and one or more spaces may follow it (RFC 9110 §11.4).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("Bearer") {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    Some(rest.trim_start_matches(' '))
+}
+
+/// Whether the presented token is the expected one, in time that depends on the
+/// presented length only: every presented byte is compared (with the expected bytes
+/// repeated under it) and the length mismatch is folded into the result, so neither a
+/// matching prefix nor the expected length shows in the response time.
+fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    let mut difference = presented.len() ^ expected.len();
+    for (p, e) in presented.iter().zip(expected.iter().cycle()) {
+        difference |= usize::from(p ^ e);
+    }
+    std::hint::black_box(difference) == 0
 }
 
 /// Decodes `%XX` escapes (an upstream address like `10.0.0.1%3A5432`).
@@ -511,5 +511,21 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"secret2", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(
+            !constant_time_eq(b"secretsecret", b"secret"),
+            "a repetition of the token is not the token"
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_with_any_number_of_spaces() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER    abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("abc"), None);
     }
 }

@@ -154,7 +154,7 @@ async fn errors_404_405_401_and_400_have_json_bodies() {
     assert_eq!(code, 404);
     assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
     let (code, _, allow) = http("POST", admin, "/status", Some(TOKEN)).await;
-    assert_eq!((code, allow.as_deref()), (405, Some("GET")));
+    assert_eq!((code, allow.as_deref()), (405, Some("GET, HEAD")));
     let (code, _, allow) = http("GET", admin, "/reload", None).await;
     assert_eq!((code, allow.as_deref()), (405, Some("POST")));
 
