@@ -15,7 +15,6 @@ pub use server::{
 };
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -44,7 +43,6 @@ use crate::status::{ListenerView, StatusView};
 pub struct Admin {
     proxy: Proxy,
     reloader: Arc<Reloader>,
-    token_file: Option<PathBuf>,
 }
 
 /// The endpoints, each with the one method it accepts.
@@ -84,12 +82,9 @@ type HttpResponse = Response<Full<Bytes>>;
 // === impl Admin ===
 
 impl Admin {
-    pub fn new(proxy: Proxy, reloader: Arc<Reloader>, config: &AdminConfig) -> Self {
-        Self {
-            proxy,
-            reloader,
-            token_file: config.token_file.clone(),
-        }
+    /// The token file comes from the reloader, which keeps it current across reloads.
+    pub fn new(proxy: Proxy, reloader: Arc<Reloader>) -> Self {
+        Self { proxy, reloader }
     }
 
     /// Binds the admin listener and checks that the token file is readable, so that a
@@ -112,6 +107,14 @@ impl Admin {
 
     /// Serves on `listener` until shutdown begins.
     pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        if self.reloader.admin_token_file().is_none() {
+            let addr = listener
+                .local_addr()
+                .map_or_else(|_| "its address".to_string(), |a| a.to_string());
+            warn!(
+                "the admin API has no token_file: anyone who can connect to {addr} can drain, put in maint, fail back and reload; set [admin] token_file"
+            );
+        }
         server::spawn(self, listener, shutdown);
     }
 
@@ -210,10 +213,11 @@ impl Admin {
 
     /// Every POST needs `Authorization: Bearer <token>` when a token file is
     /// configured; returns the refusal when it is missing or wrong. The file is read
-    /// per request so that rotating the token needs no reload.
+    /// per request so that rotating the token needs no reload, and which file (if any)
+    /// is the reloaded config's.
     fn refuse_unauthorized(&self, headers: &HeaderMap) -> Option<HttpResponse> {
-        let path = self.token_file.as_ref()?;
-        let expected = match read_token(path) {
+        let path = self.reloader.admin_token_file()?;
+        let expected = match read_token(&path) {
             Ok(token) => token,
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot read the admin token file");

@@ -110,13 +110,11 @@ pub fn start(
 ) -> Result<Running, error::StartError> {
     let admin_listener = config.admin.as_ref().map(Admin::bind).transpose()?;
     let proxy = Proxy::start(&config, listeners, shutdown);
-    let admin_config = config.admin.clone();
     let reloader = Arc::new(Reloader::new(config, proxy.clone()));
     let mut admin_addr = None;
-    if let (Some(listener), Some(admin_config)) = (admin_listener, admin_config) {
+    if let Some(listener) = admin_listener {
         admin_addr = listener.local_addr().ok();
-        Arc::new(Admin::new(proxy.clone(), reloader.clone(), &admin_config))
-            .spawn(listener, shutdown.clone());
+        Arc::new(Admin::new(proxy.clone(), reloader.clone())).spawn(listener, shutdown.clone());
     }
     Ok(Running {
         proxy,

@@ -55,6 +55,8 @@ pub enum ReloadError {
 pub struct Reloader {
     path: PathBuf,
     current: Mutex<Arc<Config>>,
+    /// The admin token file in force, readable without waiting for a reload in progress.
+    admin_token_file: arc_swap::ArcSwapOption<PathBuf>,
     proxy: Proxy,
     pub stats: Arc<ReloadStats>,
 }
@@ -103,10 +105,16 @@ impl Reloader {
     pub fn new(current: Config, proxy: Proxy) -> Self {
         Self {
             path: current.source.clone(),
+            admin_token_file: arc_swap::ArcSwapOption::from_pointee(admin_token_file(&current)),
             current: Mutex::new(Arc::new(current)),
             proxy,
             stats: Arc::default(),
         }
+    }
+
+    /// The admin token file in force: `[admin] token_file` takes effect on reload.
+    pub fn admin_token_file(&self) -> Option<Arc<PathBuf>> {
+        self.admin_token_file.load_full()
     }
 
     /// The configuration in force.
@@ -120,6 +128,14 @@ impl Reloader {
         match self.swap(&current).await {
             Ok((config, diff)) => {
                 warn_about_restart_only_changes(&current, &config);
+                let token_file = admin_token_file(&config);
+                if admin_token_file(&current) != token_file {
+                    info!(
+                        token_file = %token_file.as_ref().map_or("(none: writes need no token)".into(), |p| p.display().to_string()),
+                        "admin token_file changed: in force from now on"
+                    );
+                }
+                self.admin_token_file.store(token_file.map(Arc::new));
                 *current = config;
                 self.stats.ok.fetch_add(1, Relaxed);
                 info!(
@@ -188,6 +204,10 @@ async fn first_checks(
         }
     }
     results
+}
+
+fn admin_token_file(config: &Config) -> Option<PathBuf> {
+    config.admin.as_ref()?.token_file.clone()
 }
 
 fn warn_about_restart_only_changes(old: &Config, new: &Config) {

@@ -405,3 +405,50 @@ async fn switchyard_status_prints_a_table_and_json_from_a_running_instance() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }
+
+/// Adding, changing and removing `token_file` takes effect on reload, and an admin API
+/// without a token says so once at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_changes_take_effect_on_reload() {
+    let a = Server::echo().await;
+    let (admin, front) = (closed_port(), closed_port());
+    let dir = test_dir();
+    let (first, second) = (dir.join("first"), dir.join("second"));
+    std::fs::write(&first, "first-token\n").unwrap();
+    std::fs::write(&second, "second-token\n").unwrap();
+    let config = |token_file: Option<&std::path::Path>| {
+        let token = token_file.map_or(String::new(), |f| {
+            format!("token_file = \"{}\"\n", f.display())
+        });
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n{token}\n{}",
+            one_pool_config(&[(a.addr, 0)], "").replace("127.0.0.1:0", &front.to_string())
+        )
+    };
+    let proxy = ChildProxy::start(&config(None), admin).await;
+    let drain = "/pools/p/upstreams/127.0.0.1%3A1/up";
+    let status = |token: Option<&'static str>| async move {
+        // 404: the upstream does not exist, but the request got past authorization.
+        http("POST", admin, drain, token).await.0
+    };
+    assert_eq!(status(None).await, 404);
+    // Logged before the first request was served.
+    let warnings = proxy
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("the admin API has no token_file"))
+        .count();
+    assert_eq!(warnings, 1, "{}", proxy.stderr());
+
+    assert_eq!(proxy.reload_with(&config(Some(&first))).await, "ok");
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("first-token")).await, 404);
+
+    assert_eq!(proxy.reload_with(&config(Some(&second))).await, "ok");
+    assert_eq!(status(Some("first-token")).await, 401);
+    assert_eq!(status(Some("second-token")).await, 404);
+
+    assert_eq!(proxy.reload_with(&config(None)).await, "ok");
+    assert_eq!(status(None).await, 404);
+    let _ = std::fs::remove_dir_all(dir);
+}
