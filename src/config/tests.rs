@@ -187,7 +187,7 @@ fn semantic_rules() {
         (
             "[pools.pg]",
             "[pools.pg]\nidle_timeout = \"0s\"",
-            "is not allowed; use \"off\" or a positive duration",
+            "\"0s\" is out of range; allowed: \"off\" or 1ms to 24h",
         ),
         (
             "[pools.pg]",
@@ -260,11 +260,258 @@ fn escapes_decode_to_bytes() {
 
 #[test]
 fn durations_need_a_unit_and_must_be_positive() {
-    use super::validate::parse_duration;
-    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-    assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-    assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-    assert_eq!(parse_duration("5"), None);
-    assert_eq!(parse_duration("0s"), None);
-    assert_eq!(parse_duration("-1s"), None);
+    use super::validate::{DurationError, parse_duration};
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("5"), Err(DurationError::Unreadable));
+    assert_eq!(parse_duration("-1s"), Err(DurationError::Unreadable));
+    assert_eq!(parse_duration("0s"), Err(DurationError::OutOfRange));
+    assert_eq!(
+        parse_duration("300000000000y"),
+        Err(DurationError::OutOfRange),
+        "parses, but far beyond a day"
+    );
+    assert_eq!(
+        parse_duration("99999999999999999999y"),
+        Err(DurationError::OutOfRange),
+        "too large even to parse"
+    );
+}
+
+/// Each duration key at its bounds. `(key, table, min, below, max, above)`.
+const DURATION_BOUNDS: &[(&str, &str, &str, &str, &str, &str)] = &[
+    (
+        "shutdown_grace",
+        "[runtime]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    (
+        "handshake_timeout",
+        "[listeners.db]",
+        "10ms",
+        "9ms",
+        "24h",
+        "86401s",
+    ),
+    (
+        "connect_timeout",
+        "[pools.pg]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    ("hedge_after", "[pools.pg]", "1ms", "999us", "24h", "86401s"),
+    (
+        "idle_timeout",
+        "[pools.pg]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    ("failback", "[pools.pg]", "1ms", "999us", "24h", "86401s"),
+    (
+        "drain_after_failback",
+        "[pools.pg]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    (
+        "tcp_keepalive",
+        "[pools.pg]",
+        "1s",
+        "999ms",
+        "32767s",
+        "32768s",
+    ),
+    (
+        "interval",
+        "[pools.pg.health]",
+        "10ms",
+        "9ms",
+        "24h",
+        "86401s",
+    ),
+    (
+        "fast_interval",
+        "[pools.pg.health]",
+        "10ms",
+        "9ms",
+        "24h",
+        "86401s",
+    ),
+    (
+        "timeout",
+        "[pools.pg.health]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    (
+        "base_ejection",
+        "[pools.pg.outlier]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+    (
+        "max_ejection",
+        "[pools.pg.outlier]",
+        "1ms",
+        "999us",
+        "24h",
+        "86401s",
+    ),
+];
+
+/// MINIMAL with `key = "value"` under `table` (a table header MINIMAL has, or one
+/// appended), so that the value sits on a known line.
+fn with_duration(table: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = \"{value}\"");
+    // base_ejection must not exceed max_ejection: move the other one out of the way.
+    let partner = match key {
+        "base_ejection" => "\nmax_ejection = \"24h\"",
+        "max_ejection" => "\nbase_ejection = \"1ms\"",
+        _ => "",
+    };
+    if MINIMAL.contains(table) {
+        MINIMAL.replacen(table, &format!("{table}\n{line}{partner}"), 1)
+    } else {
+        format!("{MINIMAL}\n{table}\n{line}{partner}\n")
+    }
+}
+
+#[test]
+fn every_duration_key_is_accepted_at_its_bounds_and_rejected_beyond() {
+    for (key, table, min, below, max, above) in DURATION_BOUNDS {
+        for value in [min, max] {
+            if let Err(e) = parse(&with_duration(table, key, value)) {
+                panic!("{key} = {value:?} must be accepted:\n{e}");
+            }
+        }
+        let range = format!("allowed: {}{min} to {max}", alternatives(key));
+        for value in [below, above, &"300000000000y"] {
+            let found = problems(&with_duration(table, key, value));
+            assert_eq!(found.len(), 1, "{key} = {value:?}: {found:#?}");
+            let p = &found[0];
+            assert!(p.key.ends_with(&format!(".{key}")), "{p}");
+            assert_eq!(p.column, key.len() + 4, "{p}: column of the value");
+            assert!(
+                p.message
+                    .starts_with(&format!("\"{value}\" is out of range; {range}")),
+                "{p}"
+            );
+        }
+    }
+}
+
+fn alternatives(key: &str) -> &'static str {
+    match key {
+        "failback" => "\"immediate\", \"manual\" or ",
+        "hedge_after" | "idle_timeout" | "drain_after_failback" | "tcp_keepalive" => "\"off\" or ",
+        _ => "",
+    }
+}
+
+#[test]
+fn keepalive_takes_whole_seconds() {
+    let found = problems(&with_duration("[pools.pg]", "tcp_keepalive", "1500ms"));
+    assert!(
+        found[0]
+            .message
+            .contains("is not a whole number of seconds"),
+        "{}",
+        found[0]
+    );
+    let config = parse(&with_duration("[pools.pg]", "tcp_keepalive", "2m")).unwrap();
+    assert_eq!(
+        config.pools[0].tcp_keepalive,
+        Some(Duration::from_secs(120))
+    );
+}
+
+#[test]
+fn admin_listen_must_not_collide_with_a_listener_bind() {
+    let collide = [
+        ("127.0.0.1:5432", "127.0.0.1:5432"),
+        ("0.0.0.0:5432", "127.0.0.1:5432"),
+        ("127.0.0.1:5432", "0.0.0.0:5432"),
+        ("[::1]:5432", "[::]:5432"),
+        ("[::]:5432", "[::1]:5432"),
+        // The admin socket is dual-stack on [::].
+        ("[::]:5432", "127.0.0.1:5432"),
+    ];
+    for (admin, bind) in collide {
+        let text = format!(
+            "[admin]\nlisten = \"{admin}\"\n{}",
+            MINIMAL.replace("127.0.0.1:5432", bind)
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{admin} vs {bind}: {found:#?}");
+        assert_eq!(
+            (found[0].line, found[0].column, found[0].key.as_str()),
+            (2, 10, "admin.listen")
+        );
+        assert!(
+            found[0].message.contains(&format!(
+                "{admin} collides with bind {bind} of listener \"db\""
+            )),
+            "{}",
+            found[0]
+        );
+    }
+    let apart = [
+        ("127.0.0.1:9900", "127.0.0.1:5432"),
+        ("127.0.0.2:5432", "127.0.0.1:5432"),
+        ("127.0.0.1:5432", "[::]:5432"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+    ];
+    for (admin, bind) in apart {
+        let text = format!(
+            "[admin]\nlisten = \"{admin}\"\n{}",
+            MINIMAL.replace("127.0.0.1:5432", bind)
+        );
+        if let Err(e) = parse(&text) {
+            panic!("{admin} vs {bind} must be accepted:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn duplicate_upstreams_are_reported_beside_their_other_problems() {
+    let text = MINIMAL.replace(
+        "upstreams = [",
+        "upstreams = [{ address = \"127.0.0.1:6000\", weight = 0, name = \"dr\" }, ",
+    );
+    let found = problems(&text);
+    let mut messages: Vec<String> = found.iter().map(ToString::to_string).collect();
+    messages.sort();
+    assert_eq!(found.len(), 3, "{messages:#?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("weight: 0 is out of range")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("127.0.0.1:6000 appears twice in this pool")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("upstream name \"dr\" appears twice in this pool")),
+        "{messages:#?}"
+    );
 }

@@ -16,6 +16,52 @@ const MAX_WEIGHT: i64 = 256;
 /// More attempts than this only delay the client's error.
 const MAX_CONNECT_ATTEMPTS: i64 = 16;
 
+/// The range a duration key accepts. Every duration ends up added to a clock reading or
+/// handed to the kernel, so each key has a floor that keeps it meaningful and a ceiling
+/// that keeps the arithmetic and the syscall valid; `check` rejects anything outside.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    min: Duration,
+    max: Duration,
+    /// The kernel takes this value in whole seconds: a fraction would be dropped silently.
+    whole_seconds: bool,
+}
+
+/// Longer than any timeout worth waiting for, and short enough that adding it to a clock
+/// reading can never overflow.
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Timeouts, grace periods, hold-downs, ejections and drains.
+const SPAN: Bounds = Bounds {
+    min: Duration::from_millis(1),
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// Health check intervals: below 10 ms a pool's checks become a connect flood against
+/// its own upstreams (and a busy loop in the proxy).
+const CHECK_INTERVAL: Bounds = Bounds {
+    min: Duration::from_millis(10),
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// A PROXY header or a TLS handshake needs a few round trips and a little CPU; below
+/// 10 ms every client on a loaded host would be refused.
+const HANDSHAKE: Bounds = Bounds {
+    min: Duration::from_millis(10),
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// TCP_KEEPIDLE: whole seconds from 1 to 32767 on Linux; setsockopt refuses anything
+/// else, which would leave keepalive silently off.
+const KEEPALIVE: Bounds = Bounds {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(32767),
+    whole_seconds: true,
+};
+
 struct Validator<'a> {
     file: &'a Path,
     /// Relative paths in the file (certificates, keys) resolve against its folder.
@@ -95,7 +141,8 @@ impl Validator<'_> {
             0,
             1024,
         );
-        let shutdown_grace = self.duration(&raw.runtime.shutdown_grace, "runtime.shutdown_grace");
+        let shutdown_grace =
+            self.duration(&raw.runtime.shutdown_grace, "runtime.shutdown_grace", SPAN);
         let level = self.choice(
             &raw.log.level,
             "log.level",
@@ -148,6 +195,10 @@ impl Validator<'_> {
             }
         }
 
+        if let (Some(raw_admin), Some((Some(listen), _))) = (&raw.admin, &admin) {
+            self.admin_collisions(*listen, &raw_admin.get_ref().listen, &binds_seen);
+        }
+
         let worker_threads = worker_threads? as usize;
         Some(Config {
             source: path.to_path_buf(),
@@ -173,6 +224,28 @@ impl Validator<'_> {
             listeners,
             pools,
         })
+    }
+
+    /// `run` binds the admin API after the listeners: an address one of them holds would
+    /// fail it then, so `check` refuses it now.
+    fn admin_collisions(
+        &mut self,
+        listen: SocketAddr,
+        raw: &S<String>,
+        binds: &HashMap<SocketAddr, String>,
+    ) {
+        let mut clashes: Vec<(&SocketAddr, &String)> = binds
+            .iter()
+            .filter(|(bind, _)| sockets_collide(listen, **bind))
+            .collect();
+        clashes.sort();
+        for (bind, listener) in clashes {
+            self.report(
+                raw.span(),
+                "admin.listen",
+                format!("{listen} collides with bind {bind} of listener {listener:?}; give the admin API a port of its own"),
+            );
+        }
     }
 
     fn name(&mut self, name: &S<String>, table: &str) {
@@ -286,7 +359,8 @@ impl Validator<'_> {
             i64::from(u32::MAX),
         );
         let backlog = self.int(&l.backlog, &key("backlog"), 1, 65535);
-        let handshake_timeout = self.duration(&l.handshake_timeout, &key("handshake_timeout"));
+        let handshake_timeout =
+            self.duration(&l.handshake_timeout, &key("handshake_timeout"), HANDSHAKE);
         let allow = self.networks(&l.allow, &key("allow"));
         let deny = self.networks(&l.deny, &key("deny"));
         let accept_proxy_protocol = self
@@ -358,22 +432,23 @@ impl Validator<'_> {
                 "source_hash" => Balance::SourceHash,
                 _ => Balance::RoundRobin,
             });
-        let connect_timeout = self.duration(&p.connect_timeout, &key("connect_timeout"));
+        let connect_timeout = self.duration(&p.connect_timeout, &key("connect_timeout"), SPAN);
         let connect_attempts = self.int(
             &p.connect_attempts,
             &key("connect_attempts"),
             1,
             MAX_CONNECT_ATTEMPTS,
         );
-        let hedge_after = self.optional_duration(&p.hedge_after, &key("hedge_after"));
-        let idle_timeout = self.optional_duration(&p.idle_timeout, &key("idle_timeout"));
+        let hedge_after = self.optional_duration(&p.hedge_after, &key("hedge_after"), SPAN);
+        let idle_timeout = self.optional_duration(&p.idle_timeout, &key("idle_timeout"), SPAN);
         let failback = match p.failback.get_ref().as_str() {
             "immediate" => Some(Failback::Immediate),
             "manual" => Some(Failback::Manual),
-            other => match parse_duration(other) {
-                Some(d) => Some(Failback::After(d)),
-                None => {
-                    self.report(p.failback.span(), &key("failback"), format!("{other:?} is not allowed; use \"immediate\", \"manual\" or a duration like \"30s\""));
+            other => match read_duration(other, SPAN) {
+                Ok(d) => Some(Failback::After(d)),
+                Err(e) => {
+                    let message = e.message(other, SPAN, "\"immediate\", \"manual\" or ");
+                    self.report(p.failback.span(), &key("failback"), message);
                     None
                 }
             },
@@ -392,7 +467,7 @@ impl Validator<'_> {
                 }
             });
         let drain_after_failback =
-            self.optional_duration(&p.drain_after_failback, &key("drain_after_failback"));
+            self.optional_duration(&p.drain_after_failback, &key("drain_after_failback"), SPAN);
         let min_usable = self.int(&p.min_usable, &key("min_usable"), 1, 1024);
         let when_all_down = self
             .choice(
@@ -407,7 +482,8 @@ impl Validator<'_> {
                     WhenAllDown::TryAll
                 }
             });
-        let tcp_keepalive = self.optional_duration(&p.tcp_keepalive, &key("tcp_keepalive"));
+        let tcp_keepalive =
+            self.optional_duration(&p.tcp_keepalive, &key("tcp_keepalive"), KEEPALIVE);
         let proxy_protocol = self
             .choice(
                 &p.proxy_protocol,
@@ -470,32 +546,54 @@ impl Validator<'_> {
         let mut all = Vec::new();
         let mut ok = true;
         for raw in p.upstreams.get_ref() {
-            match self.upstream(&key, raw.get_ref()) {
-                Some(u) => {
-                    if !addresses.insert(u.address) {
-                        self.report(raw.get_ref().address.span(), &format!("{key}.address"), format!("{} appears twice in this pool; each upstream address may appear once", u.address));
-                        ok = false;
-                    }
-                    if let Some(name) = &u.name
-                        && !names.insert(name.clone())
-                    {
-                        self.report(raw.span(), &format!("{key}.name"), format!("upstream name {name:?} appears twice in this pool; names must be unique"));
-                        ok = false;
-                    }
-                    all.push(u);
-                }
+            match self.upstream(&key, raw.get_ref(), &mut addresses, &mut names) {
+                Some(u) => all.push(u),
                 None => ok = false,
             }
         }
         ok.then_some(all)
     }
 
-    fn upstream(&mut self, key: &str, raw: &RawUpstream) -> Option<UpstreamConfig> {
-        let address = self.upstream_addr(&raw.address, &format!("{key}.address"));
+    /// One upstream; `addresses` and `names` are those seen earlier in the pool, checked
+    /// for duplicates even when another field of this upstream is wrong, so that one
+    /// `check` shows every problem.
+    fn upstream(
+        &mut self,
+        key: &str,
+        raw: &RawUpstream,
+        addresses: &mut HashSet<SocketAddr>,
+        names: &mut HashSet<String>,
+    ) -> Option<UpstreamConfig> {
+        let mut address = self.upstream_addr(&raw.address, &format!("{key}.address"));
+        if let Some(addr) = address
+            && !addresses.insert(addr)
+        {
+            self.report(
+                raw.address.span(),
+                &format!("{key}.address"),
+                format!("{addr} appears twice in this pool; each upstream address may appear once"),
+            );
+            address = None;
+        }
         let priority = self.int(&raw.priority, &format!("{key}.priority"), 0, 1000);
         let weight = self.int(&raw.weight, &format!("{key}.weight"), 1, MAX_WEIGHT);
+        let mut name_ok = true;
         if let Some(name) = &raw.name {
             self.name(name, &format!("{key}.name"));
+            if !names.insert(name.get_ref().clone()) {
+                self.report(
+                    name.span(),
+                    &format!("{key}.name"),
+                    format!(
+                        "upstream name {:?} appears twice in this pool; names must be unique",
+                        name.get_ref()
+                    ),
+                );
+                name_ok = false;
+            }
+        }
+        if !name_ok {
+            return None;
         }
         Some(UpstreamConfig {
             address: address?,
@@ -509,9 +607,9 @@ impl Validator<'_> {
     fn health(&mut self, pool: &str, p: &RawPool) -> Option<HealthConfig> {
         let key = |field: &str| format!("pools.{pool}.health.{field}");
         let h = &p.health;
-        let interval = self.duration(&h.interval, &key("interval"));
-        let fast_interval = self.duration(&h.fast_interval, &key("fast_interval"));
-        let timeout = self.duration(&h.timeout, &key("timeout"));
+        let interval = self.duration(&h.interval, &key("interval"), CHECK_INTERVAL);
+        let fast_interval = self.duration(&h.fast_interval, &key("fast_interval"), CHECK_INTERVAL);
+        let timeout = self.duration(&h.timeout, &key("timeout"), SPAN);
         let rise = self.int(&h.rise, &key("rise"), 1, 1000);
         let fall = self.int(&h.fall, &key("fall"), 1, 1000);
         let send = self.bytes(&h.send, &key("send"));
@@ -537,8 +635,8 @@ impl Validator<'_> {
             1,
             1000,
         );
-        let base_ejection = self.duration(&o.base_ejection, &key("base_ejection"));
-        let max_ejection = self.duration(&o.max_ejection, &key("max_ejection"));
+        let base_ejection = self.duration(&o.base_ejection, &key("base_ejection"), SPAN);
+        let max_ejection = self.duration(&o.max_ejection, &key("max_ejection"), SPAN);
         if let (Some(base), Some(max)) = (base_ejection, max_ejection)
             && max < base
         {
@@ -594,23 +692,35 @@ impl Validator<'_> {
         found
     }
 
-    fn duration(&mut self, value: &S<String>, key: &str) -> Option<Duration> {
-        let parsed = parse_duration(value.get_ref());
-        if parsed.is_none() {
-            self.report(value.span(), key, format!("{:?} is not a duration; use a positive number with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
+    fn duration(&mut self, value: &S<String>, key: &str, bounds: Bounds) -> Option<Duration> {
+        let text = value.get_ref();
+        match read_duration(text, bounds) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.report(value.span(), key, e.message(text, bounds, ""));
+                None
+            }
         }
-        parsed
     }
 
-    fn optional_duration(&mut self, value: &S<String>, key: &str) -> Option<Option<Duration>> {
-        if value.get_ref() == "off" {
+    /// A duration, or `"off"`.
+    fn optional_duration(
+        &mut self,
+        value: &S<String>,
+        key: &str,
+        bounds: Bounds,
+    ) -> Option<Option<Duration>> {
+        let text = value.get_ref();
+        if text == "off" {
             return Some(None);
         }
-        let parsed = parse_duration(value.get_ref());
-        if parsed.is_none() {
-            self.report(value.span(), key, format!("{:?} is not allowed; use \"off\" or a positive duration with a unit: \"250ms\", \"2s\", \"5m\", \"1h\"", value.get_ref()));
+        match read_duration(text, bounds) {
+            Ok(d) => Some(Some(d)),
+            Err(e) => {
+                self.report(value.span(), key, e.message(text, bounds, "\"off\" or "));
+                None
+            }
         }
-        parsed.map(Some)
     }
 
     fn path(&self, value: &str) -> std::path::PathBuf {
@@ -813,15 +923,101 @@ impl Validator<'_> {
     }
 }
 
-/// A positive duration with a unit; `None` for anything else (bare numbers, zero).
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+/// Whether binding the admin API on `admin` fails while a listener holds `bind`
+/// (port 0 never collides: the kernel picks a free port). An unspecified address
+/// (0.0.0.0, [::]) holds its port on every address of its family; the admin socket is a
+/// plain one, so on [::] it is dual-stack (Linux's default) and holds IPv4 too, while
+/// listeners set IPV6_V6ONLY.
+fn sockets_collide(admin: SocketAddr, bind: SocketAddr) -> bool {
+    if admin.port() == 0 || admin.port() != bind.port() {
+        return false;
+    }
+    let (a, b) = (admin.ip(), bind.ip());
+    a == b
+        || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+        || (a.is_ipv6() && a.is_unspecified() && b.is_ipv4())
+}
+
+/// Why a duration value was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DurationError {
+    /// Not a number with a unit at all.
+    Unreadable,
+    /// A duration, but outside the key's bounds (zero and overflowing values included).
+    OutOfRange,
+    /// A duration in range with a fraction of a second the key cannot express.
+    Fractional,
+}
+
+/// A duration with a unit (`"250ms"`, `"2s"`, `"5m"`, `"1h"`) within `bounds`.
+fn read_duration(text: &str, bounds: Bounds) -> Result<Duration, DurationError> {
     let text = text.trim();
     if !text.ends_with(|c: char| c.is_ascii_alphabetic()) {
-        return None;
+        return Err(DurationError::Unreadable);
     }
-    humantime::parse_duration(text)
-        .ok()
-        .filter(|d| !d.is_zero())
+    let d = match humantime::parse_duration(text) {
+        Ok(d) => d,
+        Err(humantime::DurationError::NumberOverflow) => return Err(DurationError::OutOfRange),
+        Err(_) => return Err(DurationError::Unreadable),
+    };
+    if !(bounds.min..=bounds.max).contains(&d) {
+        return Err(DurationError::OutOfRange);
+    }
+    if bounds.whole_seconds && d.subsec_nanos() != 0 {
+        return Err(DurationError::Fractional);
+    }
+    Ok(d)
+}
+
+/// A duration with a unit within the widest bounds any key has (what `read_duration`
+/// accepts for a timeout).
+#[cfg(test)]
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    read_duration(text, SPAN)
+}
+
+// === impl DurationError ===
+
+impl DurationError {
+    /// The problem with `text` for a key with `bounds`; `alternatives` lists the key's
+    /// words allowed besides a duration, e.g. `"off" or `.
+    fn message(self, text: &str, bounds: Bounds, alternatives: &str) -> String {
+        let range = bounds.range();
+        match self {
+            DurationError::Unreadable if alternatives.is_empty() => format!(
+                "{text:?} is not a duration; use a number with a unit, e.g. \"250ms\", \"2s\", \"5m\", \"1h\"; allowed: {range}"
+            ),
+            DurationError::Unreadable => format!(
+                "{text:?} is not allowed; use {alternatives}a duration with a unit, e.g. \"250ms\", \"2s\", \"5m\", \"1h\"; allowed: {alternatives}{range}"
+            ),
+            DurationError::OutOfRange => {
+                format!("{text:?} is out of range; allowed: {alternatives}{range}")
+            }
+            DurationError::Fractional => format!(
+                "{text:?} is not a whole number of seconds, which the kernel needs here; allowed: {alternatives}{range}"
+            ),
+        }
+    }
+}
+
+// === impl Bounds ===
+
+impl Bounds {
+    /// `"1ms to 24h"`, in units an operator can paste back into the file.
+    fn range(&self) -> String {
+        format!("{} to {}", shown(self.min), shown(self.max))
+    }
+}
+
+/// `d` in the largest of h, m, s, ms that shows it exactly.
+fn shown(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// Decodes the escapes of health `send`/`expect`: `\r \n \t \\ \xNN`.

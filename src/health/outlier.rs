@@ -38,14 +38,19 @@ impl Outlier {
         {
             self.ejections = 0;
         }
+        // base * 2^ejections, saturating at max_ejection: the shift and the product
+        // would both overflow after enough repeats of a small base.
         let factor = 1u32.checked_shl(self.ejections.min(31)).unwrap_or(u32::MAX);
         let duration = policy
             .base_ejection
             .checked_mul(factor)
             .unwrap_or(policy.max_ejection)
             .min(policy.max_ejection);
+        // Config bounds keep this far from the clock's end; should one ever get there,
+        // not ejecting beats a panic that would take the controller down.
+        let until = now.checked_add(duration)?;
         self.ejections = self.ejections.saturating_add(1);
-        self.ejected_until = Some(now + duration);
+        self.ejected_until = Some(until);
         Some(duration)
     }
 
@@ -113,6 +118,39 @@ mod tests {
             Some(Duration::from_secs(35)),
             "capped at max_ejection"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_ejections_saturate_at_max_without_overflow() {
+        let mut o = Outlier::default();
+        let p = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_millis(1),
+            max_ejection: Duration::from_secs(24 * 60 * 60),
+        };
+        let mut now = Instant::now();
+        let mut last = Duration::ZERO;
+        // Enough repeats for both 2^n and base * 2^n to overflow.
+        for _ in 0..100 {
+            let ejected = o.on_failures(1, &p, now).expect("ejects");
+            assert!(ejected >= last && ejected <= p.max_ejection);
+            last = ejected;
+            now = o.ejected_until().expect("ejected");
+            assert!(o.expire(now));
+        }
+        assert_eq!(last, p.max_ejection);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_beyond_the_clock_does_not_panic() {
+        let mut o = Outlier::default();
+        let p = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::MAX,
+            max_ejection: Duration::MAX,
+        };
+        assert_eq!(o.on_failures(1, &p, Instant::now()), None);
+        assert!(!o.is_ejected(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
