@@ -552,6 +552,31 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
         &[("result", "error")],
         reloads.error.load(Relaxed),
     );
+    e.header(
+        "switchyard_splice_pipes",
+        "gauge",
+        "Pipes of the zero-copy pool: in_use = held by a transfer now, open = in use or cached for reuse.",
+    );
+    e.sample(
+        "switchyard_splice_pipes",
+        &[("state", "in_use")],
+        crate::proxy::splice::pipes_in_use(),
+    );
+    e.sample(
+        "switchyard_splice_pipes",
+        &[("state", "open")],
+        crate::proxy::splice::pipes_open(),
+    );
+    e.header(
+        "switchyard_splice_bytes_total",
+        "counter",
+        "Bytes forwarded by splice(2), without passing through the proxy's memory.",
+    );
+    e.sample(
+        "switchyard_splice_bytes_total",
+        &[],
+        crate::proxy::splice::bytes_spliced(),
+    );
     e.finish()
 }
 
