@@ -4,7 +4,7 @@
 //!
 //! Pipes come from a pool: a per-thread cache (no lock on the data path) under a global
 //! cap that keeps them within a quarter of the process's file descriptor limit; idle
-//! cached pipes never fill more than half of it. A pipe is returned only when empty;
+//! cached pipes are kept only while they fill less than half of it. A pipe is returned only when empty;
 //! one that still holds bytes (its connection failed mid-transfer) is closed instead,
 //! so no data can leak into another connection.
 //!
@@ -120,12 +120,14 @@ pub fn take() -> Option<Lease> {
 }
 
 /// Returns a pipe. An empty one is cached for reuse; one that still holds bytes is
-/// closed, and so is any while the pool is more than half full: idle pipes sit in one
-/// thread's cache, out of reach of the others, and must never hold so much of the cap
-/// that a thread with an empty cache gets no pipe at all.
+/// closed, and so is an empty one when idle pipes already fill half the cap: an idle
+/// pipe sits in one thread's cache, out of reach of the others, and idle pipes must
+/// never hold so much of the cap that a thread with an empty cache gets none.
 pub fn give(lease: Lease) {
     let Lease { pipe, _in_use } = lease;
-    if pipe.pending != 0 || OPEN.load(Relaxed) > cap() / 2 {
+    // This lease still counts as in use, so `idle` leaves it out.
+    let idle = OPEN.load(Relaxed).saturating_sub(IN_USE.load(Relaxed));
+    if pipe.pending != 0 || idle >= cap() / 2 {
         return;
     }
     // `try_with`: during thread teardown the cache is gone, and the pipe just closes.
