@@ -305,7 +305,7 @@ async fn connect_client(
                 match &e {
                     crate::error::ConnectError::LocalResources { source, .. } => {
                         crate::error::warn_local_exhaustion(
-                            "client closed: cannot connect it",
+                            "client closed: no connection to an upstream could be opened",
                             source,
                         );
                     }

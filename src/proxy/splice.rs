@@ -281,3 +281,30 @@ pub fn is_unsupported(e: &io::Error) -> bool {
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The only test in this binary that touches the pool's process-wide counts.
+    #[test]
+    fn a_lease_dropped_mid_transfer_gives_its_counts_back() {
+        let (open, in_use) = (pipes_open(), pipes_in_use());
+        let mut lease = take().expect("a pipe");
+        assert_eq!(pipes_in_use(), in_use + 1);
+        // As if the transfer was cut with bytes still in the pipe.
+        lease.pending = 1;
+        drop(lease);
+        assert_eq!(pipes_in_use(), in_use);
+        assert_eq!(pipes_open(), open, "the pipe was closed and uncounted");
+
+        let lease = take().expect("a pipe");
+        give(lease);
+        assert_eq!(pipes_in_use(), in_use);
+        assert_eq!(pipes_open(), open + 1, "an empty pipe is cached");
+        let lease = take().expect("the cached pipe");
+        assert_eq!(pipes_open(), open + 1, "reused, not a new one");
+        drop(lease);
+        assert_eq!(pipes_open(), open);
+    }
+}
