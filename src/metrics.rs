@@ -16,7 +16,8 @@ pub enum ConnectFailure {
     Timeout,
     /// The TLS handshake with the upstream failed (e.g. an untrusted certificate).
     Tls,
-    /// Anything else, e.g. out of file descriptors.
+    /// Anything else. (Running out of our own descriptors, memory or ports is never
+    /// an upstream's failure: see [`FailedReason::LocalResources`].)
     Error,
 }
 
@@ -25,14 +26,54 @@ pub enum ConnectFailure {
 pub struct ListenerStats {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
-    /// Clients whose every connect attempt failed.
+    /// Clients closed after admission without reaching an upstream, every reason
+    /// together (the sum of [`ListenerStats::failed`] over [`FailedReason::ALL`]).
     pub connections_failed: AtomicU64,
+    /// The same clients by reason.
+    failed: [AtomicU64; FailedReason::ALL.len()],
     /// Clients closed at once, by reason.
     rejected: [AtomicU64; RejectReason::ALL.len()],
     /// Bytes from clients to upstreams.
     pub bytes_in: AtomicU64,
     /// Bytes from upstreams to clients.
     pub bytes_out: AtomicU64,
+}
+
+/// Why an admitted client was closed without reaching an upstream; the `reason` label
+/// of `switchyard_connections_failed_total`:
+///
+/// - `upstreams_failed`: every connect attempt failed, or every upstream tried closed
+///   the connection before a byte flowed; each attempt was also counted against its
+///   upstream in `switchyard_upstream_connect_failures_total`.
+/// - `local_resources`: the proxy could not open a connection for lack of its own
+///   resources: no descriptor (EMFILE, ENFILE), no kernel memory (ENOBUFS, ENOMEM) or
+///   no ephemeral port (EADDRNOTAVAIL). Not counted against any upstream, and no other
+///   upstream is tried (it would fail the same way).
+/// - `removed_by_reload`: a reload removed the client's listener or pool in the instant
+///   after it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedReason {
+    UpstreamsFailed,
+    LocalResources,
+    RemovedByReload,
+}
+
+// === impl FailedReason ===
+
+impl FailedReason {
+    pub const ALL: [FailedReason; 3] = [
+        FailedReason::UpstreamsFailed,
+        FailedReason::LocalResources,
+        FailedReason::RemovedByReload,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailedReason::UpstreamsFailed => "upstreams_failed",
+            FailedReason::LocalResources => "local_resources",
+            FailedReason::RemovedByReload => "removed_by_reload",
+        }
+    }
 }
 
 /// Why a client was closed at once; the `reason` label of
@@ -100,6 +141,16 @@ impl ListenerStats {
     pub fn rejected(&self, reason: RejectReason) -> u64 {
         self.rejected[reason as usize].load(Relaxed)
     }
+
+    /// Counts a client closed without reaching an upstream.
+    pub fn fail(&self, reason: FailedReason) {
+        self.failed[reason as usize].fetch_add(1, Relaxed);
+        self.connections_failed.fetch_add(1, Relaxed);
+    }
+
+    pub fn failed(&self, reason: FailedReason) -> u64 {
+        self.failed[reason as usize].load(Relaxed)
+    }
 }
 
 /// Per-upstream counters, kept across snapshots by (pool, address).
@@ -111,6 +162,9 @@ pub struct UpstreamStats {
     pub bytes_received: AtomicU64,
     pub checks_passed: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Checks that never reached the upstream because the proxy was out of its own
+    /// descriptors, memory or ports: neither a pass nor a failure.
+    pub checks_not_run: AtomicU64,
     /// Failed connect attempts on real traffic since the last success (passive check).
     pub connect_failures_in_a_row: AtomicU32,
     connect_failures: [AtomicU64; ConnectFailure::ALL.len()],
@@ -295,7 +349,7 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
     pools.sort_by(|a, b| a.config.name.cmp(&b.config.name));
 
     type ListenerCounter = fn(&ListenerStats) -> &AtomicU64;
-    let listener_metrics: [(&str, &str, &str, ListenerCounter); 3] = [
+    let listener_metrics: [(&str, &str, &str, ListenerCounter); 2] = [
         (
             "switchyard_connections_total",
             "counter",
@@ -308,12 +362,6 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
             "Client connections open now.",
             |s| &s.connections_active,
         ),
-        (
-            "switchyard_connections_failed_total",
-            "counter",
-            "Clients closed because every connect attempt failed.",
-            |s| &s.connections_failed,
-        ),
     ];
     for (name, kind, help, counter) in listener_metrics {
         e.header(name, kind, help);
@@ -322,6 +370,20 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
                 name,
                 &[("listener", &l.context.name)],
                 counter(&l.context.stats).load(Relaxed),
+            );
+        }
+    }
+    e.header(
+        "switchyard_connections_failed_total",
+        "counter",
+        "Clients closed without reaching an upstream, by reason: upstreams_failed (every attempt failed), local_resources (the proxy was out of descriptors, memory or ports; no upstream blamed), removed_by_reload.",
+    );
+    for l in &listeners {
+        for reason in FailedReason::ALL {
+            e.sample(
+                "switchyard_connections_failed_total",
+                &[("listener", &l.context.name), ("reason", reason.as_str())],
+                l.context.stats.failed(reason),
             );
         }
     }
@@ -455,13 +517,14 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
     e.header(
         "switchyard_health_checks_total",
         "counter",
-        "Active health checks, by result.",
+        "Active health checks, by result; local_resources: not run, the proxy was out of descriptors, memory or ports.",
     );
     for route in &pools {
         for u in route.upstreams.iter() {
             for (result, counter) in [
                 ("success", &u.stats.checks_passed),
                 ("failure", &u.stats.checks_failed),
+                ("local_resources", &u.stats.checks_not_run),
             ] {
                 e.sample(
                     "switchyard_health_checks_total",
@@ -489,6 +552,31 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
         "switchyard_config_reloads_total",
         &[("result", "error")],
         reloads.error.load(Relaxed),
+    );
+    e.header(
+        "switchyard_splice_pipes",
+        "gauge",
+        "Pipes of the zero-copy pool: in_use = held by a transfer now, open = in use or cached for reuse.",
+    );
+    e.sample(
+        "switchyard_splice_pipes",
+        &[("state", "in_use")],
+        crate::proxy::splice::pipes_in_use(),
+    );
+    e.sample(
+        "switchyard_splice_pipes",
+        &[("state", "open")],
+        crate::proxy::splice::pipes_open(),
+    );
+    e.header(
+        "switchyard_splice_bytes_total",
+        "counter",
+        "Bytes forwarded by splice(2), without passing through the proxy's memory.",
+    );
+    e.sample(
+        "switchyard_splice_bytes_total",
+        &[],
+        crate::proxy::splice::bytes_spliced(),
     );
     e.finish()
 }

@@ -192,14 +192,16 @@ async fn first_checks(
             let pool = pool.clone();
             let upstream = upstream.clone();
             checks.spawn(async move {
-                let result = health::check(&upstream, &pool).await;
-                (key, result)
+                let checked = health::check(&upstream, &pool).await;
+                (key, checked)
             });
         }
     }
     let mut results = HashMap::new();
     while let Some(done) = checks.join_next().await {
-        if let Ok((key, result)) = done {
+        // A check that could not run (we are out of descriptors) leaves the upstream
+        // as at start-up: up until its first check.
+        if let Ok((key, health::Checked::Tested(result))) = done {
             results.insert(key, result);
         }
     }

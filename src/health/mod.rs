@@ -5,22 +5,28 @@
 //! The checker owns no state: the controller applies the result and answers with the
 //! interval to wait, so the schedule always follows the state it just computed. A
 //! passive failure on real traffic wakes the checker for an immediate check.
+//!
+//! A check that cannot even open its socket (the proxy is out of descriptors, memory or
+//! ports) did not test the upstream: it is neither a pass nor a failure, is not
+//! reported, and is tried again at the next interval.
 
 pub mod outlier;
 pub mod state;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, PoolConfig, UpstreamConfig};
 use crate::controller::{ControllerHandle, Message};
+use crate::error::warn_local_exhaustion;
 use crate::metrics::ConnectFailure;
+use crate::proxy::connect::{Unconnected, open};
 use crate::proxy::proxy_protocol;
 use crate::snapshot::Upstream;
 
@@ -38,6 +44,16 @@ pub enum CheckFailure {
     /// The upstream closed before the expected reply was complete.
     Closed,
     Io,
+}
+
+/// What one check found.
+#[derive(Debug)]
+pub enum Checked {
+    /// The upstream answered as configured (`Ok`) or failed (`Err`).
+    Tested(Result<(), CheckFailure>),
+    /// The check never reached the upstream: the proxy could not open a connection
+    /// (out of descriptors, memory or ports). Says nothing about the upstream.
+    NotRun(std::io::Error),
 }
 
 /// The controller's end of one checker task.
@@ -113,6 +129,8 @@ async fn check_loop(
     stop: CancellationToken,
 ) {
     let mut next = Instant::now() + FIRST_CHECK_SPREAD.mul_f64(fastrand::f64());
+    // Until the controller answers, the configured interval.
+    let mut interval = pool.health.interval;
     loop {
         tokio::select! {
             biased;
@@ -120,19 +138,28 @@ async fn check_loop(
             _ = sleep_until(next) => {}
             _ = check_now.notified() => {}
         }
-        let result = tokio::select! {
+        let checked = tokio::select! {
             _ = stop.cancelled() => return,
-            result = check(&upstream.config, &pool) => result,
+            checked = check(&upstream.config, &pool) => checked,
         };
-        let (reply, interval) = oneshot::channel();
-        controller.send(Message::CheckResult {
-            upstream: upstream.id,
-            result,
-            reply,
-        });
-        let Ok(interval) = interval.await else {
-            return;
-        };
+        match checked {
+            Checked::Tested(result) => {
+                let (reply, answer) = oneshot::channel();
+                controller.send(Message::CheckResult {
+                    upstream: upstream.id,
+                    result,
+                    reply,
+                });
+                let Ok(answer) = answer.await else {
+                    return;
+                };
+                interval = answer;
+            }
+            Checked::NotRun(error) => {
+                upstream.stats.checks_not_run.fetch_add(1, Relaxed);
+                warn_local_exhaustion("health check not run", &error);
+            }
+        }
         // ±10% so that checks started together drift apart.
         next = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
     }
@@ -141,13 +168,15 @@ async fn check_loop(
 /// One check: connect, then send and expect if configured, all within `timeout`. A
 /// pool that sends PROXY headers to its upstreams sends a v2 LOCAL (v1 UNKNOWN) header
 /// first, so that a server requiring the header accepts the check.
-pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Result<(), CheckFailure> {
+pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
     let health = &pool.health;
     let deadline = Instant::now() + health.timeout;
-    let mut stream = match timeout_at(deadline, TcpStream::connect(upstream.address)).await {
-        Err(_) => return Err(CheckFailure::Connect(ConnectFailure::Timeout)),
-        Ok(Err(e)) => return Err(CheckFailure::Connect(ConnectFailure::from_io(&e))),
-        Ok(Ok(stream)) => stream,
+    let mut stream = match open(upstream.address, deadline).await {
+        Ok(stream) => stream,
+        Err(Unconnected::Upstream(reason)) => {
+            return Checked::Tested(Err(CheckFailure::Connect(reason)));
+        }
+        Err(Unconnected::LocalResources(error)) => return Checked::NotRun(error),
     };
     let checked = async {
         if let Some(version) = pool.proxy_protocol {
@@ -169,9 +198,11 @@ pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Result<(), C
             }
         }
     };
-    timeout_at(deadline, checked)
-        .await
-        .unwrap_or(Err(CheckFailure::Timeout))
+    Checked::Tested(
+        timeout_at(deadline, checked)
+            .await
+            .unwrap_or(Err(CheckFailure::Timeout)),
+    )
 }
 
 /// The send/expect part of a check, over plain TCP or TLS.

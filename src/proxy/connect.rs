@@ -2,9 +2,12 @@
 //! gives, each bounded by `connect_timeout`, with optional hedging.
 //!
 //! Every failed attempt is classified and counted against its upstream; the client sees
-//! nothing of it unless every attempt fails.
+//! nothing of it unless every attempt fails. An attempt that fails on our side (no
+//! descriptor, memory or port to open it with) is nobody's fault but ours: it is not
+//! counted against the upstream and no further attempt is started.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
@@ -15,11 +18,20 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::error::ConnectError;
+use crate::error::{ConnectError, is_local_exhaustion};
 use crate::metrics::ConnectFailure;
 use crate::snapshot::PoolRoute;
 
-type Attempt = Pin<Box<dyn Future<Output = (usize, Result<TcpStream, ConnectFailure>)> + Send>>;
+type Attempt = Pin<Box<dyn Future<Output = (usize, Result<TcpStream, Unconnected>)> + Send>>;
+
+/// Why a connection to an upstream was not made.
+#[derive(Debug)]
+pub enum Unconnected {
+    /// The upstream refused, reset, was unreachable or too slow: its failure.
+    Upstream(ConnectFailure),
+    /// We could not even try (see [`is_local_exhaustion`]): says nothing about it.
+    LocalResources(io::Error),
+}
 
 /// A connected upstream.
 #[derive(Debug)]
@@ -48,9 +60,13 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
     let mut started = 1;
     let mut hedge_at = config.hedge_after.map(|d| Instant::now() + d);
     let mut last_failure = (order[0], ConnectFailure::Error);
+    // Once our own resources ran out, every further attempt would fail the same way:
+    // none is started; attempts already in flight may still connect.
+    let mut out_of_resources: Option<(usize, io::Error)> = None;
 
     loop {
-        let can_hedge = hedge_at.is_some() && started < order.len();
+        let may_start = out_of_resources.is_none() && started < order.len();
+        let can_hedge = hedge_at.is_some() && may_start;
         tokio::select! {
             finished = in_flight.next() => {
                 let Some((upstream, result)) = finished else { break };
@@ -58,12 +74,18 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
                     Ok(stream) => {
                         return Ok(Connected { stream, upstream, attempts: started });
                     }
-                    Err(reason) => {
+                    Err(Unconnected::LocalResources(error)) => {
+                        out_of_resources = Some((upstream, error));
+                        if in_flight.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(Unconnected::Upstream(reason)) => {
                         let failed = &route.upstreams[upstream];
                         route.feedback.connect_failed(failed, reason);
                         debug!(pool = %config.name, upstream = failed.label(), %reason, "connect attempt failed");
                         last_failure = (upstream, reason);
-                        if started < order.len() {
+                        if out_of_resources.is_none() && started < order.len() {
                             in_flight.push(start(started));
                             started += 1;
                             hedge_at = config.hedge_after.map(|d| Instant::now() + d);
@@ -81,7 +103,13 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
             }
         }
     }
-    Err(ConnectError {
+    if let Some((upstream, source)) = out_of_resources {
+        return Err(ConnectError::LocalResources {
+            upstream: route.upstreams[upstream].label().to_string(),
+            source,
+        });
+    }
+    Err(ConnectError::Upstreams {
         attempts: started,
         last_upstream: route.upstreams[last_failure.0].label().to_string(),
         last_reason: last_failure.1,
@@ -92,20 +120,34 @@ async fn attempt(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: Option<Duration>,
-) -> Result<TcpStream, ConnectFailure> {
+) -> Result<TcpStream, Unconnected> {
+    let stream = open(addr, Instant::now() + timeout).await?;
+    tune(&stream, keepalive);
+    Ok(stream)
+}
+
+/// Opens a socket and connects it to `addr` by `deadline`, telling the upstream's
+/// failures apart from our own shortages. Shared with the active health checks, which
+/// must not blame an upstream for our own shortages either.
+pub async fn open(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, Unconnected> {
+    let classify = |e: io::Error| {
+        if is_local_exhaustion(&e) {
+            Unconnected::LocalResources(e)
+        } else {
+            Unconnected::Upstream(ConnectFailure::from_io(&e))
+        }
+    };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(|e| ConnectFailure::from_io(&e))?;
-    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Err(_) => return Err(ConnectFailure::Timeout),
-        Ok(Err(e)) => return Err(ConnectFailure::from_io(&e)),
-        Ok(Ok(stream)) => stream,
-    };
-    tune(&stream, keepalive);
-    Ok(stream)
+    .map_err(classify)?;
+    match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
+        Err(_) => Err(Unconnected::Upstream(ConnectFailure::Timeout)),
+        Ok(Err(e)) => Err(classify(e)),
+        Ok(Ok(stream)) => Ok(stream),
+    }
 }
 
 /// `TCP_NODELAY` and keepalive on a connected socket. Failures are logged, not fatal:

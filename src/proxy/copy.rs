@@ -249,7 +249,8 @@ impl Direction<'_> {
     }
 
     /// Splices until the socket would block. `Ok(None)` when no pipe is available;
-    /// otherwise how the burst ended and how many bytes it moved.
+    /// otherwise how the burst ended and how many bytes it moved. If this future is
+    /// dropped mid-burst, the lease's drop closes the pipe and keeps the pool's counts.
     async fn splice_burst(&self) -> io::Result<Option<(Burst, u64)>> {
         let Some(mut pipe) = splice::take() else {
             return Ok(None);
@@ -275,7 +276,7 @@ impl Direction<'_> {
                 Err(e) => return Err(e),
             };
             self.mark_activity();
-            while pipe.pending > 0 {
+            while pipe.pending() > 0 {
                 match self.to.try_io(Interest::WRITABLE, || pipe.drain_into(to)) {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.to.writable().await?,

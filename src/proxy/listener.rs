@@ -496,7 +496,9 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
     // snapshot load here instead of one per step.
     let Some(listener) = context.snapshot.load().listener(&context.name).cloned() else {
         // Only in the instant a reload removes this listener.
-        context.stats.connections_failed.fetch_add(1, Relaxed);
+        context
+            .stats
+            .fail(crate::metrics::FailedReason::RemovedByReload);
         return;
     };
     if !super::access::is_allowed(&listener.config, peer.ip()) {

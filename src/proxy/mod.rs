@@ -267,7 +267,8 @@ async fn generic_copy<A, B>(
 
 /// Routes and connects one client: attempts in the pool's order, each failure counted
 /// against its upstream and invisible to the client. `None` when the client must be
-/// closed (nothing usable, every attempt failed, or shutdown).
+/// closed (nothing usable, every attempt failed, our own resources ran out, or
+/// shutdown).
 async fn connect_client(
     client: &TcpStream,
     origin: &Origin,
@@ -278,7 +279,9 @@ async fn connect_client(
     let route = context.snapshot.load().pool(pool).cloned();
     let Some(route) = route else {
         // Only for a connection accepted just before a reload removed its pool.
-        context.stats.connections_failed.fetch_add(1, Relaxed);
+        context
+            .stats
+            .fail(crate::metrics::FailedReason::RemovedByReload);
         return None;
     };
     let order = attempt_order(&route, origin.source.ip());
@@ -297,8 +300,18 @@ async fn connect_client(
         let connected = match connected {
             Ok(connected) => connected,
             Err(e) => {
-                context.stats.connections_failed.fetch_add(1, Relaxed);
-                info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                context.stats.fail(e.reason());
+                match &e {
+                    crate::error::ConnectError::LocalResources { source, .. } => {
+                        crate::error::warn_local_exhaustion(
+                            "client closed: no connection to an upstream could be opened",
+                            source,
+                        );
+                    }
+                    crate::error::ConnectError::Upstreams { .. } => {
+                        info!(pool = %route.config.name, error = %e, "client closed: no upstream could be reached");
+                    }
+                }
                 return None;
             }
         };
@@ -365,7 +378,9 @@ async fn connect_client(
         );
         remaining = &remaining[connected.attempts..];
         if remaining.is_empty() {
-            context.stats.connections_failed.fetch_add(1, Relaxed);
+            context
+                .stats
+                .fail(crate::metrics::FailedReason::UpstreamsFailed);
             info!(pool = %route.config.name, "client closed: every upstream closed the connection at once");
             return None;
         }

@@ -3,14 +3,22 @@
 //! `unsafe`; each block says why it is sound.
 //!
 //! Pipes come from a pool: a per-thread cache (no lock on the data path) under a global
-//! cap that keeps them within a quarter of the process's file descriptor limit. A pipe
-//! is returned only when empty; one that still holds bytes (its connection failed
-//! mid-transfer) is closed instead, so no data can leak into another connection.
+//! cap that keeps them within a quarter of the process's file descriptor limit; idle
+//! cached pipes are kept only while they fill less than half of it. A pipe is returned only when empty;
+//! one that still holds bytes (its connection failed mid-transfer) is closed instead,
+//! so no data can leak into another connection.
+//!
+//! The pool's counts are kept by ownership, not by the callers: a [`Pipe`] counts as
+//! open from creation until it is closed, and a [`Lease`] counts as in use until it is
+//! dropped. A transfer cut mid-splice (its future dropped by an idle timeout, a reset
+//! on the other direction, a close) therefore gives its pipe's counts back like any
+//! other; a count that leaked would shrink the pool for the life of the process.
 
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -20,14 +28,28 @@ pub const CHUNK: usize = 256 * 1024;
 /// Idle pipes a worker thread keeps for reuse.
 const CACHE_PER_THREAD: usize = 64;
 
-/// A kernel pipe used as the splice buffer of one direction of one connection.
+/// A kernel pipe used as the splice buffer of one direction of one connection. Counted
+/// in [`pipes_open`] for as long as it exists.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes spliced in and not yet out.
-    pub pending: usize,
+    pending: usize,
 }
+
+/// A pipe taken from the pool, counted in [`pipes_in_use`] until dropped. Give it back
+/// with [`give`] to keep an empty pipe for reuse; dropped any other way (a transfer
+/// cut short), it is closed.
+#[derive(Debug)]
+pub struct Lease {
+    pipe: Pipe,
+    _in_use: InUse,
+}
+
+/// One count in [`IN_USE`], released on drop.
+#[derive(Debug)]
+struct InUse(());
 
 /// Pipes that exist (cached or in use); bounded by [`cap`].
 static OPEN: AtomicUsize = AtomicUsize::new(0);
@@ -72,7 +94,7 @@ pub fn pipes_open() -> usize {
 }
 
 /// A pipe for one direction, or `None` when the pool is exhausted (the caller copies).
-pub fn take() -> Option<Pipe> {
+pub fn take() -> Option<Lease> {
     let cached = CACHE.with(|cache| cache.borrow_mut().pop());
     let pipe = match cached {
         Some(pipe) => pipe,
@@ -81,46 +103,79 @@ pub fn take() -> Option<Pipe> {
                 OPEN.fetch_sub(1, Relaxed);
                 return None;
             }
-            match Pipe::new() {
+            match Pipe::open() {
                 Ok(pipe) => pipe,
                 Err(_) => {
+                    // No pipe exists to hand the reserved count to.
                     OPEN.fetch_sub(1, Relaxed);
                     return None;
                 }
             }
         }
     };
-    IN_USE.fetch_add(1, Relaxed);
-    Some(pipe)
+    Some(Lease {
+        pipe,
+        _in_use: InUse::enter(),
+    })
 }
 
 /// Returns a pipe. An empty one is cached for reuse; one that still holds bytes is
-/// closed.
-pub fn give(pipe: Pipe) {
-    IN_USE.fetch_sub(1, Relaxed);
-    if pipe.pending != 0 {
-        drop(pipe);
-        OPEN.fetch_sub(1, Relaxed);
+/// closed, and so is an empty one when idle pipes already fill half the cap: an idle
+/// pipe sits in one thread's cache, out of reach of the others, and idle pipes must
+/// never hold so much of the cap that a thread with an empty cache gets none.
+pub fn give(lease: Lease) {
+    let Lease { pipe, _in_use } = lease;
+    // This lease still counts as in use, so `idle` leaves it out.
+    let idle = OPEN.load(Relaxed).saturating_sub(IN_USE.load(Relaxed));
+    if pipe.pending != 0 || idle >= cap() / 2 {
         return;
     }
-    let overflow = CACHE.with(|cache| {
+    // `try_with`: during thread teardown the cache is gone, and the pipe just closes.
+    let _ = CACHE.try_with(|cache| {
         let mut cache = cache.borrow_mut();
         if cache.len() < CACHE_PER_THREAD {
             cache.push(pipe);
-            None
-        } else {
-            Some(pipe)
         }
     });
-    if overflow.is_some() {
-        OPEN.fetch_sub(1, Relaxed);
+}
+
+// === impl InUse ===
+
+impl InUse {
+    fn enter() -> Self {
+        IN_USE.fetch_add(1, Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        IN_USE.fetch_sub(1, Relaxed);
+    }
+}
+
+// === impl Lease ===
+
+impl Deref for Lease {
+    type Target = Pipe;
+
+    fn deref(&self) -> &Pipe {
+        &self.pipe
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Pipe {
+        &mut self.pipe
     }
 }
 
 // === impl Pipe ===
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A new pipe; the caller has already counted it in [`OPEN`], and its drop
+    /// uncounts it.
+    fn open() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into the array we own; on success both
         // are fresh descriptors owned by nobody else.
@@ -139,6 +194,11 @@ impl Pipe {
         })
     }
 
+    /// Bytes spliced in and not yet out.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
     /// Moves up to [`CHUNK`] bytes from socket `from` into the pipe, without blocking.
     /// `Ok(0)` is end of stream.
     pub fn fill_from(&mut self, from: RawFd) -> io::Result<usize> {
@@ -153,6 +213,13 @@ impl Pipe {
         self.pending -= n;
         SPLICED.fetch_add(n as u64, Relaxed);
         Ok(n)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // Both descriptors close right after this, with the fields.
+        OPEN.fetch_sub(1, Relaxed);
     }
 }
 
@@ -213,4 +280,31 @@ pub fn is_unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The only test in this binary that touches the pool's process-wide counts.
+    #[test]
+    fn a_lease_dropped_mid_transfer_gives_its_counts_back() {
+        let (open, in_use) = (pipes_open(), pipes_in_use());
+        let mut lease = take().expect("a pipe");
+        assert_eq!(pipes_in_use(), in_use + 1);
+        // As if the transfer was cut with bytes still in the pipe.
+        lease.pending = 1;
+        drop(lease);
+        assert_eq!(pipes_in_use(), in_use);
+        assert_eq!(pipes_open(), open, "the pipe was closed and uncounted");
+
+        let lease = take().expect("a pipe");
+        give(lease);
+        assert_eq!(pipes_in_use(), in_use);
+        assert_eq!(pipes_open(), open + 1, "an empty pipe is cached");
+        let lease = take().expect("the cached pipe");
+        assert_eq!(pipes_open(), open + 1, "reused, not a new one");
+        drop(lease);
+        assert_eq!(pipes_open(), open);
+    }
 }
