@@ -163,7 +163,12 @@ fn unknown_keys_are_errors_with_their_name_and_line() {
     );
 
     let found = problems("[logging]\nlevel = \"info\"\n");
-    assert!(found[0].message.contains("unknown field `logging`"));
+    assert!(
+        found
+            .iter()
+            .any(|p| p.key == "logging" && p.message.contains("unknown field `logging`")),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -514,4 +519,46 @@ fn duplicate_upstreams_are_reported_beside_their_other_problems() {
             .any(|m| m.contains("upstream name \"dr\" appears twice in this pool")),
         "{messages:#?}"
     );
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_reported_together_with_value_errors() {
+    let text = r#"
+[runtime]
+worker_thread = 2
+
+[listeners.db]
+bind = "127.0.0.1:5432"
+pool = "pg"
+max_conections = 5
+
+[pools.pg]
+connect_timeout = 2
+upstreams = [{ adress = "127.0.0.1:6000" }, { address = "127.0.0.1:6001", weight = "heavy" }]
+
+[pools.pg.health]
+fall = 0
+"#;
+    let found: Vec<(usize, usize, String)> = problems(text)
+        .into_iter()
+        .map(|p| (p.line, p.column, p.key))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (3, 1, "runtime.worker_thread".to_string()),
+            (8, 1, "listeners.db.max_conections".to_string()),
+            (11, 19, "pools.pg.connect_timeout".to_string()),
+            (12, 16, "pools.pg.upstreams[0].adress".to_string()),
+            (12, 84, "pools.pg.upstreams[1].weight".to_string()),
+            (15, 8, "pools.pg.health.fall".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn a_syntax_error_is_reported_alone_with_its_position() {
+    let found = problems("[listeners.db\nbind = 1\n");
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].line, found[0].column), (1, 14));
 }

@@ -77,18 +77,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         text,
         problems: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let key = v.enclosing_table(span.start);
-            v.report(span, &key, e.message().trim().replace('\n', "; "));
-            return Err(ConfigError::Invalid {
-                problems: v.problems,
-            });
-        }
-    };
-    let config = v.config(raw, path);
+    let config = v.read_raw().and_then(|raw| v.config(raw, path));
     if let (true, Some(config)) = (v.problems.is_empty(), config) {
         return Ok(config);
     }
@@ -98,9 +87,63 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// Most unknown keys and wrong types reported in one pass; each costs one more
+/// deserialization of the document.
+const MAX_SHAPE_PROBLEMS: usize = 64;
+
+/// A step in a key path: a table key or an array index.
+#[derive(Debug, Clone)]
+enum PathStep<'i> {
+    Key(S<toml::de::DeString<'i>>),
+    Index(usize),
+}
+
 // === impl Validator ===
 
 impl Validator<'_> {
+    /// The raw config, with every unknown key and wrong type reported, not only the
+    /// first: serde stops at the first, so each offending entry is reported with its
+    /// full key path, removed from the parsed document, and the rest read again.
+    /// `None` only for a TOML syntax error (nothing after it can be trusted).
+    fn read_raw(&mut self) -> Option<RawConfig> {
+        use serde::Deserialize;
+        let mut document = match toml::de::DeTable::parse(self.text) {
+            Ok(document) => document,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let key = self.enclosing_table(span.start);
+                self.report(span, &key, e.message().trim().replace('\n', "; "));
+                return None;
+            }
+        };
+        // Names come from the document as written: removing an array element shifts
+        // the indices of the working copy.
+        let original = document.clone();
+        let mut removed: Vec<String> = Vec::new();
+        for _ in 0..MAX_SHAPE_PROBLEMS {
+            let e = match RawConfig::deserialize(toml::de::Deserializer::from(document.clone())) {
+                Ok(raw) => return Some(raw),
+                Err(e) => e,
+            };
+            let span = e.span().unwrap_or(0..0);
+            let steps = locate(document.get_ref(), &span);
+            let key = key_path(&locate(original.get_ref(), &span));
+            // A table that lost a wrongly typed key may now miss a required one: that
+            // is the same problem again, already reported.
+            let consequence = removed
+                .iter()
+                .any(|r| r.starts_with(&key) && !key.is_empty());
+            if !consequence {
+                self.report(span, &key, e.message().trim().replace('\n', "; "));
+            }
+            if steps.is_empty() || !remove(document.get_mut(), &steps) {
+                return None;
+            }
+            removed.push(key);
+        }
+        None
+    }
+
     fn report(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
         let (line, column) = self.position(span.start);
         self.problems.push(Problem {
@@ -1055,4 +1098,114 @@ pub(crate) fn unescape(text: &str) -> Result<Vec<u8>, String> {
         }
     }
     Ok(out)
+}
+
+/// The entry (table key or array element) most deeply nested in `table` whose key or
+/// value covers the start of `span`: where a serde error points. Every entry is
+/// searched, since a table's own span need not cover its keys (a `[a.b]` header
+/// and the keys under it are far apart, and `a` has no text of its own).
+fn locate<'i>(table: &toml::de::DeTable<'i>, span: &Range<usize>) -> Vec<PathStep<'i>> {
+    let mut best = Vec::new();
+    let mut path = Vec::new();
+    search_table(table, span.start, &mut path, &mut best);
+    best
+}
+
+fn search_table<'i>(
+    table: &toml::de::DeTable<'i>,
+    offset: usize,
+    path: &mut Vec<PathStep<'i>>,
+    best: &mut Vec<PathStep<'i>>,
+) {
+    for (key, value) in table.iter() {
+        path.push(PathStep::Key(key.clone()));
+        if (covers(&key.span(), offset) || covers(&value.span(), offset)) && path.len() > best.len()
+        {
+            best.clone_from(path);
+        }
+        search_value(value.get_ref(), offset, path, best);
+        path.pop();
+    }
+}
+
+fn search_value<'i>(
+    value: &toml::de::DeValue<'i>,
+    offset: usize,
+    path: &mut Vec<PathStep<'i>>,
+    best: &mut Vec<PathStep<'i>>,
+) {
+    match value {
+        toml::de::DeValue::Table(table) => search_table(table, offset, path, best),
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(PathStep::Index(i));
+                if covers(&item.span(), offset) && path.len() > best.len() {
+                    best.clone_from(path);
+                }
+                search_value(item.get_ref(), offset, path, best);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn covers(range: &Range<usize>, offset: usize) -> bool {
+    range.start <= offset && offset < range.end.max(range.start + 1)
+}
+
+/// `pools.db.upstreams[1].weight`, as validation names keys.
+fn key_path(steps: &[PathStep<'_>]) -> String {
+    let mut path = String::new();
+    for step in steps {
+        match step {
+            PathStep::Key(key) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key.get_ref());
+            }
+            PathStep::Index(i) => path.push_str(&format!("[{i}]")),
+        }
+    }
+    path
+}
+
+/// Removes the entry `steps` leads to; false when it is not there.
+fn remove<'i>(table: &mut toml::de::DeTable<'i>, steps: &[PathStep<'i>]) -> bool {
+    let Some((PathStep::Key(key), rest)) = steps.split_first() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return table.remove(key).is_some();
+    }
+    let Some(value) = table.get_mut(key) else {
+        return false;
+    };
+    remove_in(value.get_mut(), rest)
+}
+
+fn remove_in<'i>(value: &mut toml::de::DeValue<'i>, steps: &[PathStep<'i>]) -> bool {
+    match (value, steps.split_first()) {
+        (toml::de::DeValue::Table(table), Some((PathStep::Key(_), _))) => remove(table, steps),
+        (toml::de::DeValue::Array(items), Some((PathStep::Index(i), rest))) => {
+            if rest.is_empty() {
+                if *i >= items.len() {
+                    return false;
+                }
+                let all = std::mem::replace(items, toml::de::DeArray::new());
+                *items = all
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(j, _)| j != i)
+                    .map(|(_, item)| item)
+                    .collect();
+                return true;
+            }
+            items
+                .get_mut(*i)
+                .is_some_and(|item| remove_in(item.get_mut(), rest))
+        }
+        _ => false,
+    }
 }
