@@ -433,3 +433,28 @@ fn the_systemd_unit_waits_longer_than_any_shipped_shutdown_grace() {
         );
     }
 }
+
+/// `check` exit 0 means `run` starts: a token file `run` could not read fails `check`.
+#[test]
+fn check_fails_on_a_missing_token_file() {
+    let dir = temp_dir("missing-token");
+    let path = dir.join("admin.toml");
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:9900\"\ntoken_file = \"secrets/admin-token\"\n{}",
+        one_pool_config(&[(closed_port(), 0)], "")
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = switchyard(&["check", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(":3:14: admin.token_file: cannot read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("secrets/admin-token"), "{stderr}");
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::write(dir.join("secrets/admin-token"), "t0ken\n").unwrap();
+    let out = switchyard(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

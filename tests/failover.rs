@@ -405,10 +405,14 @@ async fn failback_after_a_duration_waits_for_it() {
 async fn failback_manual_waits_for_the_operator() {
     let mut primary = Backend::start("primary").await;
     let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "failback = \"manual\"",
-        FAST_HEALTH,
+    // Manual failback needs the admin API that performs it.
+    let proxy = start_proxy(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        pool_config(
+            &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+            "failback = \"manual\"",
+            FAST_HEALTH,
+        )
     ));
     fail_over_and_restart(&proxy, &mut primary).await;
     // Recovered and healthy, yet traffic stays on the backup for as long as we look.

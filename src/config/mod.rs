@@ -50,6 +50,8 @@ pub struct LogConfig {
     /// One of error|warn|info|debug|trace. Default info.
     pub level: String,
     pub format: LogFormat,
+    /// One access-log line per finished client connection.
+    pub connections: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -52,6 +52,8 @@ pub struct RawLog {
     pub level: S<String>,
     #[serde(default = "default_log_format")]
     pub format: S<String>,
+    #[serde(default)]
+    pub connections: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,6 +321,7 @@ impl Default for RawLog {
         Self {
             level: default_log_level(),
             format: default_log_format(),
+            connections: false,
         }
     }
 }

@@ -460,7 +460,11 @@ fn admin_listen_must_not_collide_with_a_listener_bind() {
             "[admin]\nlisten = \"{admin}\"\n{}",
             MINIMAL.replace("127.0.0.1:5432", bind)
         );
-        let found = problems(&text);
+        // A wildcard admin address also needs a token: that is the other problem.
+        let found: Vec<Problem> = problems(&text)
+            .into_iter()
+            .filter(|p| !p.message.contains("needs a token_file"))
+            .collect();
         assert_eq!(found.len(), 1, "{admin} vs {bind}: {found:#?}");
         assert_eq!(
             (found[0].line, found[0].column, found[0].key.as_str()),
@@ -561,4 +565,55 @@ fn a_syntax_error_is_reported_alone_with_its_position() {
     let found = problems("[listeners.db\nbind = 1\n");
     assert_eq!(found.len(), 1);
     assert_eq!((found[0].line, found[0].column), (1, 14));
+}
+
+#[test]
+fn the_admin_token_file_must_be_readable_and_not_empty() {
+    let dir = std::env::temp_dir().join(format!("switchyard-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_token = |file: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:9900\"\ntoken_file = \"{}\"\n{MINIMAL}",
+            dir.join(file).display()
+        )
+    };
+    let found = problems(&with_token("missing"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].line, found[0].key.as_str()),
+        (3, "admin.token_file")
+    );
+    assert!(found[0].message.contains("cannot read"), "{}", found[0]);
+    std::fs::write(dir.join("empty"), "\n").unwrap();
+    assert!(
+        problems(&with_token("empty"))[0]
+            .message
+            .contains("is empty")
+    );
+    std::fs::write(dir.join("good"), "s3cret\n").unwrap();
+    assert!(parse(&with_token("good")).is_ok());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_non_loopback_admin_api_needs_a_token() {
+    for listen in ["0.0.0.0:9900", "10.1.2.3:9900", "[::]:9900"] {
+        let found = problems(&format!("[admin]\nlisten = \"{listen}\"\n{MINIMAL}"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "admin.listen");
+        assert!(found[0].message.contains("needs a token_file"));
+    }
+    for listen in ["127.0.0.1:9900", "[::1]:9900"] {
+        assert!(parse(&format!("[admin]\nlisten = \"{listen}\"\n{MINIMAL}")).is_ok());
+    }
+}
+
+#[test]
+fn manual_failback_without_an_admin_api_could_never_fail_back() {
+    let manual = MINIMAL.replace("[pools.pg]", "[pools.pg]\nfailback = \"manual\"");
+    let found = problems(&manual);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].key, "pools.pg.failback");
+    assert!(found[0].message.contains("needs the admin API"));
+    assert!(parse(&format!("[admin]\nlisten = \"127.0.0.1:9900\"\n{manual}")).is_ok());
 }

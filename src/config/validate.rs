@@ -68,6 +68,8 @@ struct Validator<'a> {
     base: std::path::PathBuf,
     text: &'a str,
     problems: Vec<Problem>,
+    /// Whether the file has an `[admin]` table (manual failback needs one).
+    has_admin: bool,
 }
 
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -76,6 +78,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         text,
         problems: Vec::new(),
+        has_admin: false,
     };
     let config = v.read_raw().and_then(|raw| v.config(raw, path));
     if let (true, Some(config)) = (v.problems.is_empty(), config) {
@@ -201,13 +204,27 @@ impl Validator<'_> {
                 }
             });
 
+        self.has_admin = raw.admin.is_some();
         let admin = raw.admin.as_ref().map(|admin| {
-            let listen = self.socket_addr(&admin.get_ref().listen, "admin.listen");
-            let token_file = admin
-                .get_ref()
-                .token_file
-                .as_ref()
-                .map(|f| base_dir.join(f.get_ref()));
+            let admin = admin.get_ref();
+            let listen = self.socket_addr(&admin.listen, "admin.listen");
+            let token_file = admin.token_file.as_ref().map(|f| {
+                let path = base_dir.join(f.get_ref());
+                // `run` needs the token before it serves: `check` must fail the same way.
+                if let Err(problem) = token_problem(&path) {
+                    self.report(f.span(), "admin.token_file", problem);
+                }
+                path
+            });
+            if let (Some(addr), None) = (listen, &token_file)
+                && !addr.ip().is_loopback()
+            {
+                self.report(
+                    admin.listen.span(),
+                    "admin.listen",
+                    format!("{addr} is reachable from other hosts, so the admin API needs a token_file (anyone who can connect could drain, fail back and reload); set token_file or listen on 127.0.0.1 or [::1]"),
+                );
+            }
             (listen, token_file)
         });
 
@@ -256,6 +273,7 @@ impl Validator<'_> {
             log: LogConfig {
                 level: level?.to_string(),
                 format: format?,
+                connections: raw.log.connections,
             },
             admin: match admin {
                 None => None,
@@ -486,6 +504,10 @@ impl Validator<'_> {
         let idle_timeout = self.optional_duration(&p.idle_timeout, &key("idle_timeout"), SPAN);
         let failback = match p.failback.get_ref().as_str() {
             "immediate" => Some(Failback::Immediate),
+            "manual" if !self.has_admin => {
+                self.report(p.failback.span(), &key("failback"), format!("\"manual\" needs the admin API to ever fail back (POST /pools/{name}/failback); add an [admin] table, or use \"immediate\" or a hold-down duration such as \"30s\""));
+                None
+            }
             "manual" => Some(Failback::Manual),
             other => match read_duration(other, SPAN) {
                 Ok(d) => Some(Failback::After(d)),
@@ -1207,5 +1229,23 @@ fn remove_in<'i>(value: &mut toml::de::DeValue<'i>, steps: &[PathStep<'i>]) -> b
                 .is_some_and(|item| remove_in(item.get_mut(), rest))
         }
         _ => false,
+    }
+}
+
+/// Why the admin token file cannot serve, if it cannot: `run` reads it at start and
+/// on every write request.
+fn token_problem(path: &Path) -> Result<(), String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Err(format!(
+            "{} is empty; write the token on one line (e.g. head -c 24 /dev/urandom | base64 > {})",
+            path.display(),
+            path.display()
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "cannot read {}: {e}; create it with the token on one line (e.g. head -c 24 /dev/urandom | base64 > {})",
+            path.display(),
+            path.display()
+        )),
     }
 }
