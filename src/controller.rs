@@ -876,6 +876,7 @@ fn listener_routes(config: &Config) -> HashMap<String, Arc<ListenerRoute>> {
             let route = ListenerRoute {
                 config: l.clone(),
                 sni,
+                access_log: config.log.connections,
             };
             (l.name.clone(), Arc::new(route))
         })

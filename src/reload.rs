@@ -216,7 +216,7 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     if old.runtime != new.runtime {
         warn!("[runtime] changed: it takes effect at the next restart");
     }
-    if old.log != new.log {
+    if (&old.log.level, old.log.format) != (&new.log.level, new.log.format) {
         warn!(
             "[log] changed: it takes effect at the next restart (--log-level and RUST_LOG still apply)"
         );

@@ -41,6 +41,8 @@ pub struct ListenerRoute {
     pub config: ListenerConfig,
     /// Server name → pool name; empty unless the listener has `routes`.
     pub sni: SniRoutes<String>,
+    /// `[log] connections`: write an access-log line per finished connection.
+    pub access_log: bool,
 }
 
 /// One upstream, long-lived: the same object across snapshots while its pool and

@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -61,11 +61,44 @@ pub struct CopyOutcome {
     pub end: CopyEnd,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// The side whose sending ended first (EOF, reset or error), if either did.
+    pub first_to_end: Option<Side>,
+}
+
+/// One end of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client = 1,
+    Upstream = 2,
+}
+
+/// Remembers which side ended first; later ends change nothing. One atomic shared by
+/// both directions, so the copy stays free of locks.
+#[derive(Debug, Default)]
+pub struct FirstEnd(AtomicU8);
+
+// === impl FirstEnd ===
+
+impl FirstEnd {
+    pub fn mark(&self, side: Side) {
+        let _ = self.0.compare_exchange(0, side as u8, Relaxed, Relaxed);
+    }
+
+    pub fn get(&self) -> Option<Side> {
+        match self.0.load(Relaxed) {
+            1 => Some(Side::Client),
+            2 => Some(Side::Upstream),
+            _ => None,
+        }
+    }
 }
 
 /// What one direction shares with the rest of the connection.
 struct Direction<'a> {
     from: &'a TcpStream,
+    /// Which end `from` is.
+    side: Side,
+    first_end: &'a FirstEnd,
     to: &'a TcpStream,
     counters: Counters<'a>,
     total: &'a AtomicU64,
@@ -103,8 +136,11 @@ pub async fn copy_bidirectional(
     let last_activity = AtomicU64::new(0);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
+    let first_end = FirstEnd::default();
     let to_upstream = Direction {
         from: client,
+        side: Side::Client,
+        first_end: &first_end,
         to: upstream,
         counters: inbound,
         total: &sent,
@@ -113,6 +149,8 @@ pub async fn copy_bidirectional(
     };
     let to_client = Direction {
         from: upstream,
+        side: Side::Upstream,
+        first_end: &first_end,
         to: client,
         counters: outbound,
         total: &received,
@@ -125,6 +163,7 @@ pub async fn copy_bidirectional(
         end,
         client_to_upstream: sent.load(Relaxed),
         upstream_to_client: received.load(Relaxed),
+        first_to_end: first_end.get(),
     }
 }
 
@@ -160,7 +199,14 @@ pub(super) async fn until_end<T>(
 // === impl Direction ===
 
 impl Direction<'_> {
+    /// Forwards until `from` finishes sending; an end or a failure is noted as `from`'s.
     async fn pump(&self, zero_copy: bool) -> io::Result<()> {
+        let result = self.forward(zero_copy).await;
+        self.first_end.mark(self.side);
+        result
+    }
+
+    async fn forward(&self, zero_copy: bool) -> io::Result<()> {
         let mut full_reads = 0u32;
         let mut splicing = false;
         let mut splice_works = zero_copy;

@@ -501,13 +501,19 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
             .fail(crate::metrics::FailedReason::RemovedByReload);
         return;
     };
+    let refuse = |reason| {
+        context.stats.reject(reason);
+        // Dropped at once: the access-log line of a refused client.
+        super::access_log::ConnectionRecord::new(listener.access_log, &context.name, peer)
+            .reject(reason);
+    };
     if !super::access::is_allowed(&listener.config, peer.ip()) {
-        context.stats.reject(RejectReason::Denied);
+        refuse(RejectReason::Denied);
         debug!(listener = %context.name, client = %peer, "client network not allowed; closing");
         return;
     }
     let Ok(permit) = context.limit.clone().try_acquire_owned() else {
-        context.stats.reject(RejectReason::MaxConnections);
+        refuse(RejectReason::MaxConnections);
         debug!(listener = %context.name, client = %peer, "max_connections reached; closing client");
         return;
     };

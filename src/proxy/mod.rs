@@ -5,6 +5,7 @@
 //! connection open for hours never pins old routing state.
 
 pub mod access;
+pub mod access_log;
 pub mod connect;
 pub mod copy;
 pub mod listener;
@@ -29,6 +30,7 @@ use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{ListenerRoute, Upstream};
+use access_log::{ConnectionRecord, End};
 use copy::{CopyEnd, Counters};
 use listener::ListenerContext;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,8 @@ pub(crate) async fn serve(
     );
     async {
         let _active = Active::enter(&context.stats.connections_active);
+        // Written when dropped, however the connection ends.
+        let mut record = ConnectionRecord::new(listener.access_log, &context.name, peer);
         // One deadline for every step before routing (PROXY header, ClientHello, TLS
         // handshake), so that a slow client cannot buy a fresh timeout per step.
         let handshake = Handshake {
@@ -71,31 +75,46 @@ pub(crate) async fn serve(
             shutdown,
             deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
         };
-        let Some(mut origin) = client_origin(&client, peer, listener, &handshake).await else {
+        let Some(mut origin) =
+            client_origin(&client, peer, listener, &handshake, &mut record).await
+        else {
             return;
         };
+        record.client = origin.source;
         if let Some(server_tls) = &listener.config.tls {
             let early = std::mem::take(&mut origin.early);
             // Boxed, like every TLS future here: a rustls session is large, and an
             // inline one would grow every plain connection's task by its size.
             let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
             let Some(session) = handshake
-                .step(accepting, RejectReason::TlsHandshake, "TLS handshake")
+                .step(
+                    accepting,
+                    RejectReason::TlsHandshake,
+                    "TLS handshake",
+                    &mut record,
+                )
                 .await
             else {
                 return;
             };
             Box::pin(serve_terminated(
-                session, &origin, listener, context, shutdown,
+                session,
+                &origin,
+                listener,
+                context,
+                shutdown,
+                &mut record,
             ))
             .await;
             return;
         }
-        let Some(pool) = choose_pool(&client, &origin, listener, &handshake).await else {
+        let Some(pool) = choose_pool(&client, &origin, listener, &handshake, &mut record).await
+        else {
             return;
         };
         loop {
-            let Some(link) = connect_client(&client, &origin, &pool, context, shutdown).await
+            let Some(link) =
+                connect_client(&client, &origin, &pool, context, shutdown, &mut record).await
             else {
                 return;
             };
@@ -114,6 +133,7 @@ pub(crate) async fn serve(
                         &link,
                         context,
                         shutdown,
+                        &mut record,
                     ))
                     .await;
                     return;
@@ -140,9 +160,10 @@ pub(crate) async fn serve(
                 },
             )
             .await;
+            record.copied(&outcome, shutdown.is_force_closed());
             debug!(
                 upstream = %upstream.label(),
-                end = ?outcome.end,
+                end = %record.end,
                 sent = outcome.client_to_upstream,
                 received = outcome.upstream_to_client,
                 "upstream connection closed"
@@ -195,6 +216,7 @@ async fn serve_terminated(
     listener: &ListenerRoute,
     context: &ListenerContext,
     shutdown: &Shutdown,
+    record: &mut ConnectionRecord<'_>,
 ) {
     let name = session.get_ref().1.server_name().map(str::to_string);
     let pool = name
@@ -204,11 +226,12 @@ async fn serve_terminated(
         .or_else(|| listener.config.pool.clone());
     let Some(pool) = pool else {
         context.stats.reject(RejectReason::NoRoute);
+        record.reject(RejectReason::NoRoute);
         debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no route for the TLS server name and no default pool; closing");
         return;
     };
     let raw = &session.get_ref().0.inner;
-    let Some(link) = connect_client(raw, origin, &pool, context, shutdown).await else {
+    let Some(link) = connect_client(raw, origin, &pool, context, shutdown, record).await else {
         return;
     };
     let Link { stream, meta } = link;
@@ -217,10 +240,10 @@ async fn serve_terminated(
     let _upstream_active = Active::enter(&meta.upstream.stats.connections_active);
     match stream {
         UpstreamStream::Plain(mut stream) => {
-            generic_copy(&mut session, &mut stream, &meta, context, shutdown).await
+            generic_copy(&mut session, &mut stream, &meta, context, shutdown, record).await
         }
         UpstreamStream::Tls(mut stream) => {
-            generic_copy(&mut session, &mut *stream, &meta, context, shutdown).await
+            generic_copy(&mut session, &mut *stream, &meta, context, shutdown, record).await
         }
     }
 }
@@ -232,6 +255,7 @@ async fn generic_copy<A, B>(
     link: &LinkMeta,
     context: &ListenerContext,
     shutdown: &Shutdown,
+    record: &mut ConnectionRecord<'_>,
 ) where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -256,9 +280,10 @@ async fn generic_copy<A, B>(
         },
     )
     .await;
+    record.copied(&outcome, shutdown.is_force_closed());
     debug!(
         upstream = %link.upstream.label(),
-        end = ?outcome.end,
+        end = %record.end,
         sent = outcome.client_to_upstream,
         received = outcome.upstream_to_client,
         "upstream connection closed"
@@ -275,7 +300,9 @@ async fn connect_client(
     pool: &str,
     context: &ListenerContext,
     shutdown: &Shutdown,
+    record: &mut ConnectionRecord<'_>,
 ) -> Option<Link> {
+    record.end = End::ConnectFailed;
     let route = context.snapshot.load().pool(pool).cloned();
     let Some(route) = route else {
         // Only for a connection accepted just before a reload removed its pool.
@@ -287,6 +314,7 @@ async fn connect_client(
     let order = attempt_order(&route, origin.source.ip());
     if order.is_empty() {
         context.stats.reject(RejectReason::NoUpstream);
+        record.reject(RejectReason::NoUpstream);
         debug!("no usable upstream and when_all_down = reject; closing client");
         return None;
     }
@@ -295,12 +323,16 @@ async fn connect_client(
     loop {
         let connected = tokio::select! {
             connected = connect::connect(&route, remaining) => connected,
-            _ = shutdown.force_closed() => return None,
+            _ = shutdown.force_closed() => {
+                record.end = End::Shutdown;
+                return None;
+            }
         };
         let connected = match connected {
             Ok(connected) => connected,
             Err(e) => {
                 context.stats.fail(e.reason());
+                record.attempted(remaining.len());
                 match &e {
                     crate::error::ConnectError::LocalResources { source, .. } => {
                         crate::error::warn_local_exhaustion(
@@ -348,10 +380,14 @@ async fn connect_client(
         match established {
             Ok(stream) => {
                 route.feedback.connect_succeeded(&route.upstreams[index]);
-                route
-                    .stats
-                    .connect_seconds
-                    .observe(connect_started.elapsed());
+                let took = connect_started.elapsed();
+                route.stats.connect_seconds.observe(took);
+                record.connected(
+                    &route.config.name,
+                    &route.upstreams[index],
+                    connected.attempts,
+                    took,
+                );
                 // The route is dropped here: a connection open for hours must not pin it.
                 return Some(Link {
                     stream,
@@ -376,6 +412,7 @@ async fn connect_client(
             upstream = %failed.label(),
             "upstream closed before any byte; trying the next"
         );
+        record.attempted(connected.attempts);
         remaining = &remaining[connected.attempts..];
         if remaining.is_empty() {
             context
@@ -406,6 +443,7 @@ async fn client_origin(
     peer: SocketAddr,
     listener: &ListenerRoute,
     handshake: &Handshake<'_>,
+    record: &mut ConnectionRecord<'_>,
 ) -> Option<Origin> {
     let context = handshake.context;
     let local = client
@@ -422,6 +460,7 @@ async fn client_origin(
     };
     if !access::may_send_proxy_header(settings, peer.ip()) {
         context.stats.reject(RejectReason::UntrustedProxy);
+        record.reject(RejectReason::UntrustedProxy);
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
     }
@@ -430,6 +469,7 @@ async fn client_origin(
             read_proxy_header(client, accept_mode(accept)),
             RejectReason::ProxyProtocol,
             "PROXY header",
+            record,
         )
         .await?;
     // LOCAL / UNKNOWN headers (a balancer's own health check) carry no client address.
@@ -452,6 +492,7 @@ async fn choose_pool(
     origin: &Origin,
     listener: &ListenerRoute,
     handshake: &Handshake<'_>,
+    record: &mut ConnectionRecord<'_>,
 ) -> Option<String> {
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
@@ -461,6 +502,7 @@ async fn choose_pool(
             peek_server_name(client, &origin.early),
             RejectReason::ClientHello,
             "ClientHello",
+            record,
         )
         .await?;
     let routed = name
@@ -470,6 +512,7 @@ async fn choose_pool(
     let pool = routed.or_else(|| listener.config.pool.clone());
     if pool.is_none() {
         handshake.context.stats.reject(RejectReason::NoRoute);
+        record.reject(RejectReason::NoRoute);
         debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no SNI route matches and there is no default pool; closing");
     }
     pool
@@ -492,11 +535,13 @@ impl Handshake<'_> {
         step: impl std::future::Future<Output = Result<T, String>>,
         failure: RejectReason,
         what: &str,
+        record: &mut ConnectionRecord<'_>,
     ) -> Option<T> {
         let bounded = tokio::time::timeout_at(self.deadline, step);
         let outcome = tokio::select! {
             outcome = bounded => outcome,
             _ = self.shutdown.force_closed() => {
+                record.end = End::Shutdown;
                 debug!("shutdown grace ended during the {what}; closing");
                 return None;
             }
@@ -504,11 +549,13 @@ impl Handshake<'_> {
         match outcome {
             Err(_) => {
                 self.context.stats.reject(RejectReason::HandshakeTimeout);
+                record.reject(RejectReason::HandshakeTimeout);
                 debug!("no complete {what} within handshake_timeout; closing");
                 None
             }
             Ok(Err(e)) => {
                 self.context.stats.reject(failure);
+                record.reject(failure);
                 debug!(error = %e, "bad {what}; closing");
                 None
             }

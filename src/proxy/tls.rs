@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::copy::{CopyOutcome, Counters, until_end};
+use super::copy::{CopyOutcome, Counters, FirstEnd, Side, until_end};
 
 /// TLS copy buffers; smaller than the plain path's, since a TLS record is at most 16 KiB.
 const TLS_BUFFER: usize = 16 * 1024;
@@ -33,6 +33,9 @@ pub struct Prefixed {
 /// Counts every byte read through it and stamps the connection's last activity.
 struct Counted<'a, S> {
     inner: S,
+    /// Which end reading from `inner` hears.
+    side: Side,
+    first_end: &'a FirstEnd,
     counters: &'a Counters<'a>,
     total: &'a AtomicU64,
     last_activity: &'a AtomicU64,
@@ -92,8 +95,11 @@ where
     let last_activity = AtomicU64::new(0);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
+    let first_end = FirstEnd::default();
     let mut client = Counted {
         inner: client,
+        side: Side::Client,
+        first_end: &first_end,
         counters: &inbound,
         total: &sent,
         last_activity: &last_activity,
@@ -101,6 +107,8 @@ where
     };
     let mut upstream = Counted {
         inner: upstream,
+        side: Side::Upstream,
+        first_end: &first_end,
         counters: &outbound,
         total: &received,
         last_activity: &last_activity,
@@ -117,6 +125,7 @@ where
         end,
         client_to_upstream: sent.load(Relaxed),
         upstream_to_client: received.load(Relaxed),
+        first_to_end: first_end.get(),
     }
 }
 
@@ -170,8 +179,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
+        // Nothing read into a buffer with room is end of stream.
+        match &result {
+            Poll::Ready(Ok(())) if n == 0 && room => self.first_end.mark(self.side),
+            Poll::Ready(Err(_)) => self.first_end.mark(self.side),
+            _ => {}
+        }
         if n > 0 {
             self.total.fetch_add(n, Relaxed);
             self.counters.listener.fetch_add(n, Relaxed);
