@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod log_format;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -263,7 +263,10 @@ fn init_logging(cli: &Cli, config_level: &str, config_format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        builder
+            .fmt_fields(switchyard::log_format::JsonSpanFields)
+            .event_format(switchyard::log_format::JsonLines)
+            .init();
     } else {
         builder.init();
     }

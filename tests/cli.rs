@@ -458,3 +458,43 @@ fn check_fails_on_a_missing_token_file() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// JSON logs keep types: numbers as numbers, lists as JSON arrays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_typed_fields_and_lists_as_arrays() {
+    let upstream = Server::echo().await;
+    let (admin, front, extra) = (closed_port(), closed_port(), closed_port());
+    let config = |listeners: &str| {
+        format!(
+            "[log]\nformat = \"json\"\n[admin]\nlisten = \"{admin}\"\n{listeners}\n[pools.p]\nupstreams = [{{ address = \"{}\" }}]\n",
+            upstream.addr
+        )
+    };
+    let one = format!("[listeners.front]\nbind = \"{front}\"\npool = \"p\"\n");
+    let two = format!("{one}[listeners.extra]\nbind = \"{extra}\"\npool = \"p\"\n");
+    let proxy = ChildProxy::start(&config(&one), admin).await;
+    assert_eq!(proxy.reload_with(&config(&two)).await, "ok");
+    let log = proxy.stderr();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let reloaded = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "configuration reloaded")
+        .unwrap_or_else(|| panic!("no reload line: {log}"));
+    assert_eq!(
+        reloaded["fields"]["listeners_added"],
+        serde_json::json!(["extra"])
+    );
+    assert_eq!(reloaded["fields"]["pools_removed"], serde_json::json!([]));
+    let admin_line = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "admin API listening")
+        .unwrap();
+    assert!(
+        admin_line["fields"]["max_connections"].is_u64(),
+        "{admin_line}"
+    );
+    assert_eq!(admin_line["level"], "INFO");
+}
