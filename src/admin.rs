@@ -150,7 +150,11 @@ impl Admin {
         }
         if !read_only {
             if let Some(response) = self.refuse_unauthorized(&request.headers) {
-                warn!(%peer, path, "admin request refused: missing or wrong token");
+                // A client guessing tokens must not be able to flood the log.
+                static REFUSALS: crate::error::Throttle = crate::error::Throttle::new();
+                if let Some(suppressed) = REFUSALS.allow_now(std::time::Duration::from_secs(10)) {
+                    warn!(%peer, path, suppressed, "admin request refused: missing or wrong token (one warning per 10s at most)");
+                }
                 return response;
             }
             info!(%peer, path, "admin request");

@@ -96,7 +96,7 @@ pub fn warn_local_exhaustion(what: &str, error: &std::io::Error) {
 /// Lets one event through per interval, counting the ones it holds back. Lock-free:
 /// concurrent callers race on one compare-and-swap and the losers count as held back.
 #[derive(Debug)]
-struct Throttle {
+pub(crate) struct Throttle {
     /// Milliseconds (since an arbitrary start) of the last event let through, plus one;
     /// zero when none was.
     last: AtomicU64,
@@ -104,11 +104,17 @@ struct Throttle {
 }
 
 impl Throttle {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             last: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
         }
+    }
+
+    /// Like [`allow`](Self::allow), on the process's own clock.
+    pub(crate) fn allow_now(&self, every: Duration) -> Option<u64> {
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        self.allow(START.get_or_init(std::time::Instant::now).elapsed(), every)
     }
 
     /// `Some(events held back since the last one let through)` when an event at `now`

@@ -550,3 +550,41 @@ async fn a_thousand_idle_admin_connections_neither_lock_out_livez_nor_starve_the
     );
     drop(idle);
 }
+
+/// A client guessing tokens cannot flood the log: refusals are counted in the warning,
+/// not written one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guessing_does_not_flood_the_log() {
+    let echo = Server::echo().await;
+    let dir = test_dir();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let (admin, front) = (closed_port(), closed_port());
+    let config = format!(
+        "[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n{}",
+        token_file.display(),
+        one_pool_config(&[(echo.addr, 0)], "").replace("127.0.0.1:0", &front.to_string())
+    );
+    let proxy = ChildProxy::start(&config, admin).await;
+    let started = Instant::now();
+    for guess in 0..200 {
+        let line = format!("Authorization: Bearer guess-{guess}");
+        let answer = exchange(admin, &request("POST", "/reload", &[&line]))
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 401);
+    }
+    let periods = started.elapsed().as_secs() / 10 + 1;
+    let warnings = proxy
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("admin request refused"))
+        .count() as u64;
+    assert!(
+        (1..=periods).contains(&warnings),
+        "{warnings} warnings for 200 refusals in {:?}",
+        started.elapsed()
+    );
+    assert_serving(front, admin).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
