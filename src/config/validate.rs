@@ -1235,8 +1235,8 @@ fn remove_in<'i>(value: &mut toml::de::DeValue<'i>, steps: &[PathStep<'i>]) -> b
 /// Why the admin token file cannot serve, if it cannot: `run` reads it at start and
 /// on every write request.
 fn token_problem(path: &Path) -> Result<(), String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => Err(format!(
+    match super::read_bounded(path, super::MAX_SECRET_FILE) {
+        Ok(text) if text.trim_ascii().is_empty() => Err(format!(
             "{} is empty; write the token on one line (e.g. head -c 24 /dev/urandom | base64 > {})",
             path.display(),
             path.display()

@@ -447,3 +447,46 @@ async fn an_ejection_of_the_maximum_length_leaves_the_controller_answering() {
         "still answering, still ejected"
     );
 }
+
+/// Files named by the config (the config itself, certificates, keys, the admin token)
+/// are read with a size bound: an endless one such as /dev/zero is an error at once,
+/// not a hang that eats memory.
+#[test]
+fn endless_files_are_refused_not_read_forever() {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "-c", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than"));
+
+    let listener = "[listeners.db]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n";
+    let pool = "[pools.p]\nupstreams = [{ address = \"127.0.0.1:1\" }]\n";
+    for (text, key) in [
+        (
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"/dev/zero\"\n{listener}{pool}"
+            ),
+            "admin.token_file",
+        ),
+        (
+            format!(
+                "{listener}[listeners.db.tls]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n{pool}"
+            ),
+            "listeners.db.tls",
+        ),
+    ] {
+        let (code, stderr, _) = check(&text);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains("larger than"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}
