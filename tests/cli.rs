@@ -93,14 +93,111 @@ async fn run_child(
     (ChildGuard(child), addr)
 }
 
+/// Every shipped config, as a file `check` can load. No private keys ship with the
+/// examples, so one that names TLS certificate files which are absent is replaced by an
+/// unchanged copy of its text beside certificates generated for the names it lists (the
+/// operator brings their own; its comments say where). The copies go when this drops.
+struct ShippedConfigs {
+    files: Vec<PathBuf>,
+    copies: Vec<PathBuf>,
+}
+
+impl ShippedConfigs {
+    fn new(tag: &str) -> Self {
+        let mut shipped = Self {
+            files: vec![PathBuf::from("config/switchyard.toml")],
+            copies: Vec::new(),
+        };
+        let mut examples: Vec<PathBuf> = std::fs::read_dir("config/examples")
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        examples.sort();
+        for example in examples {
+            let file = shipped.with_certificates(&example, tag);
+            shipped.files.push(file);
+        }
+        shipped
+    }
+
+    fn with_certificates(&mut self, file: &Path, tag: &str) -> PathBuf {
+        let text = std::fs::read_to_string(file).unwrap();
+        let table: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let string = |v: &toml::Value, key: &str| v.get(key)?.as_str().map(str::to_string);
+        // (cert, key, names) for every certificate a listener names.
+        let mut pairs = Vec::new();
+        let listeners = table.get("listeners").and_then(toml::Value::as_table);
+        for tls in listeners
+            .into_iter()
+            .flat_map(|l| l.values())
+            .filter_map(|l| l.get("tls"))
+        {
+            if let (Some(cert), Some(key)) = (string(tls, "cert"), string(tls, "key")) {
+                pairs.push((cert, key, vec!["localhost".to_string()]));
+            }
+            let entries = tls.get("certs").and_then(toml::Value::as_array);
+            for entry in entries.into_iter().flatten() {
+                let names: Vec<String> = entry
+                    .get("names")
+                    .and_then(toml::Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect();
+                let (Some(cert), Some(key)) = (string(entry, "cert"), string(entry, "key")) else {
+                    continue;
+                };
+                pairs.push((cert, key, names));
+            }
+        }
+        let folder = file.parent().unwrap();
+        if pairs
+            .iter()
+            .all(|(cert, key, _)| folder.join(cert).exists() && folder.join(key).exists())
+        {
+            return file.to_path_buf();
+        }
+        let stem = file.file_stem().unwrap().to_string_lossy();
+        let dir = temp_dir(&format!("{tag}-{stem}"));
+        self.copies.push(dir.clone());
+        let copy = dir.join(file.file_name().unwrap());
+        std::fs::write(&copy, text).unwrap();
+        for (cert, key, mut names) in pairs {
+            if names.is_empty() {
+                names.push("localhost".to_string());
+            }
+            let key_pair = rcgen::KeyPair::generate().unwrap();
+            let certificate = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .self_signed(&key_pair)
+                .unwrap();
+            for (path, pem) in [
+                (dir.join(cert), certificate.pem()),
+                (dir.join(key), key_pair.serialize_pem()),
+            ] {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, pem).unwrap();
+            }
+        }
+        copy
+    }
+}
+
+impl Drop for ShippedConfigs {
+    fn drop(&mut self) {
+        for dir in &self.copies {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 #[test]
 fn check_accepts_every_shipped_config_and_prints_the_summary() {
-    let mut files = vec![PathBuf::from("config/switchyard.toml")];
-    for entry in std::fs::read_dir("config/examples").unwrap() {
-        files.push(entry.unwrap().path());
-    }
-    assert!(files.len() >= 3);
-    for file in files {
+    let shipped = ShippedConfigs::new("check");
+    assert!(shipped.files.len() >= 3);
+    for file in &shipped.files {
         let out = switchyard(&["check", "-c", file.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -419,12 +516,9 @@ fn the_systemd_unit_waits_longer_than_any_shipped_shutdown_grace() {
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))
         .expect("TimeoutStopSec in the unit");
     let stop_timeout = humantime::parse_duration(stop_timeout.trim()).unwrap();
-    let mut files = vec![PathBuf::from("config/switchyard.toml")];
-    for entry in std::fs::read_dir("config/examples").unwrap() {
-        files.push(entry.unwrap().path());
-    }
-    for file in files {
-        let config = switchyard::config::Config::load(&file).unwrap();
+    let shipped = ShippedConfigs::new("grace");
+    for file in &shipped.files {
+        let config = switchyard::config::Config::load(file).unwrap();
         assert!(
             config.runtime.shutdown_grace < stop_timeout,
             "{}: shutdown_grace {:?} is not below TimeoutStopSec {stop_timeout:?}",

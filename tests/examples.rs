@@ -1,0 +1,1470 @@
+//! The shipped configs do what their comments say. Each test loads a shipped file's text,
+//! rewrites only addresses (binds to loopback port 0, upstreams to servers started here)
+//! and keeps every other setting, then checks what the comments promise against the kind
+//! of server the example names: real PostgreSQL and Redis servers on loopback ports, real
+//! TLS clients and servers, real SIGSTOP, SIGCONT and SIGKILL.
+//!
+//! PostgreSQL and Redis come from Debian's `postgresql` and `redis-server` packages, which
+//! `.ci/run` installs. Without them a test prints SKIPPED and passes, unless
+//! `SWITCHYARD_EXAMPLE_SERVERS=required` (set by `.ci/run`) makes it fail instead.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use common::*;
+use switchyard::config::Config;
+use switchyard::events::{Event, EventKind};
+use switchyard::metrics::RejectReason;
+use switchyard::shutdown::Shutdown;
+
+// ---------------------------------------------------------------- loading an example
+
+fn shipped(file: &str) -> String {
+    std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Replaces each `from` by its `to`. Each must occur exactly once, so that an edited
+/// example fails here by name instead of being tested half rewritten.
+fn rewrite(file: &str, text: &str, replacements: &[(&str, String)]) -> String {
+    let mut text = text.to_string();
+    for (from, to) in replacements {
+        let found = text.matches(from).count();
+        assert_eq!(
+            found, 1,
+            "{file}: `{from}` should occur once, found {found} times; update tests/examples.rs along with the example"
+        );
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
+/// Writes `text` as `dir/file_name` and starts a proxy from that file in this runtime.
+/// Relative paths in it resolve against `dir`, which goes when the proxy is dropped.
+fn start_example(dir: PathBuf, file_name: &str, text: &str) -> TestProxy {
+    let config_path = dir.join(file_name);
+    std::fs::write(&config_path, text).expect("write the example");
+    let config = Config::load(&config_path)
+        .unwrap_or_else(|e| panic!("{file_name}, rewritten, is invalid:\n{e}\n---\n{text}"));
+    let listeners = switchyard::bind_all(&config).expect("bind the example's listeners");
+    let shutdown = Shutdown::new();
+    let running = switchyard::start(config.clone(), listeners, &shutdown).expect("start proxy");
+    TestProxy {
+        proxy: running.proxy,
+        shutdown,
+        config,
+        reloader: running.reloader,
+        admin: running.admin_addr,
+        config_path,
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+fn quoted(addr: SocketAddr) -> String {
+    format!("\"{addr}\"")
+}
+
+// ---------------------------------------------------------------- events and state
+
+fn last_event_id(proxy: &TestProxy) -> u64 {
+    proxy.proxy.events.all().last().map_or(0, |e| e.id)
+}
+
+/// The first event newer than `after` that `matches`, waiting up to `limit` for it.
+async fn event_after(
+    proxy: &TestProxy,
+    after: u64,
+    limit: Duration,
+    what: &str,
+    matches: impl Fn(&Event) -> bool,
+) -> Event {
+    let deadline = Instant::now() + limit;
+    loop {
+        let events = proxy.proxy.events.all();
+        if let Some(event) = events.iter().find(|e| e.id > after && matches(e)) {
+            return event.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event {what} within {limit:?}: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn upstream_became<'a>(label: &'a str, state: &'a str) -> impl Fn(&Event) -> bool + 'a {
+    move |e| e.kind == EventKind::Upstream && e.upstream.as_deref() == Some(label) && e.new == state
+}
+
+fn tier_became(priority: &str) -> impl Fn(&Event) -> bool + '_ {
+    move |e| e.kind == EventKind::Tier && e.new == priority
+}
+
+fn checks_passed(proxy: &TestProxy, pool: &str, label: &str) -> u64 {
+    let snapshot = proxy.proxy.snapshot.load();
+    let route = snapshot.pool(pool).expect("pool exists");
+    route
+        .upstreams
+        .iter()
+        .find(|u| u.label() == label)
+        .expect("upstream exists")
+        .stats
+        .checks_passed
+        .load(Relaxed)
+}
+
+/// Waits until every upstream of `pool` has passed an active check.
+async fn wait_all_checked(proxy: &TestProxy, pool: &str) {
+    let route = proxy
+        .proxy
+        .snapshot
+        .load()
+        .pool(pool)
+        .expect("pool exists")
+        .clone();
+    wait_until(
+        Duration::from_secs(20),
+        "every upstream passed a check",
+        || {
+            route
+                .upstreams
+                .iter()
+                .all(|u| u.stats.checks_passed.load(Relaxed) > 0)
+        },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Without the servers an example names its test cannot run: a skip on a developer's
+/// machine, a failure where `.ci/run` installed them and set the variable.
+fn skip(why: &str) {
+    let required = std::env::var("SWITCHYARD_EXAMPLE_SERVERS").is_ok_and(|v| v == "required");
+    assert!(!required, "{why} (SWITCHYARD_EXAMPLE_SERVERS=required)");
+    eprintln!("SKIPPED: {why}");
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers; `pid` is our own child and not yet reaped
+    // (only its owner's Drop reaps it), so it cannot name another process.
+    let result = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        result,
+        0,
+        "kill failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Resumes `child` if stopped, asks it to exit with `request`, and kills it if it is
+/// still running after `grace`; reaps it.
+fn stop_child(child: &mut Child, request: libc::c_int, grace: Duration) {
+    if matches!(child.try_wait(), Ok(None)) {
+        signal(child, libc::SIGCONT);
+        signal(child, request);
+        let deadline = std::time::Instant::now() + grace;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A private folder, removed on drop (after the processes that use it have stopped:
+/// they hold an `Arc` of it).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(test_dir()))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let file = std::fs::File::create(path).expect("create a log file");
+    let copy = file.try_clone().expect("clone the log file");
+    (Stdio::from(file), Stdio::from(copy))
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// PostgreSQL's programs, and the user to run the server as: it refuses to run as root.
+struct PgTools {
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
+}
+
+impl PgTools {
+    fn find() -> Option<Self> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let version = entry.file_name().to_str()?.parse().ok()?;
+                let bin = entry.path().join("bin");
+                (bin.join("postgres").is_file() && bin.join("initdb").is_file())
+                    .then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        let Some((_, bin)) = versions.pop() else {
+            skip("PostgreSQL is not installed (Debian package postgresql)");
+            return None;
+        };
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let run_as = if root {
+            let Some(ids) = passwd_ids("postgres") else {
+                skip("running as root, and there is no postgres user to run PostgreSQL as");
+                return None;
+            };
+            Some(ids)
+        } else {
+            None
+        };
+        Some(Self { bin, run_as })
+    }
+
+    /// `program`, run in `dir` as the PostgreSQL user.
+    fn command(&self, program: &Path, dir: &Path) -> Command {
+        let mut command = Command::new(program);
+        command.current_dir(dir).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+}
+
+/// (uid, gid) of `user` from /etc/passwd.
+fn passwd_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 || fields[0] != user {
+            return None;
+        }
+        Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+    })
+}
+
+/// One `initdb`, copied for every server (much faster than one `initdb` each).
+struct PgCluster {
+    tools: PgTools,
+    dir: Arc<TempDir>,
+    template: PathBuf,
+}
+
+impl PgCluster {
+    fn init(tools: PgTools) -> Self {
+        let dir = TempDir::new();
+        if let Some((uid, gid)) = tools.run_as {
+            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).expect("chown the test dir");
+        }
+        let template = dir.0.join("template");
+        let log = dir.0.join("initdb.log");
+        let (stdout, stderr) = log_file(&log);
+        let status = tools
+            .command(&tools.bin.join("initdb"), &dir.0)
+            .arg("-D")
+            .arg(&template)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "--no-locale"])
+            .args(["-E", "UTF8"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .status()
+            .expect("run initdb");
+        assert!(
+            status.success(),
+            "initdb failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            tools,
+            dir,
+            template,
+        }
+    }
+
+    /// A server of its own on a free loopback port, answering queries when this returns.
+    async fn start(&self, name: &str) -> PgServer {
+        let data = self.dir.0.join(name);
+        let status = self
+            .tools
+            .command(Path::new("cp"), &self.dir.0)
+            .arg("-a")
+            .arg(&self.template)
+            .arg(&data)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying the PostgreSQL template failed");
+        let port = closed_port().port();
+        let log = self.dir.0.join(format!("{name}.log"));
+        let (stdout, stderr) = log_file(&log);
+        let child = self
+            .tools
+            .command(&self.tools.bin.join("postgres"), &self.dir.0)
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
+            .args(["-c", "max_connections=50"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start postgres");
+        let server = PgServer {
+            child,
+            addr: loopback(port),
+            log,
+            _dir: self.dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match pg_port(server.addr, Duration::from_secs(2)).await {
+                Ok(answered) if answered == port => break,
+                Ok(other) => panic!("{name}: port {port} answered as port {other}"),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "{name} did not start: {e}\n{}",
+                    std::fs::read_to_string(&server.log).unwrap_or_default()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+}
+
+/// A postmaster we started; stopped (immediate shutdown) on drop.
+struct PgServer {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: Arc<TempDir>,
+}
+
+impl PgServer {
+    /// Freezes the postmaster: the kernel still completes connects to its port, but
+    /// nothing accepts them, like a server that is stopped, deadlocked or swapped out.
+    fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    fn thaw(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown, the postmaster takes its backends down with it.
+        stop_child(&mut self.child, libc::SIGQUIT, Duration::from_secs(10));
+    }
+}
+
+/// Reads one message: a type byte and a length-prefixed body.
+async fn pg_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=1 << 20).contains(&len) {
+        return Err(std::io::Error::other(format!("bad message length {len}")));
+    }
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await?;
+    Ok((header[0], body))
+}
+
+fn pg_error(body: &[u8]) -> std::io::Error {
+    let message = body
+        .split(|&b| b == 0)
+        .find(|field| field.first() == Some(&b'M'))
+        .map(|field| String::from_utf8_lossy(&field[1..]).into_owned())
+        .unwrap_or_default();
+    std::io::Error::other(format!("server error: {message}"))
+}
+
+/// The port of the PostgreSQL server on the other end of `stream`, asked over the wire
+/// protocol: startup as `postgres` with trust authentication, then `SHOW port`.
+async fn pg_ask_port(stream: &mut TcpStream) -> std::io::Result<u16> {
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&((8 + params.len()) as u32).to_be_bytes());
+    startup.extend_from_slice(&0x0003_0000u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    stream.write_all(&startup).await?;
+    loop {
+        match pg_message(stream).await? {
+            (b'R', body) if body.starts_with(&[0, 0, 0, 0]) => {}
+            (b'R', _) => return Err(std::io::Error::other("asks for a password")),
+            (b'E', body) => return Err(pg_error(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    let query = b"SHOW port\0";
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((4 + query.len()) as u32).to_be_bytes());
+    message.extend_from_slice(query);
+    stream.write_all(&message).await?;
+    let mut port = None;
+    loop {
+        match pg_message(stream).await? {
+            // DataRow: column count (2 bytes), then the value's length (4) and bytes.
+            (b'D', body) if body.len() > 6 => {
+                port = std::str::from_utf8(&body[6..])
+                    .ok()
+                    .and_then(|p| p.parse().ok());
+            }
+            (b'E', body) => return Err(pg_error(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    port.ok_or_else(|| std::io::Error::other("no port in the answer"))
+}
+
+/// [`pg_ask_port`] on a new connection to `addr`, closed after; an error after `limit`.
+async fn pg_port(addr: SocketAddr, limit: Duration) -> std::io::Result<u16> {
+    let session = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let port = pg_ask_port(&mut stream).await?;
+        let _ = stream.write_all(b"X\0\0\0\x04").await;
+        Ok(port)
+    };
+    tokio::time::timeout(limit, session)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
+/// The same question asked by `psql`, the client operators use.
+async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
+    let mut command = tokio::process::Command::new(tools.bin.join("psql"));
+    command
+        .args(["-X", "-A", "-t", "-c", "SHOW port"])
+        .arg(format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
+            addr.ip(),
+            addr.port()
+        ))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(SOON, command.output())
+        .await
+        .expect("psql through the proxy hung")
+        .expect("run psql");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "psql failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("psql printed {stdout:?}"))
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A redis-server we started, without persistence; killed on drop, like a crash.
+struct Redis {
+    child: Child,
+    addr: SocketAddr,
+    _dir: Arc<TempDir>,
+}
+
+impl Redis {
+    async fn start(program: &Path, dir: &Arc<TempDir>, port: u16) -> Self {
+        let log = dir.0.join(format!("redis-{port}.log"));
+        let (stdout, stderr) = log_file(&log);
+        let child = Command::new(program)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir.0)
+            .current_dir(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start redis-server");
+        let redis = Self {
+            child,
+            addr: loopback(port),
+            _dir: dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answered = match TcpStream::connect(redis.addr).await {
+                Ok(mut stream) => {
+                    tokio::time::timeout(Duration::from_secs(2), redis_port(&mut stream)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            if let Ok(Ok(answered)) = answered {
+                assert_eq!(answered, port);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One CRLF-terminated line of a reply.
+async fn redis_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte).await? == 0 || line.len() > 512 {
+            return Err(std::io::Error::other("closed or overlong reply"));
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_string())
+}
+
+/// The port of the Redis node that serves `stream`, from `INFO server`.
+async fn redis_port(stream: &mut TcpStream) -> std::io::Result<u16> {
+    stream.write_all(b"INFO server\r\n").await?;
+    let header = redis_line(stream).await?;
+    let len: usize = header
+        .strip_prefix('$')
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n < 1 << 20)
+        .ok_or_else(|| std::io::Error::other(format!("unexpected reply {header:?}")))?;
+    let mut body = vec![0u8; len + 2];
+    stream.read_exact(&mut body).await?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("tcp_port:")?.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no tcp_port in INFO"))
+}
+
+async fn redis_ping(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.write_all(b"PING\r\n").await?;
+    match redis_line(stream).await?.as_str() {
+        "+PONG" => Ok(()),
+        other => Err(std::io::Error::other(format!("PING answered {other:?}"))),
+    }
+}
+
+/// A client connection from `source` (any 127.0.0.0/8 address is loopback).
+async fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// The Redis node (its port) a new client from `source` is sent to.
+async fn node_for(front: SocketAddr, source: IpAddr) -> std::io::Result<u16> {
+    let asked = async {
+        let mut stream = connect_from(source, front).await?;
+        redis_port(&mut stream).await
+    };
+    tokio::time::timeout(SOON, asked)
+        .await
+        .map_err(|_| std::io::Error::other("no answer"))?
+}
+
+async fn nodes_by_client(front: SocketAddr, clients: &[IpAddr]) -> HashMap<IpAddr, u16> {
+    let mut nodes = HashMap::new();
+    for &client in clients {
+        let node = node_for(front, client)
+            .await
+            .unwrap_or_else(|e| panic!("client {client}: {e}"));
+        nodes.insert(client, node);
+    }
+    nodes
+}
+
+fn clients_per_node(nodes: &HashMap<IpAddr, u16>) -> HashMap<u16, usize> {
+    let mut count = HashMap::new();
+    for node in nodes.values() {
+        *count.entry(*node).or_default() += 1;
+    }
+    count
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A test CA: it signs every certificate, and clients trust only it.
+struct TestCa(CertifiedIssuer<'static, KeyPair>);
+
+/// A certificate and its key, as PEM and as rustls wants them.
+struct Leaf {
+    der: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+    key_der: Vec<u8>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard examples test CA");
+        let key = KeyPair::generate().expect("CA key");
+        Self(CertifiedIssuer::self_signed(params, key).expect("CA certificate"))
+    }
+
+    fn leaf(&self, names: &[String]) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = CertificateParams::new(names.to_vec())
+            .expect("leaf params")
+            .signed_by(&key, &self.0)
+            .expect("leaf certificate");
+        Leaf {
+            der: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.0.der().clone()).expect("CA root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+impl Leaf {
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![self.der.clone()], key)
+                .expect("server certificate"),
+        )
+    }
+}
+
+/// An upstream that terminates TLS itself (behind passthrough): greets with `name`,
+/// then echoes.
+async fn tls_named(config: Arc<rustls::ServerConfig>, name: &'static str) -> Server {
+    Server::start(move |stream: TcpStream| {
+        let acceptor = TlsAcceptor::from(config.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            if tls.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = tokio::io::split(tls);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    })
+    .await
+}
+
+async fn line_from<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::other("closed before a line"));
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// A TLS session through `front` with server name `sni`: the certificate the client
+/// was shown, and the greeting of the upstream it reached (after an echo round trip).
+async fn tls_visit(
+    front: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<(CertificateDer<'static>, String)> {
+    let visit = async {
+        let stream = TcpStream::connect(front).await?;
+        let name = ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+        let mut tls = TlsConnector::from(client.clone())
+            .connect(name, stream)
+            .await?;
+        let shown = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first().cloned())
+            .ok_or_else(|| std::io::Error::other("no certificate"))?;
+        let greeting = line_from(&mut tls).await?;
+        let data = random_bytes(50_000, 10);
+        tls.write_all(&data).await?;
+        let mut back = vec![0u8; data.len()];
+        tls.read_exact(&mut back).await?;
+        if back != data {
+            return Err(std::io::Error::other("echo mismatch"));
+        }
+        Ok((shown, greeting))
+    };
+    tokio::time::timeout(SOON, visit)
+        .await
+        .map_err(|_| std::io::Error::other("no answer"))?
+}
+
+/// `(cert, key, names)` of every entry of `listeners.<listener>.tls.certs`.
+fn certificate_entries(text: &str, listener: &str) -> Vec<(String, String, Vec<String>)> {
+    let table: toml::Table = text.parse().expect("the example parses");
+    let entries = table["listeners"][listener]["tls"]["certs"]
+        .as_array()
+        .expect("a certs list");
+    entries
+        .iter()
+        .map(|entry| {
+            let field = |key: &str| entry[key].as_str().expect("a string").to_string();
+            let names = entry["names"]
+                .as_array()
+                .expect("names")
+                .iter()
+                .map(|n| n.as_str().expect("a name").to_string())
+                .collect();
+            (field("cert"), field("key"), names)
+        })
+        .collect()
+}
+
+// ================================================================ tests
+
+/// config/examples/minimal.toml: one listener forwarding to a primary, a backup used
+/// while the primary is gone, back to the primary when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimal_forwards_to_the_primary_and_uses_the_backup_while_it_is_gone() {
+    let file = "config/examples/minimal.toml";
+    let mut primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:8080\"", quoted(loopback(0))),
+            ("\"127.0.0.1:9001\"", quoted(primary.addr)),
+            ("\"127.0.0.1:9002\"", quoted(backup.addr)),
+        ],
+    );
+    let proxy = start_example(test_dir(), "minimal.toml", &text);
+    let front = proxy.addr("app");
+    assert_eq!(greeted_by(front).await.expect("served"), "primary");
+    echo_round_trip_after_greeting(front).await;
+
+    let mark = last_event_id(&proxy);
+    primary.kill().await;
+    let primary_label = primary.addr.to_string();
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "primary down",
+        upstream_became(&primary_label, "down"),
+    )
+    .await;
+    assert_eq!(greeted_by(front).await.expect("served"), "backup");
+    echo_round_trip_after_greeting(front).await;
+
+    let mark = last_event_id(&proxy);
+    primary.restart().await;
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "tier 0 again",
+        tier_became("0"),
+    )
+    .await;
+    assert_eq!(greeted_by(front).await.expect("served"), "primary");
+}
+
+async fn echo_round_trip_after_greeting(front: SocketAddr) {
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    tokio::time::timeout(SOON, read_line(&mut stream))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    let data = random_bytes(100_000, 1);
+    stream.write_all(&data).await.expect("send");
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(SOON, stream.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert!(back == data, "bytes forwarded unchanged");
+}
+
+/// config/switchyard.toml: its default check only connects, and its comment says that
+/// cannot see a frozen server; the protocol check the comment shows does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_config_connect_check_misses_a_frozen_postgres_and_the_commented_protocol_check_sees_it()
+ {
+    let file = "config/switchyard.toml";
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let primary = cluster.start("primary").await;
+    let standby = cluster.start("standby").await;
+    let connect_only = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:15432\"", quoted(loopback(0))),
+            ("\"127.0.0.1:5432\"", quoted(primary.addr)),
+            ("\"127.0.0.1:5433\"", quoted(standby.addr)),
+        ],
+    );
+    let protocol = with_commented_check(&connect_only);
+    let plain = start_example(test_dir(), "switchyard.toml", &connect_only);
+    let checked = start_example(test_dir(), "switchyard.toml", &protocol);
+    assert!(
+        checked.config.pool("postgres").expect("pool").health.expect == b"N",
+        "the commented check is in force"
+    );
+    for proxy in [&plain, &checked] {
+        wait_all_checked(proxy, "postgres").await;
+        let port = pg_port(proxy.addr("db"), SOON).await.expect("a session");
+        assert_eq!(port, primary.addr.port(), "the primary serves");
+    }
+
+    let passed_before = checks_passed(&plain, "postgres", "primary");
+    let mark = last_event_id(&checked);
+    primary.freeze();
+    event_after(
+        &checked,
+        mark,
+        Duration::from_secs(20),
+        "the protocol check marks the frozen primary down",
+        upstream_became("primary", "down"),
+    )
+    .await;
+    let port = pg_port(checked.addr("db"), SOON).await.expect("a session");
+    assert_eq!(port, standby.addr.port(), "new clients get the standby");
+
+    wait_until(
+        Duration::from_secs(20),
+        "connect-only checks of the frozen primary",
+        || checks_passed(&plain, "postgres", "primary") >= passed_before + 2,
+    )
+    .await;
+    assert!(
+        !plain.proxy.events.all().iter().any(|e| e.new == "down"),
+        "a connect-only check passes against a frozen server: {:#?}",
+        plain.proxy.events.all()
+    );
+    assert_eq!(active_priority(&plain, "postgres"), Some(0));
+    let hung = pg_port(plain.addr("db"), Duration::from_secs(2)).await;
+    assert!(
+        hung.is_err(),
+        "a client sent to the frozen primary hangs: {hung:?}"
+    );
+    primary.thaw();
+}
+
+/// The shipped file with the `send`/`expect` values its comment shows in force.
+fn with_commented_check(text: &str) -> String {
+    let commented = |key: &str| -> String {
+        let prefix = format!("# {key} = ");
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(lines.len(), 1, "one commented `{key}` example: {lines:?}");
+        lines[0].trim_start_matches("# ").to_string()
+    };
+    let (send, expect) = (commented("send"), commented("expect"));
+    let mut replaced = (0, 0);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("send = \"\"") {
+                replaced.0 += 1;
+                send.clone()
+            } else if line.starts_with("expect = \"\"") {
+                replaced.1 += 1;
+                expect.clone()
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(replaced, (1, 1), "one `send` and one `expect` line");
+    lines.join("\n")
+}
+
+/// config/examples/database-failover.toml against three real PostgreSQL servers: a
+/// frozen postmaster is marked down within the configured check timing and new clients
+/// (raw protocol and psql) get the other main-site server, then the DR site when both
+/// are frozen; after they thaw, clients return only after the 30 s hold-down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_failover_moves_clients_off_frozen_postgres_and_fails_back_after_the_hold() {
+    let file = "config/examples/database-failover.toml";
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let pg_a = cluster.start("pg-a").await;
+    let pg_b = cluster.start("pg-b").await;
+    let dr = cluster.start("dr-site").await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("[\"0.0.0.0:5432\", \"[::]:5432\"]", quoted(loopback(0))),
+            ("\"10.0.0.1:5432\"", quoted(pg_a.addr)),
+            ("\"10.0.0.2:5432\"", quoted(pg_b.addr)),
+            ("\"10.0.1.1:5432\"", quoted(dr.addr)),
+        ],
+    );
+    let proxy = start_example(test_dir(), "database-failover.toml", &text);
+    let front = proxy.addr("postgres");
+    let pool = proxy.config.pool("postgres").expect("pool").clone();
+    wait_all_checked(&proxy, "postgres").await;
+
+    // least_connections: two sessions held open at once land on both main-site servers.
+    let mut sessions = Vec::new();
+    let mut main_site = HashSet::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(front).await.expect("connect");
+        let port = tokio::time::timeout(SOON, pg_ask_port(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("a session");
+        main_site.insert(port);
+        sessions.push(stream);
+    }
+    assert_eq!(
+        main_site,
+        HashSet::from([pg_a.addr.port(), pg_b.addr.port()]),
+        "both main-site servers take clients"
+    );
+
+    // Frozen pg-a: down within interval + fall × timeout + (fall - 1) × fast_interval
+    // (each interval up to 10% longer), plus slack for a loaded machine.
+    let health = &pool.health;
+    let bound = health.interval.mul_f64(1.1)
+        + health.timeout * health.fall
+        + health.fast_interval.mul_f64(1.1) * (health.fall - 1);
+    let mark = last_event_id(&proxy);
+    let frozen_at = unix_ms();
+    pg_a.freeze();
+    let down = event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "pg-a down",
+        upstream_became("pg-a", "down"),
+    )
+    .await;
+    let detection = Duration::from_millis(down.at_unix_ms.saturating_sub(frozen_at));
+    assert!(
+        detection <= bound + Duration::from_millis(1500),
+        "detected after {detection:?}; the settings promise about {bound:?}"
+    );
+    for _ in 0..3 {
+        let port = pg_port(front, SOON).await.expect("a session");
+        assert_eq!(port, pg_b.addr.port(), "new clients get pg-b");
+    }
+    assert_eq!(psql_port(&cluster.tools, front).await, pg_b.addr.port());
+
+    // Both main-site servers frozen: the DR site, at once.
+    let mark = last_event_id(&proxy);
+    pg_b.freeze();
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "failover to the DR tier",
+        tier_became("1"),
+    )
+    .await;
+    assert_eq!(
+        pg_port(front, SOON).await.expect("a session"),
+        dr.addr.port()
+    );
+    assert_eq!(psql_port(&cluster.tools, front).await, dr.addr.port());
+
+    // Thawed: the main site must stay healthy for the whole hold-down first.
+    let mark = last_event_id(&proxy);
+    pg_a.thaw();
+    pg_b.thaw();
+    let usable = event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "a main-site server up",
+        |e| e.kind == EventKind::Upstream && e.new == "up",
+    )
+    .await;
+    assert_eq!(
+        pg_port(front, SOON).await.expect("a session"),
+        dr.addr.port(),
+        "clients stay on the DR site during the hold-down"
+    );
+    let hold = match pool.failback {
+        switchyard::config::Failback::After(hold) => hold,
+        other => panic!("the example promises a hold-down, has {other:?}"),
+    };
+    let failback = event_after(
+        &proxy,
+        mark,
+        hold + Duration::from_secs(15),
+        "failback to the main site",
+        tier_became("0"),
+    )
+    .await;
+    let held = Duration::from_millis(failback.at_unix_ms - usable.at_unix_ms);
+    assert!(
+        held + Duration::from_millis(50) >= hold && held <= hold + Duration::from_secs(5),
+        "failback {held:?} after the main site was usable; the hold-down is {hold:?}"
+    );
+    let port = pg_port(front, SOON).await.expect("a session");
+    assert!(
+        port == pg_a.addr.port() || port == pg_b.addr.port(),
+        "new clients are back on the main site, got {port}"
+    );
+    drop(sessions);
+}
+
+/// config/examples/sticky-cache.toml against five real Redis servers: each client IP
+/// keeps its node; a stalled node keeps its established clients; a dead node's clients
+/// move and nearly no one else's; with one main node left the pool moves to the two-node
+/// DR tier; it fails back only when an operator asks through the admin API (with the
+/// token), and every client then returns to its node; with nothing usable new clients are
+/// closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_cache_keeps_clients_on_their_redis_node_and_fails_over_and_back_as_it_says() {
+    let file = "config/examples/sticky-cache.toml";
+    let Some(program) = find_program("redis-server") else {
+        skip("redis-server is not installed (Debian package redis-server)");
+        return;
+    };
+    let dir = TempDir::new();
+    let names = ["cache-1", "cache-2", "cache-3", "cache-dr-1", "cache-dr-2"];
+    let shipped_ports = ["7001", "7002", "7003", "7101", "7102"];
+    let ports: Vec<u16> = names.iter().map(|_| closed_port().port()).collect();
+    let mut nodes = Vec::new();
+    for &port in &ports {
+        nodes.push(Some(Redis::start(&program, &dir, port).await));
+    }
+    let mut replacements = vec![
+        ("\"127.0.0.1:9900\"", quoted(loopback(0))),
+        ("\"127.0.0.1:6380\"", quoted(loopback(0))),
+    ];
+    let shipped_addrs: Vec<String> = shipped_ports
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    for (from, port) in shipped_addrs.iter().zip(&ports) {
+        replacements.push((from.as_str(), quoted(loopback(*port))));
+    }
+    let text = rewrite(file, &shipped(file), &replacements);
+    let proxy_dir = test_dir();
+    std::fs::create_dir_all(proxy_dir.join("secrets")).expect("secrets dir");
+    let token = "example-token-7f3a";
+    std::fs::write(proxy_dir.join("secrets/admin-token"), format!("{token}\n")).expect("token");
+    let proxy = start_example(proxy_dir, "sticky-cache.toml", &text);
+    let front = proxy.addr("cache");
+    let admin = proxy.admin.expect("the example has an admin API");
+    wait_all_checked(&proxy, "redis").await;
+    let port_of = |name: &str| ports[names.iter().position(|n| *n == name).expect("node")];
+    let main_tier: HashSet<u16> = ["cache-1", "cache-2", "cache-3"].map(port_of).into();
+    let dr_tier: HashSet<u16> = ["cache-dr-1", "cache-dr-2"].map(port_of).into();
+
+    // Each client IP has its node; cache-3 (weight 2) gets the largest share.
+    let clients: Vec<IpAddr> = (2..=121u8)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+        .collect();
+    let initial = nodes_by_client(front, &clients).await;
+    let shares = clients_per_node(&initial);
+    assert!(
+        initial.values().all(|n| main_tier.contains(n)) && shares.len() == 3,
+        "every main node and only main nodes serve: {shares:?}"
+    );
+    let share = |name: &str| shares.get(&port_of(name)).copied().unwrap_or(0);
+    assert!(
+        share("cache-3") > share("cache-1").max(share("cache-2")),
+        "weight 2 gets the largest share: {shares:?}"
+    );
+    assert_eq!(
+        nodes_by_client(front, &clients).await,
+        initial,
+        "every client keeps its node"
+    );
+
+    // A stalled node is marked down but keeps its established clients (keep); new
+    // clients from the same IP go elsewhere.
+    let client = *clients
+        .iter()
+        .find(|c| initial[c] == port_of("cache-2"))
+        .expect("a client of cache-2");
+    let mut held = connect_from(client, front).await.expect("connect");
+    assert_eq!(
+        redis_port(&mut held).await.expect("INFO"),
+        port_of("cache-2")
+    );
+    let mark = last_event_id(&proxy);
+    let stalled = nodes[1].as_ref().expect("cache-2");
+    signal(&stalled.child, libc::SIGSTOP);
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "stalled cache-2 down",
+        upstream_became("cache-2", "down"),
+    )
+    .await;
+    let elsewhere = node_for(front, client).await.expect("served");
+    assert!(
+        elsewhere != port_of("cache-2") && main_tier.contains(&elsewhere),
+        "a new client goes to another main node, got {elsewhere}"
+    );
+    signal(&stalled.child, libc::SIGCONT);
+    tokio::time::timeout(SOON, redis_ping(&mut held))
+        .await
+        .expect("PONG in time")
+        .expect("the established client was kept");
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "cache-2 up again",
+        upstream_became("cache-2", "up"),
+    )
+    .await;
+    assert_eq!(
+        nodes_by_client(front, &clients).await,
+        initial,
+        "with cache-2 back, every client has its node again"
+    );
+
+    // cache-1 dies: its clients move to the other main nodes, nearly all others stay.
+    let mark = last_event_id(&proxy);
+    nodes[0] = None;
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "cache-1 down",
+        upstream_became("cache-1", "down"),
+    )
+    .await;
+    let after_death = nodes_by_client(front, &clients).await;
+    let mut stayed = 0;
+    let mut others = 0;
+    for (client, node) in &initial {
+        let now = after_death[client];
+        assert!(
+            main_tier.contains(&now) && now != port_of("cache-1"),
+            "{client} is on a live main node, got {now}"
+        );
+        if *node != port_of("cache-1") {
+            others += 1;
+            stayed += usize::from(now == *node);
+        }
+    }
+    assert!(
+        stayed * 10 >= others * 9,
+        "only {stayed} of {others} clients of live nodes kept their node"
+    );
+    assert_eq!(
+        active_priority(&proxy, "redis"),
+        Some(0),
+        "two main nodes left"
+    );
+
+    // cache-2 dies too: one main node cannot carry the load; the DR tier takes over.
+    let mark = last_event_id(&proxy);
+    nodes[1] = None;
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(20),
+        "failover to the DR tier",
+        tier_became("1"),
+    )
+    .await;
+    let on_dr = nodes_by_client(front, &clients).await;
+    let dr_shares = clients_per_node(&on_dr);
+    assert!(
+        on_dr.values().all(|n| dr_tier.contains(n)) && dr_shares.len() == 2,
+        "both DR nodes and only they serve: {dr_shares:?}"
+    );
+    assert_eq!(
+        nodes_by_client(front, &clients).await,
+        on_dr,
+        "sticky on the DR tier too"
+    );
+
+    // The main nodes return: the pool stays on the DR tier until an operator acts.
+    let mark = last_event_id(&proxy);
+    nodes[0] = Some(Redis::start(&program, &dir, port_of("cache-1")).await);
+    nodes[1] = Some(Redis::start(&program, &dir, port_of("cache-2")).await);
+    for name in ["cache-1", "cache-2"] {
+        event_after(
+            &proxy,
+            mark,
+            Duration::from_secs(20),
+            "main node up",
+            upstream_became(name, "up"),
+        )
+        .await;
+    }
+    let checks = checks_passed(&proxy, "redis", "cache-1");
+    wait_until(Duration::from_secs(20), "another check of cache-1", || {
+        checks_passed(&proxy, "redis", "cache-1") > checks
+    })
+    .await;
+    assert_eq!(
+        active_priority(&proxy, "redis"),
+        Some(1),
+        "manual failback waits"
+    );
+    assert!(dr_tier.contains(&node_for(front, clients[0]).await.expect("served")));
+
+    let (status, body, _) = http("POST", admin, "/pools/redis/failback", None).await;
+    assert_eq!(status, 401, "failback needs the token: {body}");
+    assert_eq!(active_priority(&proxy, "redis"), Some(1));
+    let (status, body, _) = http("POST", admin, "/pools/redis/failback", Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["active_tier"], 0, "{body}");
+    assert_eq!(
+        nodes_by_client(front, &clients).await,
+        initial,
+        "after failback every client is back on its node"
+    );
+
+    // Nothing usable: new clients are closed at once (when_all_down = "reject").
+    let mark = last_event_id(&proxy);
+    for node in &mut nodes {
+        *node = None;
+    }
+    event_after(
+        &proxy,
+        mark,
+        Duration::from_secs(30),
+        "no usable tier",
+        tier_became("none"),
+    )
+    .await;
+    let stats = proxy
+        .proxy
+        .listener("cache")
+        .expect("listener")
+        .context
+        .stats
+        .clone();
+    let rejected = stats.rejected(RejectReason::NoUpstream);
+    let mut stream = connect_from(clients[0], front).await.expect("accepted");
+    assert!(
+        is_closed(&mut stream, Duration::from_secs(1)).await,
+        "closed at once"
+    );
+    assert!(stats.rejected(RejectReason::NoUpstream) > rejected);
+}
+
+/// config/examples/tls-sni.toml: the terminating listener shows the certificate for the
+/// client's name and routes by it (the rest to `pool`); the passthrough listener routes
+/// by the ClientHello's name to upstreams that terminate TLS themselves, and closes a
+/// name without a route. Certificates are generated at the paths the file names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sni_example_terminates_and_passes_through_by_server_name() {
+    let file = "config/examples/tls-sni.toml";
+    let shipped_text = shipped(file);
+    let dir = test_dir();
+    let ca = TestCa::new();
+    let mut shown_for: Vec<(Vec<String>, CertificateDer<'static>)> = Vec::new();
+    for (cert, key, names) in certificate_entries(&shipped_text, "https") {
+        let leaf = ca.leaf(&names);
+        for (path, pem) in [
+            (dir.join(&cert), &leaf.cert_pem),
+            (dir.join(&key), &leaf.key_pem),
+        ] {
+            std::fs::create_dir_all(path.parent().expect("a folder")).expect("certs folder");
+            std::fs::write(path, pem).expect("write PEM");
+        }
+        shown_for.push((names, leaf.der));
+    }
+    let web_1 = Server::named("web-1").await;
+    let web_2 = Server::named("web-2").await;
+    let app_1 = Server::named("app-1").await;
+    let app_backup = Server::named("app-backup").await;
+    let git_leaf = ca.leaf(&["git.example.com".to_string()]);
+    let internal_leaf = ca.leaf(&["*.internal.example.com".to_string()]);
+    let git = tls_named(git_leaf.server_config(), "git").await;
+    let internal = tls_named(internal_leaf.server_config(), "internal").await;
+    let text = rewrite(
+        file,
+        &shipped_text,
+        &[
+            ("[\"0.0.0.0:443\", \"[::]:443\"]", quoted(loopback(0))),
+            ("[\"0.0.0.0:8443\", \"[::]:8443\"]", quoted(loopback(0))),
+            ("\"10.0.1.10:8080\"", quoted(web_1.addr)),
+            ("\"10.0.1.11:8080\"", quoted(web_2.addr)),
+            ("\"10.0.2.10:8080\"", quoted(app_1.addr)),
+            ("\"10.0.2.20:8080\"", quoted(app_backup.addr)),
+            ("\"10.0.3.10:443\"", quoted(git.addr)),
+            ("\"10.0.4.10:443\"", quoted(internal.addr)),
+        ],
+    );
+    let proxy = start_example(dir, "tls-sni.toml", &text);
+    let client = ca.client_config();
+
+    let https = proxy.addr("https");
+    for (sni, upstreams, cert_name) in [
+        ("app.example.com", &["app-1"][..], "app.example.com"),
+        ("www.example.org", &["web-1", "web-2"][..], "*.example.org"),
+        ("example.org", &["web-1", "web-2"][..], "example.org"),
+    ] {
+        let (shown, greeting) = tls_visit(https, &client, sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni} through https: {e}"));
+        let expected = shown_for
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| n == cert_name))
+            .map(|(_, der)| der)
+            .expect("a certificate lists the name");
+        assert_eq!(
+            &shown, expected,
+            "{sni}: the certificate listing {cert_name}"
+        );
+        assert!(
+            upstreams.contains(&greeting.as_str()),
+            "{sni}: reached {greeting}, expected one of {upstreams:?}"
+        );
+    }
+
+    let passthrough = proxy.addr("passthrough");
+    for (sni, upstream, leaf) in [
+        ("git.example.com", "git", &git_leaf),
+        ("ci.internal.example.com", "internal", &internal_leaf),
+    ] {
+        let (shown, greeting) = tls_visit(passthrough, &client, sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni} through passthrough: {e}"));
+        assert!(shown == leaf.der, "{sni}: the upstream's own certificate");
+        assert_eq!(greeting, upstream, "{sni}");
+    }
+    let stats = proxy
+        .proxy
+        .listener("passthrough")
+        .expect("listener")
+        .context
+        .stats
+        .clone();
+    let refused = tls_visit(passthrough, &client, "www.example.com").await;
+    assert!(refused.is_err(), "a name without a route is closed");
+    wait_until(SOON, "counted as no_route", || {
+        stats.rejected(RejectReason::NoRoute) == 1
+    })
+    .await;
+}
+
+/// The tls-sni example's comment gives openssl commands for a local trial; with the
+/// files they make next to an unchanged copy, `switchyard check` accepts the example.
+#[test]
+fn tls_sni_example_trial_certificates_from_its_comment_pass_check() {
+    let file = "config/examples/tls-sni.toml";
+    if find_program("openssl").is_none() {
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let text = shipped(file);
+    let start = text
+        .lines()
+        .position(|l| l.contains("For a local trial"))
+        .expect("the comment offers a local trial");
+    let script: Vec<&str> = text
+        .lines()
+        .skip(start + 1)
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| l.trim_start_matches("#   "))
+        .collect();
+    assert!(!script.is_empty(), "commands after the trial sentence");
+    let dir = TempDir::new();
+    std::fs::write(dir.0.join("tls-sni.toml"), &text).expect("copy the example");
+    let made = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script.join("\n")])
+        .current_dir(&dir.0)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash");
+    assert!(
+        made.status.success(),
+        "the trial commands failed: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "-c"])
+        .arg(dir.0.join("tls-sni.toml"))
+        .output()
+        .expect("run switchyard check");
+    assert!(
+        check.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
