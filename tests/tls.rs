@@ -334,6 +334,17 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
         b = pb.addr
     );
     let proxy = start_proxy(&text);
+    // `check` says what the listener does: terminate, then route.
+    let summary = proxy.config.summary();
+    assert!(
+        summary.contains("TLS terminated: certificates"),
+        "{summary}"
+    );
+    assert!(summary.contains("ALPN h2, http/1.1"), "{summary}");
+    assert!(
+        summary.contains("SNI a.example.com -> pool pa (after termination)"),
+        "{summary}"
+    );
     for (sni, expected) in [("a.example.com", "pa"), ("b.example.com", "pb")] {
         let mut config = (*pki.client_config("main", None)).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];

@@ -46,8 +46,45 @@ pub(super) fn render(config: &Config) -> String {
             listener.pool.as_deref().unwrap_or("none"),
             listener.backlog,
         );
+        if let Some(tls) = &listener.tls {
+            let settings = &tls.settings;
+            let certs: Vec<String> = settings
+                .certs
+                .iter()
+                .map(|c| c.cert.display().to_string())
+                .collect();
+            let _ = writeln!(
+                out,
+                "  TLS terminated: certificates {}; TLS {}; ALPN {}; client certificates {}",
+                certs.join(", "),
+                if settings.tls13_only {
+                    "1.3"
+                } else {
+                    "1.2 and 1.3"
+                },
+                if settings.alpn.is_empty() {
+                    "none".to_string()
+                } else {
+                    settings.alpn.join(", ")
+                },
+                settings
+                    .client_ca
+                    .as_ref()
+                    .map_or("not asked".to_string(), |ca| format!(
+                        "required, CA {}",
+                        ca.display()
+                    )),
+            );
+        }
+        // Routes pick the pool by the server name of the ClientHello: peeked and
+        // forwarded unchanged without TLS here, read from the session with it.
+        let mode = if listener.tls.is_some() {
+            "after termination"
+        } else {
+            "passthrough"
+        };
         for (pattern, pool) in &listener.routes {
-            let _ = writeln!(out, "  SNI {pattern} -> pool {pool} (passthrough)");
+            let _ = writeln!(out, "  SNI {pattern} -> pool {pool} ({mode})");
         }
         let nets = |list: &[super::IpNet]| {
             if list.is_empty() {
