@@ -16,6 +16,7 @@ pub mod events;
 pub mod health;
 pub mod log_format;
 pub mod metrics;
+pub mod names;
 pub mod pool;
 pub mod proxy;
 pub mod reload;

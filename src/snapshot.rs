@@ -17,8 +17,8 @@ use crate::config::{ListenerConfig, PoolConfig, UpstreamConfig};
 use crate::controller::Feedback;
 use crate::health::state::State;
 use crate::metrics::{PoolStats, UpstreamStats};
+use crate::names::SniRoutes;
 use crate::pool::preferred_tier;
-use crate::proxy::sni::SniRoutes;
 
 /// Where the hot path reads routing state from.
 pub type SharedSnapshot = Arc<ArcSwap<RoutingSnapshot>>;

@@ -4,7 +4,6 @@
 //! A bad file therefore fails `switchyard check` and rejects a reload; it never fails a
 //! running connection, and nothing here panics on bad input.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -17,6 +16,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::names::SniRoutes;
 
 /// One certificate chain and key, and the server names it is for (empty = default).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -67,7 +68,7 @@ pub struct ClientTls {
 /// Chooses the certificate by SNI (exact, then one wildcard label), else the default.
 #[derive(Debug)]
 struct CertBySni {
-    by_name: HashMap<String, Arc<CertifiedKey>>,
+    by_name: SniRoutes<Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
 }
 
@@ -106,7 +107,7 @@ impl ServerTls {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut by_name = HashMap::new();
+        let mut named = Vec::new();
         let mut default = None;
         for files in &settings.certs {
             let chain = load_chain(&files.cert, &mut hasher)?;
@@ -123,10 +124,11 @@ impl ServerTls {
                 default.get_or_insert_with(|| certified.clone());
             }
             for name in &files.names {
-                by_name.insert(name.to_ascii_lowercase(), certified.clone());
+                named.push((name.clone(), certified.clone()));
             }
         }
         let default = default.ok_or("no certificate configured")?;
+        let by_name = SniRoutes::new(named).map_err(|e| format!("certificate names: {e}"))?;
         let mut config = builder.with_cert_resolver(Arc::new(CertBySni { by_name, default }));
         config.alpn_protocols = settings
             .alpn
@@ -232,15 +234,11 @@ pub fn host_of(target: &str) -> String {
 
 impl ResolvesServerCert for CertBySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
-            return Some(self.default.clone());
-        };
-        let wildcard = name.split_once('.').map(|(_, rest)| format!("*.{rest}"));
-        self.by_name
-            .get(&name)
-            .or_else(|| wildcard.and_then(|w| self.by_name.get(&w)))
-            .cloned()
-            .or_else(|| Some(self.default.clone()))
+        let chosen = hello
+            .server_name()
+            .and_then(|name| self.by_name.lookup(name))
+            .unwrap_or(&self.default);
+        Some(chosen.clone())
     }
 }
 

@@ -627,3 +627,19 @@ fn manual_failback_without_an_admin_api_could_never_fail_back() {
     assert!(found[0].message.contains("needs the admin API"));
     assert!(parse(&format!("[admin]\nlisten = \"127.0.0.1:9900\"\n{manual}")).is_ok());
 }
+
+#[test]
+fn a_certificate_name_given_to_two_certificates_is_an_error() {
+    let text = MINIMAL.replace(
+        "pool = \"pg\"\n",
+        "pool = \"pg\"\n[listeners.db.tls]\ncerts = [\n  { cert = \"a.pem\", key = \"a.key\", names = [\"db.example.com\"] },\n  { cert = \"b.pem\", key = \"b.key\", names = [\"DB.example.com\"] },\n]\n",
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].key, "listeners.db.tls.certs.names");
+    assert!(
+        found[0].message.contains("listed for two certificates"),
+        "{}",
+        found[0]
+    );
+}

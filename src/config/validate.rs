@@ -406,7 +406,7 @@ impl Validator<'_> {
         let mut routes = Vec::new();
         for (pattern, pool) in &l.routes {
             let route_key = format!("listeners.{name}.routes.{}", pattern.get_ref());
-            if let Err(message) = crate::proxy::sni::validate_pattern(pattern.get_ref()) {
+            if let Err(message) = crate::names::validate_pattern(pattern.get_ref()) {
                 self.report(pattern.span(), &route_key, message);
                 ok = false;
             }
@@ -812,15 +812,26 @@ impl Validator<'_> {
                 return None;
             }
         }
+        let mut named: HashSet<String> = HashSet::new();
         for entry in &t.certs {
             let e = entry.get_ref();
             let mut names = Vec::new();
             for name in &e.names {
-                if let Err(message) = crate::proxy::sni::validate_pattern(name.get_ref()) {
+                if let Err(message) = crate::names::validate_pattern(name.get_ref()) {
                     self.report(name.span(), &format!("{key}.certs.names"), message);
                     return None;
                 }
-                names.push(name.get_ref().to_ascii_lowercase());
+                let lower = name.get_ref().to_ascii_lowercase();
+                // Which certificate a client gets must not depend on the order of entries.
+                if !named.insert(lower.clone()) {
+                    self.report(
+                        name.span(),
+                        &format!("{key}.certs.names"),
+                        format!("{:?} is listed for two certificates; give each name to one certificate (names are case-insensitive)", name.get_ref()),
+                    );
+                    return None;
+                }
+                names.push(lower);
             }
             certs.push(CertFiles {
                 cert: self.path(e.cert.get_ref()),
