@@ -7,6 +7,7 @@
 //! controller and the reloader by message; they never touch live state directly.
 //! Request bodies are never read. The listener and its bounds live in `server`.
 
+mod metrics;
 mod server;
 
 pub use server::{
@@ -165,7 +166,7 @@ impl Admin {
             Route::Status => self.status().await,
             Route::Events => self.events(request.uri.query()),
             Route::Metrics => {
-                let body = crate::metrics::render(&self.proxy, &self.reloader.stats);
+                let body = metrics::render(&self.proxy, &self.reloader.stats);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 if let Ok(value) = "text/plain; version=0.0.4; charset=utf-8".parse() {
                     response.headers_mut().insert(CONTENT_TYPE, value);
