@@ -441,7 +441,7 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
 }
 
 fn read_token(path: &std::path::Path) -> std::io::Result<String> {
-    let bytes = crate::config::read_bounded(path, crate::config::MAX_SECRET_FILE)?;
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_SECRET_FILE)?;
     let token = String::from_utf8_lossy(&bytes).trim().to_string();
     if token.is_empty() {
         return Err(std::io::Error::other("the file is empty"));

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod health;
 pub mod log_format;
 pub mod metrics;

@@ -290,7 +290,7 @@ impl ServerCertVerifier for AcceptAnyCert {
 }
 
 fn read(path: &Path, hasher: &mut DefaultHasher) -> Result<Vec<u8>, String> {
-    let bytes = crate::config::read_bounded(path, crate::config::MAX_SECRET_FILE)
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_SECRET_FILE)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     bytes.hash(hasher);
     Ok(bytes)
