@@ -76,6 +76,48 @@ struct CertBySni {
 #[derive(Debug)]
 struct AcceptAnyCert(Arc<CryptoProvider>);
 
+/// Why TLS material from the config cannot be used; each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsLoadError {
+    #[error("cannot read {}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a PEM certificate chain: {source}", file.display())]
+    NotPem {
+        file: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no certificate", file.display())]
+    NoCertificate { file: PathBuf },
+    #[error("{} holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {source}", file.display())]
+    NoKey {
+        file: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("key {} does not fit certificate {}: {source}", key.display(), cert.display())]
+    KeyMismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{}: not a usable CA certificate: {reason}", file.display())]
+    BadCa { file: PathBuf, reason: String },
+    #[error("no system trust roots found; set `ca` to a PEM bundle")]
+    NoSystemRoots,
+    #[error("no certificate configured")]
+    NoCertificateConfigured,
+    #[error("certificate names: {0}")]
+    Names(#[from] crate::names::RouteError),
+    #[error("TLS versions: {0}")]
+    Versions(#[source] rustls::Error),
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
@@ -84,7 +126,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl ServerTls {
     /// Loads every file and builds the configuration; the error says which file and why.
-    pub fn load(settings: ServerSettings) -> Result<Self, String> {
+    pub fn load(settings: ServerSettings) -> Result<Self, TlsLoadError> {
         let provider = provider();
         let mut hasher = DefaultHasher::new();
         settings.hash(&mut hasher);
@@ -95,14 +137,17 @@ impl ServerTls {
         };
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
-            .map_err(|e| format!("TLS versions: {e}"))?;
+            .map_err(TlsLoadError::Versions)?;
         let builder = match &settings.client_ca {
             Some(path) => {
                 let roots = load_roots(path, &mut hasher)?;
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| format!("client_ca {}: {e}", path.display()))?;
+                        .map_err(|e| TlsLoadError::BadCa {
+                            file: path.clone(),
+                            reason: e.to_string(),
+                        })?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -112,12 +157,12 @@ impl ServerTls {
         for files in &settings.certs {
             let chain = load_chain(&files.cert, &mut hasher)?;
             let key = load_key(&files.key, &mut hasher)?;
-            let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-                format!(
-                    "key {} does not fit certificate {}: {e}",
-                    files.key.display(),
-                    files.cert.display()
-                )
+            let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|source| {
+                TlsLoadError::KeyMismatch {
+                    key: files.key.clone(),
+                    cert: files.cert.clone(),
+                    source,
+                }
             })?;
             let certified = Arc::new(certified);
             if files.names.is_empty() || default.is_none() {
@@ -127,8 +172,8 @@ impl ServerTls {
                 named.push((name.clone(), certified.clone()));
             }
         }
-        let default = default.ok_or("no certificate configured")?;
-        let by_name = SniRoutes::new(named).map_err(|e| format!("certificate names: {e}"))?;
+        let default = default.ok_or(TlsLoadError::NoCertificateConfigured)?;
+        let by_name = SniRoutes::new(named)?;
         let mut config = builder.with_cert_resolver(Arc::new(CertBySni { by_name, default }));
         config.alpn_protocols = settings
             .alpn
@@ -160,7 +205,7 @@ impl fmt::Debug for ServerTls {
 // === impl ClientTls ===
 
 impl ClientTls {
-    pub fn load(settings: ClientSettings) -> Result<Self, String> {
+    pub fn load(settings: ClientSettings) -> Result<Self, TlsLoadError> {
         let provider = provider();
         let mut hasher = DefaultHasher::new();
         settings.hash(&mut hasher);
@@ -170,19 +215,19 @@ impl ClientTls {
         };
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS versions: {e}"))?
+            .map_err(TlsLoadError::Versions)?
             .with_root_certificates(roots);
         let mut config = match &settings.client_cert {
             Some((cert, key)) => {
                 let chain = load_chain(cert, &mut hasher)?;
                 let key_der = load_key(key, &mut hasher)?;
-                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                    format!(
-                        "client_key {} does not fit client_cert {}: {e}",
-                        key.display(),
-                        cert.display()
-                    )
-                })?
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|source| TlsLoadError::KeyMismatch {
+                        key: key.clone(),
+                        cert: cert.clone(),
+                        source,
+                    })?
             }
             None => builder.with_no_client_auth(),
         };
@@ -289,9 +334,14 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-fn read(path: &Path, hasher: &mut DefaultHasher) -> Result<Vec<u8>, String> {
-    let bytes = crate::files::read_bounded(path, crate::files::MAX_SECRET_FILE)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn read(path: &Path, hasher: &mut DefaultHasher) -> Result<Vec<u8>, TlsLoadError> {
+    let bytes =
+        crate::files::read_bounded(path, crate::files::MAX_SECRET_FILE).map_err(|source| {
+            TlsLoadError::Read {
+                file: path.to_path_buf(),
+                source,
+            }
+        })?;
     bytes.hash(hasher);
     Ok(bytes)
 }
@@ -299,43 +349,50 @@ fn read(path: &Path, hasher: &mut DefaultHasher) -> Result<Vec<u8>, String> {
 fn load_chain(
     path: &Path,
     hasher: &mut DefaultHasher,
-) -> Result<Vec<CertificateDer<'static>>, String> {
+) -> Result<Vec<CertificateDer<'static>>, TlsLoadError> {
     let bytes = read(path, hasher)?;
     let chain = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate chain: {e}", path.display()))?;
+        .map_err(|source| TlsLoadError::NotPem {
+            file: path.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
+        return Err(TlsLoadError::NoCertificate {
+            file: path.to_path_buf(),
+        });
     }
     Ok(chain)
 }
 
-fn load_key(path: &Path, hasher: &mut DefaultHasher) -> Result<PrivateKeyDer<'static>, String> {
+fn load_key(
+    path: &Path,
+    hasher: &mut DefaultHasher,
+) -> Result<PrivateKeyDer<'static>, TlsLoadError> {
     let bytes = read(path, hasher)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        format!(
-            "{} holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
-            path.display()
-        )
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| TlsLoadError::NoKey {
+        file: path.to_path_buf(),
+        source,
     })
 }
 
-fn load_roots(path: &Path, hasher: &mut DefaultHasher) -> Result<RootCertStore, String> {
+fn load_roots(path: &Path, hasher: &mut DefaultHasher) -> Result<RootCertStore, TlsLoadError> {
     let mut roots = RootCertStore::empty();
     for cert in load_chain(path, hasher)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| TlsLoadError::BadCa {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(roots)
 }
 
-fn system_roots() -> Result<RootCertStore, String> {
+fn system_roots() -> Result<RootCertStore, TlsLoadError> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
-        return Err("no system trust roots found; set `ca` to a PEM bundle".to_string());
+        return Err(TlsLoadError::NoSystemRoots);
     }
     Ok(roots)
 }

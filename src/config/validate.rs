@@ -861,8 +861,8 @@ impl Validator<'_> {
         };
         match ServerTls::load(settings) {
             Ok(tls) => Some(tls),
-            Err(message) => {
-                self.report(raw.span(), key, message);
+            Err(e) => {
+                self.report(raw.span(), key, e.to_string());
                 None
             }
         }
@@ -917,8 +917,8 @@ impl Validator<'_> {
         };
         match ClientTls::load(settings) {
             Ok(tls) => Some(tls),
-            Err(message) => {
-                self.report(raw.span(), key, message);
+            Err(e) => {
+                self.report(raw.span(), key, e.to_string());
                 None
             }
         }
