@@ -304,17 +304,6 @@ impl fmt::Display for Problems<'_> {
     }
 }
 
-impl fmt::Display for Balance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Balance::RoundRobin => "round_robin",
-            Balance::LeastConnections => "least_connections",
-            Balance::RandomTwo => "random_two",
-            Balance::SourceHash => "source_hash",
-        })
-    }
-}
-
 impl fmt::Display for Failback {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -325,23 +314,40 @@ impl fmt::Display for Failback {
     }
 }
 
-impl fmt::Display for OnUpstreamDown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OnUpstreamDown::Close => "close",
-            OnUpstreamDown::Keep => "keep",
-        })
-    }
+/// Writes an enum's config words once: the table `check` validates against (and lists
+/// in its messages), `as_str`, and `Display`, so the three can never disagree.
+macro_rules! vocabulary {
+    ($name:ident { $($variant:ident = $word:literal),+ $(,)? }) => {
+        impl $name {
+            /// Every word the config accepts, with the value it means.
+            pub const WORDS: &'static [(&'static str, $name)] = &[$(($word, $name::$variant)),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-impl fmt::Display for WhenAllDown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            WhenAllDown::TryAll => "try_all",
-            WhenAllDown::Reject => "reject",
-        })
-    }
-}
+vocabulary!(LogFormat { Text = "text", Json = "json" });
+vocabulary!(Balance {
+    RoundRobin = "round_robin",
+    LeastConnections = "least_connections",
+    RandomTwo = "random_two",
+    SourceHash = "source_hash",
+});
+vocabulary!(OnUpstreamDown { Close = "close", Keep = "keep" });
+vocabulary!(WhenAllDown { TryAll = "try_all", Reject = "reject" });
+vocabulary!(ProxyProtocolAccept { V1 = "v1", V2 = "v2", Any = "any" });
+vocabulary!(ProxyProtocolVersion { V1 = "v1", V2 = "v2" });
 
 #[cfg(test)]
 mod tests;

@@ -16,10 +16,7 @@ pub(super) fn render(config: &Config) -> String {
         config.runtime.worker_threads,
         human(config.runtime.shutdown_grace),
         config.log.level,
-        match config.log.format {
-            super::LogFormat::Text => "text",
-            super::LogFormat::Json => "json",
-        },
+        config.log.format,
     );
     match &config.admin {
         Some(admin) => {
@@ -100,7 +97,7 @@ pub(super) fn render(config: &Config) -> String {
             None => "off".to_string(),
             Some(accept) => format!(
                 "{} from {}, handshake_timeout {}",
-                format!("{accept:?}").to_lowercase(),
+                accept,
                 nets(&listener.proxy_protocol_from),
                 human(listener.handshake_timeout)
             ),
@@ -142,8 +139,7 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
         pool.min_usable,
         pool.when_all_down,
         off_or(pool.tcp_keepalive),
-        pool.proxy_protocol
-            .map_or("off".to_string(), |v| format!("{v:?}").to_lowercase()),
+        pool.proxy_protocol.map_or("off", |v| v.as_str()),
     );
     for (rank, priority) in pool.priorities().into_iter().enumerate() {
         let role = if rank == 0 {

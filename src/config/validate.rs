@@ -194,15 +194,7 @@ impl Validator<'_> {
             "log.level",
             &["error", "warn", "info", "debug", "trace"],
         );
-        let format = self
-            .choice(&raw.log.format, "log.format", &["text", "json"])
-            .map(|f| {
-                if f == "json" {
-                    LogFormat::Json
-                } else {
-                    LogFormat::Text
-                }
-            });
+        let format = self.word(&raw.log.format, "log.format", LogFormat::WORDS);
 
         self.has_admin = raw.admin.is_some();
         let admin = raw.admin.as_ref().map(|admin| {
@@ -424,18 +416,11 @@ impl Validator<'_> {
             self.duration(&l.handshake_timeout, &key("handshake_timeout"), HANDSHAKE);
         let allow = self.networks(&l.allow, &key("allow"));
         let deny = self.networks(&l.deny, &key("deny"));
-        let accept_proxy_protocol = self
-            .choice(
-                &l.accept_proxy_protocol,
-                &key("accept_proxy_protocol"),
-                &["off", "v1", "v2", "any"],
-            )
-            .map(|c| match c {
-                "v1" => Some(ProxyProtocolAccept::V1),
-                "v2" => Some(ProxyProtocolAccept::V2),
-                "any" => Some(ProxyProtocolAccept::Any),
-                _ => None,
-            });
+        let accept_proxy_protocol = self.optional_word(
+            &l.accept_proxy_protocol,
+            &key("accept_proxy_protocol"),
+            ProxyProtocolAccept::WORDS,
+        );
         let proxy_protocol_from =
             self.networks(&l.proxy_protocol_from, &key("proxy_protocol_from"));
         if let (Some(None), Some(first)) = (accept_proxy_protocol, l.proxy_protocol_from.first()) {
@@ -476,23 +461,7 @@ impl Validator<'_> {
         let key = |field: &str| format!("pools.{name}.{field}");
         let p = raw.get_ref();
 
-        let balance = self
-            .choice(
-                &p.balance,
-                &key("balance"),
-                &[
-                    "round_robin",
-                    "least_connections",
-                    "random_two",
-                    "source_hash",
-                ],
-            )
-            .map(|b| match b {
-                "least_connections" => Balance::LeastConnections,
-                "random_two" => Balance::RandomTwo,
-                "source_hash" => Balance::SourceHash,
-                _ => Balance::RoundRobin,
-            });
+        let balance = self.word(&p.balance, &key("balance"), Balance::WORDS);
         let connect_timeout = self.duration(&p.connect_timeout, &key("connect_timeout"), SPAN);
         let connect_attempts = self.int(
             &p.connect_attempts,
@@ -518,48 +487,22 @@ impl Validator<'_> {
                 }
             },
         };
-        let on_upstream_down = self
-            .choice(
-                &p.on_upstream_down,
-                &key("on_upstream_down"),
-                &["close", "keep"],
-            )
-            .map(|c| {
-                if c == "keep" {
-                    OnUpstreamDown::Keep
-                } else {
-                    OnUpstreamDown::Close
-                }
-            });
+        let on_upstream_down = self.word(
+            &p.on_upstream_down,
+            &key("on_upstream_down"),
+            OnUpstreamDown::WORDS,
+        );
         let drain_after_failback =
             self.optional_duration(&p.drain_after_failback, &key("drain_after_failback"), SPAN);
         let min_usable = self.int(&p.min_usable, &key("min_usable"), 1, 1024);
-        let when_all_down = self
-            .choice(
-                &p.when_all_down,
-                &key("when_all_down"),
-                &["try_all", "reject"],
-            )
-            .map(|c| {
-                if c == "reject" {
-                    WhenAllDown::Reject
-                } else {
-                    WhenAllDown::TryAll
-                }
-            });
+        let when_all_down = self.word(&p.when_all_down, &key("when_all_down"), WhenAllDown::WORDS);
         let tcp_keepalive =
             self.optional_duration(&p.tcp_keepalive, &key("tcp_keepalive"), KEEPALIVE);
-        let proxy_protocol = self
-            .choice(
-                &p.proxy_protocol,
-                &key("proxy_protocol"),
-                &["off", "v1", "v2"],
-            )
-            .map(|c| match c {
-                "v1" => Some(ProxyProtocolVersion::V1),
-                "v2" => Some(ProxyProtocolVersion::V2),
-                _ => None,
-            });
+        let proxy_protocol = self.optional_word(
+            &p.proxy_protocol,
+            &key("proxy_protocol"),
+            ProxyProtocolVersion::WORDS,
+        );
 
         let tls = match &p.tls {
             None => Some(None),
@@ -736,6 +679,28 @@ impl Validator<'_> {
             );
             None
         }
+    }
+
+    /// The value a config word means, from its enum's one table of words.
+    fn word<T: Copy>(&mut self, value: &S<String>, key: &str, words: &[(&str, T)]) -> Option<T> {
+        let allowed: Vec<&str> = words.iter().map(|(word, _)| *word).collect();
+        let found = self.choice(value, key, &allowed)?;
+        words
+            .iter()
+            .find(|(word, _)| *word == found)
+            .map(|(_, value)| *value)
+    }
+
+    /// Like [`word`](Self::word), with `"off"` meaning `None`.
+    fn optional_word<T: Copy>(
+        &mut self,
+        value: &S<String>,
+        key: &str,
+        words: &[(&str, T)],
+    ) -> Option<Option<T>> {
+        let mut with_off: Vec<(&str, Option<T>)> = vec![("off", None)];
+        with_off.extend(words.iter().map(|(word, value)| (*word, Some(*value))));
+        self.word(value, key, &with_off)
     }
 
     fn choice<'c>(&mut self, value: &S<String>, key: &str, allowed: &[&'c str]) -> Option<&'c str> {
