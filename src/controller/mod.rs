@@ -17,6 +17,9 @@ mod reconcile;
 mod tiers;
 mod view;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
