@@ -39,6 +39,7 @@ use crate::health::{
     CheckFailure, CheckReport, CheckReports, Checker, NetworkChecks, SpawnChecker,
 };
 use crate::metrics::PoolStats;
+use crate::shutdown::Shutdown;
 use crate::snapshot::{
     CLOSE_BUCKETS, Closer, ListenerRoute, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot,
     Upstream,
@@ -261,7 +262,7 @@ impl Controller {
     }
 
     /// Applies messages, reports and timers until shutdown.
-    pub async fn run(mut self, shutdown: crate::shutdown::Shutdown) {
+    pub async fn run(mut self, shutdown: Shutdown) {
         loop {
             let deadline = self.next_deadline();
             // The controller holds a sender of each channel, so none of them closes.

@@ -7,25 +7,42 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::*;
 use crate::events::Event;
 use crate::metrics::ConnectFailure;
 
-/// Starts checkers that run nothing, and remembers for which upstreams.
+/// Starts checkers that run nothing, and remembers them in order.
 #[derive(Default, Clone)]
 struct ManualChecks {
-    started: Arc<Mutex<Vec<SocketAddr>>>,
+    started: Arc<Mutex<Vec<Started>>>,
+}
+
+/// One checker started: for which upstream, and what would wake it.
+#[derive(Clone)]
+struct Started {
+    address: SocketAddr,
+    woken: Arc<Notify>,
 }
 
 impl SpawnChecker for ManualChecks {
     fn spawn(&self, upstream: Arc<Upstream>, _: Arc<PoolConfig>, _: CheckReports) -> Checker {
+        let checker = Checker::new();
         if let Ok(mut started) = self.started.lock() {
-            started.push(upstream.config.address);
+            started.push(Started {
+                address: upstream.config.address,
+                woken: checker.woken(),
+            });
         }
-        Checker::new()
+        checker
+    }
+}
+
+impl ManualChecks {
+    fn started(&self) -> Vec<Started> {
+        self.started.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -133,6 +150,11 @@ impl Harness {
                 .feedback
                 .connect_failed(upstream.id, &upstream.stats, ConnectFailure::Refused);
         }
+        self.deliver_passive();
+    }
+
+    /// Applies what the hot path has reported so far, as the loop would.
+    fn deliver_passive(&mut self) {
         while let Ok(report) = self.controller.passive.try_recv() {
             self.controller.on_passive(report);
         }
@@ -241,8 +263,7 @@ async fn starts_on_the_best_tier_with_every_upstream_up_and_a_checker_each() {
     assert_eq!(h.active(), Some(0));
     assert_eq!(h.usable(), labels(&["a", "b", "c", "d"]));
     assert!(h.events.all().is_empty(), "starting is no transition");
-    let started = h.checks.started.lock().map(|s| s.len()).unwrap_or(0);
-    assert_eq!(started, 4);
+    assert_eq!(h.checks.started().len(), 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -444,6 +465,42 @@ async fn passive_failures_eject_and_a_passing_check_ends_the_ejection() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn passive_reports_wake_the_upstreams_checker() {
+    let mut h = Harness::start(&config(OUTLIER, FOUR));
+    let woken = |h: &Harness, address: &str| -> Arc<Notify> {
+        match h
+            .checks
+            .started()
+            .into_iter()
+            .find(|s| s.address.to_string() == address)
+        {
+            Some(started) => started.woken,
+            None => panic!("no checker for {address}"),
+        }
+    };
+    let is_woken = |notify: Arc<Notify>| async move {
+        tokio::time::timeout(Duration::ZERO, notify.notified())
+            .await
+            .is_ok()
+    };
+    h.connects_fail("a", 1);
+    assert!(
+        is_woken(woken(&h, "127.0.0.1:10")).await,
+        "one failure checks at once"
+    );
+    assert!(!is_woken(woken(&h, "127.0.0.1:11")).await);
+
+    let route = h.route();
+    route.feedback.slow(h.upstream("b").id);
+    h.deliver_passive();
+    assert!(
+        is_woken(woken(&h, "127.0.0.1:11")).await,
+        "a hedged attempt checks too"
+    );
+    assert_eq!(h.state("b"), State::Up);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_ejection_ends_by_itself_when_its_time_is_over() {
     let mut h = Harness::start(&config(OUTLIER, FOUR));
     h.connects_fail("a", 3);
@@ -516,18 +573,13 @@ async fn a_reload_carries_the_state_of_upstreams_that_stay() {
         h.tier_events(),
         vec![tier_event("0", "1", "tier 0 has no usable upstream")]
     );
-    let started = h
-        .checks
-        .started
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let started = h.checks.started();
     assert_eq!(
         started.len(),
         4,
         "a checker for e only; a and c keep theirs"
     );
-    assert_eq!(started.last(), Some(&e));
+    assert_eq!(started.last().map(|s| s.address), Some(e));
 
     // The carried state goes on counting: one pass brings a back (rise = 1).
     h.check("a", true);
