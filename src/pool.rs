@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::time::Instant;
 
 use crate::config::{Failback, WhenAllDown};
+use crate::health::state::State;
 use crate::snapshot::PoolRoute;
 
 /// The controller's choice of active tier and the failback hold clock.
@@ -16,6 +17,23 @@ pub struct TierDecision {
     pub active: Option<usize>,
     /// Since when a better tier than `active` has been preferred (failback duration).
     pub better_since: Option<Instant>,
+}
+
+/// Usable upstreams per tier, in the order of `priorities` (the pool's tiers, best
+/// first), from each upstream's priority and state.
+pub fn usable_counts(
+    priorities: &[u32],
+    upstreams: impl IntoIterator<Item = (u32, State)>,
+) -> Vec<usize> {
+    let mut counts = vec![0; priorities.len()];
+    for (priority, state) in upstreams {
+        if state.is_usable()
+            && let Some(tier) = priorities.iter().position(|&p| p == priority)
+        {
+            counts[tier] += 1;
+        }
+    }
+    counts
 }
 
 /// SPEC §3: the lowest tier with at least `min_usable` usable upstreams; if none has

@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Member, Picker, member_key};
 use crate::config::{ListenerConfig, PoolConfig, UpstreamConfig};
-use crate::controller::Feedback;
+use crate::health::passive::Feedback;
 use crate::health::state::State;
 use crate::metrics::{PoolStats, UpstreamStats};
 use crate::names::SniRoutes;
-use crate::pool::preferred_tier;
+use crate::pool::{preferred_tier, usable_counts};
 
 /// Where the hot path reads routing state from.
 pub type SharedSnapshot = Arc<ArcSwap<RoutingSnapshot>>;
@@ -269,22 +269,23 @@ impl PoolRoute {
             .iter()
             .map(|u| Arc::new(Upstream::new(&config.name, u.clone())))
             .collect();
-        let mut route = Self::new(RouteParts {
+        let counts = usable_counts(
+            &config.priorities(),
+            config
+                .upstreams
+                .iter()
+                .map(|u| u.priority)
+                .zip(states.iter().copied()),
+        );
+        Self::new(RouteParts {
             closers: upstreams.iter().map(|_| Arc::default()).collect(),
             stats: Arc::default(),
             upstreams,
             states,
-            active_tier: None,
+            active_tier: preferred_tier(&counts, config.min_usable),
             feedback: Feedback::detached(),
             config,
-        });
-        route.active_tier = preferred_tier(&route.usable_counts(), route.config.min_usable);
-        route
-    }
-
-    /// Usable upstreams per tier, best tier first.
-    pub fn usable_counts(&self) -> Vec<usize> {
-        self.tiers.iter().map(|t| t.usable.len()).collect()
+        })
     }
 
     /// The active tier's priority, if any.

@@ -1,16 +1,19 @@
 //! Active health checks: one task per upstream that connects (and optionally sends and
 //! expects bytes) at `interval`, or `fast_interval` while the upstream's state is being
-//! decided, and reports each result to the controller.
+//! decided, and reports each result ([`CheckReport`]) on a channel the controller reads.
 //!
 //! The checker owns no state: the controller applies the result and answers with the
 //! interval to wait, so the schedule always follows the state it just computed. A
-//! passive failure on real traffic wakes the checker for an immediate check.
+//! passive failure on real traffic ([`passive`]) wakes the checker for an immediate
+//! check. The controller starts checkers through [`SpawnChecker`], so that its tests
+//! can hand it checkers that never touch the network.
 //!
 //! A check that cannot even open its socket (the proxy is out of descriptors, memory or
 //! ports) did not test the upstream: it is neither a pass nor a failure, is not
 //! reported, and is tried again at the next interval.
 
 pub mod outlier;
+pub mod passive;
 pub mod state;
 
 use std::sync::Arc;
@@ -18,12 +21,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, PoolConfig, UpstreamConfig};
-use crate::controller::{ControllerHandle, Message};
 use crate::error::warn_local_exhaustion;
 use crate::metrics::ConnectFailure;
 use crate::proxy::connect::{Unconnected, open};
@@ -55,6 +57,33 @@ pub enum Checked {
     /// (out of descriptors, memory or ports). Says nothing about the upstream.
     NotRun(std::io::Error),
 }
+
+/// One finished check of upstream `upstream` (by id). The checker waits for `reply`,
+/// the interval until its next check.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub upstream: u64,
+    pub result: Result<(), CheckFailure>,
+    pub reply: oneshot::Sender<Duration>,
+}
+
+/// Where checkers send their reports.
+pub type CheckReports = mpsc::UnboundedSender<CheckReport>;
+
+/// Starts the checker of one upstream. The controller is given one, so that what runs
+/// the checks (real connections, or a test's hand) is not its concern.
+pub trait SpawnChecker: Send + Sync {
+    fn spawn(
+        &self,
+        upstream: Arc<Upstream>,
+        pool: Arc<PoolConfig>,
+        reports: CheckReports,
+    ) -> Checker;
+}
+
+/// Checks over the network: one task per upstream running [`check`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NetworkChecks;
 
 /// The controller's end of one checker task.
 #[derive(Debug)]
@@ -88,30 +117,59 @@ impl std::fmt::Display for CheckFailure {
     }
 }
 
-// === impl Checker ===
+// === impl NetworkChecks ===
 
-impl Checker {
-    /// Starts checking `upstream`; results go to `controller`.
-    pub fn spawn(
+impl SpawnChecker for NetworkChecks {
+    /// Needs a running tokio runtime.
+    fn spawn(
+        &self,
         upstream: Arc<Upstream>,
         pool: Arc<PoolConfig>,
-        controller: ControllerHandle,
-    ) -> Self {
-        let check_now = Arc::new(Notify::new());
-        let stop = CancellationToken::new();
+        reports: CheckReports,
+    ) -> Checker {
+        let checker = Checker::new();
         tokio::spawn(check_loop(
             upstream,
             pool,
-            controller,
-            check_now.clone(),
-            stop.clone(),
+            reports,
+            checker.woken(),
+            checker.stopped(),
         ));
-        Self { check_now, stop }
+        checker
+    }
+}
+
+// === impl Checker ===
+
+impl Checker {
+    /// The handle to a checker task that watches [`Checker::woken`] and stops when the
+    /// handle is dropped ([`Checker::stopped`]).
+    pub fn new() -> Self {
+        Self {
+            check_now: Arc::new(Notify::new()),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// What the task waits on to check at once.
+    pub fn woken(&self) -> Arc<Notify> {
+        self.check_now.clone()
+    }
+
+    /// Cancelled once the controller drops this checker.
+    pub fn stopped(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Runs a check now (or right after the one in progress).
     pub fn check_now(&self) {
         self.check_now.notify_one();
+    }
+}
+
+impl Default for Checker {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -124,7 +182,7 @@ impl Drop for Checker {
 async fn check_loop(
     upstream: Arc<Upstream>,
     pool: Arc<PoolConfig>,
-    controller: ControllerHandle,
+    reports: CheckReports,
     check_now: Arc<Notify>,
     stop: CancellationToken,
 ) {
@@ -145,11 +203,17 @@ async fn check_loop(
         match checked {
             Checked::Tested(result) => {
                 let (reply, answer) = oneshot::channel();
-                controller.send(Message::CheckResult {
-                    upstream: upstream.id,
-                    result,
-                    reply,
-                });
+                if reports
+                    .send(CheckReport {
+                        upstream: upstream.id,
+                        result,
+                        reply,
+                    })
+                    .is_err()
+                {
+                    // The controller has stopped: so has the proxy.
+                    return;
+                }
                 let Ok(answer) = answer.await else {
                     return;
                 };

@@ -82,7 +82,7 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
                     }
                     Err(Unconnected::Upstream(reason)) => {
                         let failed = &route.upstreams[upstream];
-                        route.feedback.connect_failed(failed, reason);
+                        route.feedback.connect_failed(failed.id, &failed.stats, reason);
                         debug!(pool = %config.name, upstream = failed.label(), %reason, "connect attempt failed");
                         last_failure = (upstream, reason);
                         if out_of_resources.is_none() && started < order.len() {
@@ -96,7 +96,7 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
                 }
             }
             _ = sleep_until(hedge_at.unwrap_or_else(Instant::now)), if can_hedge => {
-                route.feedback.slow(&route.upstreams[order[started - 1]]);
+                route.feedback.slow(route.upstreams[order[started - 1]].id);
                 in_flight.push(start(started));
                 started += 1;
                 hedge_at = config.hedge_after.map(|d| Instant::now() + d);

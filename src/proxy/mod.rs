@@ -379,7 +379,9 @@ async fn connect_client(
         };
         match established {
             Ok(stream) => {
-                route.feedback.connect_succeeded(&route.upstreams[index]);
+                route
+                    .feedback
+                    .connect_succeeded(&route.upstreams[index].stats);
                 let took = connect_started.elapsed();
                 route.stats.connect_seconds.observe(took);
                 record.connected(
@@ -402,9 +404,10 @@ async fn connect_client(
                 // Accepted and closed before a byte flowed either way (a server dying
                 // with connections in its accept queue), or a failed TLS handshake: a
                 // failed attempt, invisible to the client.
+                let failed = &route.upstreams[index];
                 route
                     .feedback
-                    .connect_failed(&route.upstreams[index], reason);
+                    .connect_failed(failed.id, &failed.stats, reason);
             }
         }
         let failed = &route.upstreams[index];

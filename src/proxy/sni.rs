@@ -19,8 +19,6 @@
 use std::borrow::Cow;
 
 use crate::names::dns_name_problem;
-// Route lookup lives with the other users of names; re-exported for the data path.
-pub use crate::names::{RouteError, SniRoutes, validate_pattern};
 
 /// Largest ClientHello handshake message accepted, in bytes, 4-byte handshake header
 /// included. TLS allows 2^24, but real clients send a few KiB (a few more with

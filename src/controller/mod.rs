@@ -1,0 +1,661 @@
+//! The controller: the only writer of routing state.
+//!
+//! It owns every upstream's live state, applies what health checks, passive failures
+//! and operators report, decides each pool's active tier, records an event for every
+//! transition, closes connections where policy says so, and publishes a new routing
+//! snapshot when anything routing-relevant changed. One writer means no lost updates
+//! and no compare-and-swap loops; the hot path only ever reads.
+//!
+//! It holds the receiving ends of three channels whose message types are defined by the
+//! modules that send them: operators' commands ([`Message`], here), check results
+//! ([`CheckReport`], from `health`) and passive reports ([`PassiveReport`], from
+//! `health::passive`, sent by the hot path through the snapshot). This file is the
+//! message loop and the upstream transitions; `reconcile` applies a reload, `tiers`
+//! switches tiers and drains, `view` renders the status.
+
+mod reconcile;
+mod tiers;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tracing::debug;
+
+use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
+use crate::events::{EventKind, EventLog};
+use crate::health::passive::{Feedback, PassiveReport};
+use crate::health::state::{AdminOverride, State, UpstreamState};
+use crate::health::{
+    CheckFailure, CheckReport, CheckReports, Checker, NetworkChecks, SpawnChecker,
+};
+use crate::metrics::PoolStats;
+use crate::shutdown::Shutdown;
+use crate::snapshot::{
+    CLOSE_BUCKETS, Closer, ListenerRoute, PoolRoute, RouteParts, RoutingSnapshot, SharedSnapshot,
+    Upstream,
+};
+use crate::status::PoolView;
+use tiers::GradualClose;
+
+/// What operators (admin API, reload) ask of the controller; each carries its reply.
+#[derive(Debug)]
+pub enum Message {
+    /// Operator override: `None` returns the upstream to health-check control.
+    SetAdmin {
+        pool: String,
+        upstream: String,
+        admin: Option<AdminOverride>,
+        reply: oneshot::Sender<Result<State, ControlError>>,
+    },
+    /// Operator's manual failback; the reply is the new active tier's priority.
+    Failback {
+        pool: String,
+        reply: oneshot::Sender<Result<u32, ControlError>>,
+    },
+    /// Swap to a new, fully validated configuration. `first_checks` holds the result of
+    /// the first health check of every upstream that is new, keyed by (pool, address).
+    Reload {
+        config: Arc<Config>,
+        first_checks: FirstChecks,
+        reply: oneshot::Sender<()>,
+    },
+    /// The live view of every pool for the admin API.
+    Status {
+        reply: oneshot::Sender<Vec<PoolView>>,
+    },
+}
+
+/// The first check of each upstream a reload adds, by (pool, address).
+pub type FirstChecks = HashMap<(String, SocketAddr), Result<(), CheckFailure>>;
+
+/// Why an operator's request to the controller was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no pool named {0:?}")]
+    NoSuchPool(String),
+    #[error("pool {pool:?} has no upstream named or addressed {upstream:?}")]
+    NoSuchUpstream { pool: String, upstream: String },
+    #[error("pool {pool:?} is already on the best usable tier (priority {priority})")]
+    AlreadyBest { pool: String, priority: u32 },
+    #[error("pool {0:?} has no usable upstream")]
+    NothingUsable(String),
+    #[error("the controller has stopped")]
+    Stopped,
+}
+
+/// Sends messages to the controller; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ControllerHandle {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+pub struct Controller {
+    pools: Vec<PoolState>,
+    /// Listener name → its settings (pool, access lists), published with the pools.
+    listeners: HashMap<String, Arc<ListenerRoute>>,
+    /// Closers to fire once the snapshot that excludes their upstream is published.
+    closing: Vec<Arc<Closer>>,
+    snapshot: SharedSnapshot,
+    events: Arc<EventLog>,
+    checkers: Checkers,
+    /// The sender every published route carries, for the hot path's reports.
+    feedback: Feedback,
+    handle: ControllerHandle,
+    commands: mpsc::UnboundedReceiver<Message>,
+    checks: mpsc::UnboundedReceiver<CheckReport>,
+    passive: mpsc::UnboundedReceiver<PassiveReport>,
+}
+
+/// How the controller starts checkers, and where their reports go.
+struct Checkers {
+    spawn: Box<dyn SpawnChecker>,
+    reports: CheckReports,
+}
+
+struct PoolState {
+    config: Arc<PoolConfig>,
+    stats: Arc<PoolStats>,
+    slots: Vec<Slot>,
+    /// Index into the pool's tiers (best first).
+    active_tier: Option<usize>,
+    better_since: Option<Instant>,
+    drains: Vec<GradualClose>,
+}
+
+struct Slot {
+    upstream: Arc<Upstream>,
+    state: UpstreamState,
+    /// The state last published and announced.
+    shown: State,
+    /// Why the next transition happens, set by whatever caused it.
+    reason: Option<String>,
+    closer: Arc<Closer>,
+    checker: Option<Checker>,
+    /// The reason of the last announced transition, and when it happened.
+    shown_reason: String,
+    since_unix_ms: u64,
+    /// When the last active check finished, and its result.
+    last_check: Option<(u64, Result<(), CheckFailure>)>,
+}
+
+// === impl ControllerHandle ===
+
+impl ControllerHandle {
+    pub fn send(&self, message: Message) {
+        // Fails only once the controller has stopped, at shutdown: nothing to do then.
+        let _ = self.tx.send(message);
+    }
+
+    /// Sets or clears an operator override; returns the upstream's new state.
+    pub async fn set_admin(
+        &self,
+        pool: &str,
+        upstream: &str,
+        admin: Option<AdminOverride>,
+    ) -> Result<State, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::SetAdmin {
+            pool: pool.to_string(),
+            upstream: upstream.to_string(),
+            admin,
+            reply,
+        });
+        answer.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// Applies a new configuration (see [`Message::Reload`]); returns once swapped.
+    pub async fn reload(
+        &self,
+        config: Arc<Config>,
+        first_checks: FirstChecks,
+    ) -> Result<(), ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Reload {
+            config,
+            first_checks,
+            reply,
+        });
+        answer.await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// Every pool's live state.
+    pub async fn status(&self) -> Result<Vec<PoolView>, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Status { reply });
+        answer.await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// Manual failback; returns the priority of the new active tier.
+    pub async fn failback(&self, pool: &str) -> Result<u32, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Failback {
+            pool: pool.to_string(),
+            reply,
+        });
+        answer.await.map_err(|_| ControlError::Stopped)?
+    }
+}
+
+// === impl Controller ===
+
+impl Controller {
+    /// Live state for every pool of `config`, every upstream up (SPEC §3: until its
+    /// first check completes), health checks started over the network and the first
+    /// snapshot published. Needs a running tokio runtime.
+    pub fn new(config: &Config, events: Arc<EventLog>) -> Self {
+        Self::with_checkers(config, events, Box::new(NetworkChecks))
+    }
+
+    /// [`new`](Self::new), with checkers started by `spawn` instead.
+    pub fn with_checkers(
+        config: &Config,
+        events: Arc<EventLog>,
+        spawn: Box<dyn SpawnChecker>,
+    ) -> Self {
+        let (tx, commands) = mpsc::unbounded_channel();
+        let (reports, checks) = mpsc::unbounded_channel();
+        let (feedback, passive) = Feedback::channel();
+        let checkers = Checkers { spawn, reports };
+        let pools = config
+            .pools
+            .iter()
+            .map(|pool| {
+                let mut pool = PoolState::fresh(pool.clone(), &checkers);
+                pool.active_tier = pool.initial_tier(None);
+                pool
+            })
+            .collect();
+        let mut controller = Self {
+            pools,
+            listeners: reconcile::listener_routes(config),
+            closing: Vec::new(),
+            snapshot: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
+            events,
+            checkers,
+            feedback,
+            handle: ControllerHandle { tx },
+            commands,
+            checks,
+            passive,
+        };
+        controller.publish_all();
+        debug!(pools = controller.pools.len(), "controller ready");
+        controller
+    }
+
+    pub fn snapshot(&self) -> SharedSnapshot {
+        self.snapshot.clone()
+    }
+
+    pub fn handle(&self) -> ControllerHandle {
+        self.handle.clone()
+    }
+
+    /// Applies messages, reports and timers until shutdown.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        loop {
+            let deadline = self.next_deadline();
+            // The controller holds a sender of each channel, so none of them closes.
+            tokio::select! {
+                biased;
+                _ = shutdown.stopping() => return,
+                Some(message) = self.commands.recv() => self.on_command(message),
+                Some(report) = self.checks.recv() => self.on_check(report),
+                Some(report) = self.passive.recv() => self.on_passive(report),
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.on_timer();
+                }
+                else => return,
+            }
+        }
+    }
+
+    fn on_command(&mut self, message: Message) {
+        match message {
+            Message::SetAdmin {
+                pool,
+                upstream,
+                admin,
+                reply,
+            } => {
+                let _ = reply.send(self.set_admin(&pool, &upstream, admin));
+            }
+            Message::Failback { pool, reply } => {
+                let _ = reply.send(self.manual_failback(&pool));
+            }
+            Message::Reload {
+                config,
+                first_checks,
+                reply,
+            } => {
+                self.apply_config(&config, &first_checks);
+                let _ = reply.send(());
+            }
+            Message::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// Applies one active check result and answers the checker with its next interval.
+    fn on_check(&mut self, report: CheckReport) {
+        let CheckReport {
+            upstream,
+            result,
+            reply,
+        } = report;
+        let Some((p, u)) = self.find(upstream) else {
+            return;
+        };
+        let now = Instant::now();
+        let pool = &mut self.pools[p];
+        let health = &pool.config.health;
+        let slot = &mut pool.slots[u];
+        let stats = &slot.upstream.stats;
+        match result {
+            Ok(()) => stats.checks_passed.fetch_add(1, Relaxed),
+            Err(_) => stats.checks_failed.fetch_add(1, Relaxed),
+        };
+        if slot.last_check.is_none() && result.is_ok() {
+            // The first check confirms the start-up assumption: no transition, but the
+            // reason shown should no longer say "until the first check".
+            slot.shown_reason = "first check passed".to_string();
+        }
+        slot.last_check = Some((unix_ms(), result));
+        slot.state
+            .on_check(result.is_ok(), health.rise, health.fall, now);
+        slot.reason = Some(match (result, slot.state.state(now)) {
+            // Ejected while the checks had it down: the ejection is over, but the
+            // upstream stays down until `rise` passes in a row.
+            (Ok(()), State::Down) => format!(
+                "a passing check ended the ejection; still down until {} passes in a row ({} so far)",
+                health.rise,
+                slot.state.counts().0,
+            ),
+            (Ok(()), _) => "check passed".to_string(),
+            (Err(failure), _) => failure.to_string(),
+        });
+        let interval = if slot.state.is_deciding() {
+            health.fast_interval
+        } else {
+            health.interval
+        };
+        let _ = reply.send(interval);
+        self.refresh(p);
+    }
+
+    /// Applies one report from real traffic: failures may eject, and both wake the
+    /// upstream's checker for an immediate check.
+    fn on_passive(&mut self, report: PassiveReport) {
+        let upstream = match report {
+            PassiveReport::ConnectFailed { upstream, .. } | PassiveReport::Slow { upstream } => {
+                upstream
+            }
+        };
+        let Some((p, u)) = self.find(upstream) else {
+            return;
+        };
+        let pool = &mut self.pools[p];
+        let slot = &mut pool.slots[u];
+        if let Some(checker) = &slot.checker {
+            checker.check_now();
+        }
+        let PassiveReport::ConnectFailed {
+            reason, in_a_row, ..
+        } = report
+        else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(ejected_for) =
+            slot.state
+                .outlier
+                .on_failures(in_a_row, &pool.config.outlier, now)
+        {
+            slot.reason = Some(format!(
+                "{in_a_row} consecutive failures (connect {reason}); ejected for {}",
+                humantime::format_duration(ejected_for)
+            ));
+            let upstream = slot.upstream.clone();
+            self.refresh(p);
+            // Only now that the snapshot excludes it: until then the count keeps it
+            // last in attempt orders.
+            upstream.stats.connect_failures_in_a_row.store(0, Relaxed);
+        }
+    }
+
+    /// Something in [`next_deadline`](Self::next_deadline) is due.
+    fn on_timer(&mut self) {
+        for p in 0..self.pools.len() {
+            self.refresh(p);
+        }
+    }
+
+    fn set_admin(
+        &mut self,
+        pool: &str,
+        upstream: &str,
+        admin: Option<AdminOverride>,
+    ) -> Result<State, ControlError> {
+        let p = self.pool_index(pool)?;
+        let slots = &mut self.pools[p].slots;
+        let u = slots
+            .iter()
+            .position(|s| {
+                let c = &s.upstream.config;
+                c.label() == upstream || c.target == upstream || c.address.to_string() == upstream
+            })
+            .ok_or_else(|| ControlError::NoSuchUpstream {
+                pool: pool.to_string(),
+                upstream: upstream.to_string(),
+            })?;
+        slots[u].state.set_admin(admin);
+        slots[u].reason = Some("admin".to_string());
+        self.refresh(p);
+        Ok(self.pools[p].slots[u].shown)
+    }
+
+    /// Applies time and state to pool `p`: ends ejections, announces transitions, closes
+    /// connections per policy, decides the active tier, advances gradual closes, and
+    /// publishes if routing changed.
+    fn refresh(&mut self, p: usize) {
+        if self.refresh_without_publish(p) {
+            self.publish(p);
+        }
+        self.close_pending();
+    }
+
+    /// Closes the connections of upstreams that went down or into maint.
+    fn close_pending(&mut self) {
+        for closer in self.closing.drain(..) {
+            closer.close_all();
+        }
+    }
+
+    /// [`refresh`](Self::refresh) without the swap; returns whether routing changed.
+    fn refresh_without_publish(&mut self, p: usize) -> bool {
+        let now = Instant::now();
+        let mut changed = self.announce_transitions(p, now);
+        changed |= self.decide_tier(p, now);
+        self.advance_gradual_closes(p, now);
+        changed
+    }
+
+    /// Records an event for every upstream whose state changed since last shown, and
+    /// queues the closes its new state calls for. Returns whether any changed.
+    fn announce_transitions(&mut self, p: usize, now: Instant) -> bool {
+        let pool = &mut self.pools[p];
+        let mut changed = false;
+        for slot in &mut pool.slots {
+            if slot.state.outlier.expire(now) && slot.reason.is_none() {
+                slot.reason = Some("ejection time over".to_string());
+            }
+            let new = slot.state.state(now);
+            if new != slot.shown {
+                let reason = slot.reason.take().unwrap_or_default();
+                self.events.record(
+                    EventKind::Upstream,
+                    &pool.config.name,
+                    Some(slot.upstream.label()),
+                    slot.shown.as_str(),
+                    new.as_str(),
+                    &reason,
+                );
+                slot.shown_reason = reason;
+                slot.since_unix_ms = unix_ms();
+                if new == State::Up {
+                    // Usable again: failures counted before (some land long after an
+                    // ejection, from attempts that were still in flight) must not keep
+                    // it last in attempt orders, where nothing would ever reset them.
+                    slot.upstream
+                        .stats
+                        .connect_failures_in_a_row
+                        .store(0, Relaxed);
+                }
+                let close = new == State::Maint
+                    || (new == State::Down
+                        && pool.config.on_upstream_down == OnUpstreamDown::Close);
+                if close {
+                    // Closed only after the new snapshot is published (see `refresh`):
+                    // a client moved off this upstream must find it already excluded.
+                    self.closing.push(std::mem::take(&mut slot.closer));
+                }
+                slot.shown = new;
+                changed = true;
+            }
+            slot.reason = None;
+        }
+        changed
+    }
+
+    fn publish(&mut self, p: usize) {
+        let route = Arc::new(self.route(p));
+        let next = self.snapshot.load().with_pool(route);
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Builds every pool's route and the listener map, and swaps them in at once.
+    fn publish_all(&mut self) {
+        let routes = (0..self.pools.len())
+            .map(|p| Arc::new(self.route(p)))
+            .collect();
+        self.snapshot.store(Arc::new(RoutingSnapshot::new(
+            routes,
+            self.listeners.clone(),
+        )));
+    }
+
+    fn route(&self, p: usize) -> PoolRoute {
+        let pool = &self.pools[p];
+        PoolRoute::new(RouteParts {
+            config: pool.config.clone(),
+            stats: pool.stats.clone(),
+            upstreams: pool.slots.iter().map(|s| s.upstream.clone()).collect(),
+            states: pool.slots.iter().map(|s| s.shown).collect(),
+            closers: pool.slots.iter().map(|s| s.closer.clone()).collect(),
+            active_tier: pool.active_tier,
+            feedback: self.feedback.clone(),
+        })
+    }
+
+    /// The earliest moment something changes without a message: an ejection ends, a
+    /// failback hold elapses, or a gradual close is due.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadlines = Vec::new();
+        for pool in &self.pools {
+            deadlines.extend(
+                pool.slots
+                    .iter()
+                    .filter_map(|s| s.state.outlier.ejected_until()),
+            );
+            if let (Some(since), Failback::After(hold)) = (pool.better_since, pool.config.failback)
+            {
+                deadlines.push(since + hold);
+            }
+            deadlines.extend(
+                pool.drains
+                    .iter()
+                    .filter(|d| d.next_bucket < CLOSE_BUCKETS)
+                    .map(|d| d.due(d.next_bucket)),
+            );
+        }
+        deadlines.into_iter().min()
+    }
+
+    fn find(&self, upstream: u64) -> Option<(usize, usize)> {
+        self.pools.iter().enumerate().find_map(|(p, pool)| {
+            pool.slots
+                .iter()
+                .position(|s| s.upstream.id == upstream)
+                .map(|u| (p, u))
+        })
+    }
+
+    fn pool_index(&self, pool: &str) -> Result<usize, ControlError> {
+        self.pools
+            .iter()
+            .position(|p| p.config.name == pool)
+            .ok_or_else(|| ControlError::NoSuchPool(pool.to_string()))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// === impl Checkers ===
+
+impl Checkers {
+    fn start(&self, upstream: Arc<Upstream>, pool: Arc<PoolConfig>) -> Checker {
+        self.spawn.spawn(upstream, pool, self.reports.clone())
+    }
+}
+
+// === impl Slot ===
+
+impl Slot {
+    fn new(upstream: Arc<Upstream>) -> Self {
+        Self {
+            upstream,
+            state: UpstreamState::new(),
+            shown: State::Up,
+            reason: None,
+            closer: Arc::default(),
+            checker: None,
+            shown_reason: "starting: up until the first check".to_string(),
+            since_unix_ms: unix_ms(),
+            last_check: None,
+        }
+    }
+}
+
+// === impl PoolState ===
+
+impl PoolState {
+    /// A pool whose upstreams all start up, each with a new health checker.
+    fn fresh(config: Arc<PoolConfig>, checkers: &Checkers) -> Self {
+        let slots = config
+            .upstreams
+            .iter()
+            .map(|u| Slot::new(Arc::new(Upstream::new(&config.name, u.clone()))))
+            .collect();
+        Self::with_slots(config, Arc::default(), slots, checkers)
+    }
+
+    /// A pool over existing slots; slots without a checker get one if checks are on.
+    fn with_slots(
+        config: Arc<PoolConfig>,
+        stats: Arc<PoolStats>,
+        mut slots: Vec<Slot>,
+        checkers: &Checkers,
+    ) -> Self {
+        if config.health.enabled {
+            for slot in slots.iter_mut().filter(|s| s.checker.is_none()) {
+                slot.checker = Some(checkers.start(slot.upstream.clone(), config.clone()));
+            }
+        }
+        Self {
+            config,
+            stats,
+            slots,
+            active_tier: None,
+            better_since: None,
+            drains: Vec::new(),
+        }
+    }
+
+    /// Usable upstreams per tier, best tier first, from the announced states.
+    fn usable_counts(&self) -> Vec<usize> {
+        crate::pool::usable_counts(
+            &self.config.priorities(),
+            self.slots
+                .iter()
+                .map(|s| (s.upstream.config.priority, s.shown)),
+        )
+    }
+
+    /// The tier SPEC §3 prefers now, with no failback hold.
+    fn preferred_tier(&self) -> Option<usize> {
+        crate::pool::preferred_tier(&self.usable_counts(), self.config.min_usable)
+    }
+
+    /// The active tier of a pool that starts (at start-up or added by a reload), or
+    /// whose tiers a reload redrew: the tier of priority `kept` if the pool still has
+    /// one, or else the preferred tier. Starting is no failover: no event, no count.
+    fn initial_tier(&self, kept: Option<u32>) -> Option<usize> {
+        kept.and_then(|priority| self.config.priorities().iter().position(|&p| p == priority))
+            .or_else(|| self.preferred_tier())
+    }
+}
