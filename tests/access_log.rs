@@ -184,3 +184,43 @@ async fn json_lines_carry_typed_fields() {
     assert_eq!(by_listener("denied")["end"], "rejected:denied");
     assert_eq!(by_listener("closing")["end"], "upstream_closed");
 }
+
+/// `[log] connections` follows a reload: off, then on, then off, then on again. Each
+/// connection sends a different number of bytes, so its line (if any) is recognisable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_follows_reloads() {
+    let echo = Server::echo().await;
+    let (admin, front) = (closed_port(), closed_port());
+    let config = |on: bool| {
+        format!(
+            "[log]\nconnections = {on}\n[admin]\nlisten = \"{admin}\"\n{}",
+            one_pool_config(&[(echo.addr, 0)], "").replace("127.0.0.1:0", &front.to_string())
+        )
+    };
+    let lines_with = |proxy: &ChildProxy, bytes: usize| {
+        proxy
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("switchyard::access"))
+            .filter(|l| l.contains(&format!(" bytes_in={bytes} ")))
+            .count()
+    };
+    let proxy = ChildProxy::start(&config(false), admin).await;
+    echo_round_trip(front, &[b'a'; 5]).await.unwrap();
+    assert_eq!(proxy.reload_with(&config(true)).await, "ok");
+    echo_round_trip(front, &[b'b'; 6]).await.unwrap();
+    assert_eq!(proxy.reload_with(&config(false)).await, "ok");
+    echo_round_trip(front, &[b'c'; 11]).await.unwrap();
+    assert_eq!(proxy.reload_with(&config(true)).await, "ok");
+    echo_round_trip(front, &[b'd'; 3]).await.unwrap();
+    wait_until(SOON, "the last connection's line", || {
+        lines_with(&proxy, 3) == 1
+    })
+    .await;
+    wait_until(SOON, "the logged connection's line", || {
+        lines_with(&proxy, 6) == 1
+    })
+    .await;
+    assert_eq!(lines_with(&proxy, 5), 0, "{}", proxy.stderr());
+    assert_eq!(lines_with(&proxy, 11), 0, "{}", proxy.stderr());
+}

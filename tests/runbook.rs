@@ -335,6 +335,9 @@ async fn the_operations_runbook_works_as_written() {
     let dir = work.0.clone();
     std::fs::create_dir_all(dir.join("config/examples")).expect("mkdir");
     std::fs::copy(repo.join(CONFIG), dir.join(CONFIG)).expect("copy the runbook config");
+    let mut session = Session::start(&dir);
+    // token: first, as for an operator: the config is not valid until its token exists.
+    session.run(block("token")).await;
     let config = switchyard::config::Config::load(&dir.join(CONFIG)).expect("valid config");
     let admin = config
         .admin
@@ -353,10 +356,7 @@ async fn the_operations_runbook_works_as_written() {
         .collect();
     let _stand_ins = StandIns::start(&upstream_addrs).await;
 
-    let mut session = Session::start(&dir);
-
-    // token: a private, non-empty token where the config's token_file points.
-    session.run(block("token")).await;
+    // A private, non-empty token where the config's token_file points.
     let metadata = std::fs::metadata(&token_file).expect("the token file exists");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(metadata.permissions().mode() & 0o777, 0o600, "token mode");

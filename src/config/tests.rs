@@ -643,3 +643,16 @@ fn a_certificate_name_given_to_two_certificates_is_an_error() {
         found[0]
     );
 }
+
+#[test]
+fn a_high_hex_escape_in_a_double_quoted_check_string_is_an_error() {
+    let with_send = |send: &str| MINIMAL.to_string() + "\n[pools.pg.health]\nsend = " + send + "\n";
+    let found = problems(&with_send(r#""\x00\x04\xd2\x16""#));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].key, "pools.pg.health.send");
+    assert!(found[0].message.contains("single quotes"), "{}", found[0]);
+    // Single quotes keep the escape for the check; low escapes are one byte either way.
+    let config = parse(&with_send(r"'\x00\x04\xd2\x16'")).unwrap();
+    assert_eq!(config.pools[0].health.send, vec![0x00, 0x04, 0xd2, 0x16]);
+    assert!(parse(&with_send(r#""PING\r\n\x00""#)).is_ok());
+}

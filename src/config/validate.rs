@@ -954,6 +954,20 @@ impl Validator<'_> {
     }
 
     fn bytes(&mut self, value: &S<String>, key: &str) -> Option<Vec<u8>> {
+        // In a double-quoted TOML string, TOML itself decodes `\xD2` to the character
+        // U+00D2, two bytes in UTF-8: the check would send the wrong bytes silently.
+        let written = self.text.get(value.span()).unwrap_or_default();
+        if written.starts_with('"')
+            && !written.starts_with("\"\"\"")
+            && let Some(escape) = high_hex_escape(written)
+        {
+            self.report(
+                value.span(),
+                key,
+                format!("{escape} in a double-quoted string is decoded by TOML to a character (two bytes in UTF-8), not one byte; write the value in single quotes ('...') so that {escape} is the byte it says"),
+            );
+            return None;
+        }
         match unescape(value.get_ref()) {
             Ok(bytes) => Some(bytes),
             Err(message) => {
@@ -1059,6 +1073,27 @@ fn shown(d: Duration) -> String {
         }
     }
     format!("{ms}ms")
+}
+
+/// The first `\xHH` escape at or above 0x80 in `written` (TOML source text), if any.
+fn high_hex_escape(written: &str) -> Option<&str> {
+    let bytes = written.as_bytes();
+    let mut i = 0;
+    while i + 3 < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes[i + 1] == b'x'
+                && let Some(hex) = written.get(i + 2..i + 4)
+                && u8::from_str_radix(hex, 16).is_ok_and(|b| b >= 0x80)
+            {
+                return written.get(i..i + 4);
+            }
+            // Skip the escaped character, so that `\\x80` is not read as an escape.
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Decodes the escapes of health `send`/`expect`: `\r \n \t \\ \xNN`.
