@@ -124,10 +124,17 @@ fn candidates(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
     let mut order = Vec::with_capacity(limit);
     let Some(active) = route.active_tier else {
         if route.config.when_all_down == WhenAllDown::TryAll {
+            // Health checks can be wrong; an operator who took an upstream out (drain,
+            // maint) is not: those stay out even now.
+            let in_service = |&i: &usize| !matches!(route.states[i], State::Drain | State::Maint);
             for tier in route.tiers.iter() {
-                let n = tier.members.len();
+                let members: Vec<usize> = tier.members.iter().copied().filter(in_service).collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let n = members.len();
                 let start = fastrand::usize(..n);
-                order.extend((0..n).map(|k| tier.members[(start + k) % n]));
+                order.extend((0..n).map(|k| members[(start + k) % n]));
             }
             order.truncate(limit);
         }

@@ -176,3 +176,26 @@ async fn decide_active_tier_table() {
         );
     }
 }
+
+#[test]
+fn try_all_skips_upstreams_an_operator_took_out() {
+    let text = r#"
+[listeners.l]
+bind = "127.0.0.1:1"
+pool = "p"
+[pools.p]
+connect_attempts = 4
+upstreams = [
+  { address = "127.0.0.1:10", name = "a" },
+  { address = "127.0.0.1:11", name = "b" },
+  { address = "127.0.0.1:12", name = "c", priority = 1 },
+  { address = "127.0.0.1:13", name = "d", priority = 2 },
+]
+"#;
+    let config = Config::parse(text, Path::new("t.toml")).unwrap();
+    let states = vec![State::Down, State::Maint, State::Drain, State::Ejected];
+    let route = PoolRoute::standalone(config.pools[0].clone(), states);
+    assert_eq!(route.active_tier, None);
+    // Nothing usable: checks may be wrong about a and d, the operator is not about b, c.
+    assert_eq!(names(&route), vec!["a", "d"]);
+}
