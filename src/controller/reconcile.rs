@@ -78,6 +78,10 @@ impl Controller {
                     if health_changed || !config.health.enabled {
                         slot.checker = None;
                     }
+                    if !config.health.enabled && previous.config.health.enabled {
+                        slot.state.forget_checks();
+                        slot.reason = Some("health checks disabled by reload".to_string());
+                    }
                     carried.push(slot);
                 }
                 None => {

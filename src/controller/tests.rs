@@ -623,3 +623,21 @@ async fn the_message_loop_applies_check_reports_and_answers_commands() {
     shutdown.begin();
     assert!(running.await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_disables_checks_does_not_leave_an_upstream_down_for_ever() {
+    let mut h = Harness::start(&config("", TWO));
+    h.check("a", false);
+    assert_eq!(h.state("a"), State::Down);
+    assert_eq!(h.active(), Some(1));
+    h.reload(
+        config("[pools.p.health]\nenabled = false\n", TWO),
+        FirstChecks::default(),
+    );
+    assert_eq!(h.state("a"), State::Up, "no check is left to bring it back");
+    assert_eq!(h.active(), Some(0));
+    assert_eq!(
+        h.upstream_events().last(),
+        Some(&upstream_event("a", "down", "up"))
+    );
+}

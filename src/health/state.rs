@@ -120,6 +120,14 @@ impl UpstreamState {
         }
     }
 
+    /// Active checks were turned off: their verdict no longer holds, and with no checks
+    /// to end it a `down` would last for ever. Passive ejection and operator states stay.
+    pub fn forget_checks(&mut self) {
+        self.health = Health::Unknown;
+        self.passes_in_a_row = 0;
+        self.failures_in_a_row = 0;
+    }
+
     pub fn set_admin(&mut self, admin: Option<AdminOverride>) {
         self.admin = admin;
     }
