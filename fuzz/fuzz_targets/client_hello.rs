@@ -14,9 +14,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::proxy::sni::{
-    MAX_CLIENT_HELLO_LEN, MAX_PEEK_LEN, parse_client_hello, validate_pattern,
-};
+use switchyard::names::validate_pattern;
+use switchyard::proxy::sni::{MAX_CLIENT_HELLO_LEN, MAX_PEEK_LEN, parse_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     match data.split_first() {
