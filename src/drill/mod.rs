@@ -214,3 +214,123 @@ impl Timeline {
         at.saturating_duration_since(self.start)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::upstream::GreetingUpstream;
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    const SHORT: Duration = Duration::from_millis(200);
+
+    /// A server that answers every connection with `reply` (empty: closes at once).
+    async fn replying(reply: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(reply).await;
+            }
+        });
+        addr
+    }
+
+    fn closed_port() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn a_greeting_names_the_upstream_and_each_failure_is_told_apart() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        assert_eq!(
+            greeting(upstream.addr, SHORT).await.as_deref(),
+            Ok("primary")
+        );
+        assert_eq!(
+            greeting(closed_port(), SHORT).await,
+            Err(ClientError::Connect)
+        );
+        assert_eq!(
+            greeting(replying(b"").await, SHORT).await,
+            Err(ClientError::Closed)
+        );
+        assert_eq!(
+            greeting(replying(b"nope\n").await, SHORT).await,
+            Err(ClientError::Garbled)
+        );
+        assert_eq!(
+            greeting(replying(&[b'x'; 100]).await, SHORT).await,
+            Err(ClientError::Garbled)
+        );
+        upstream.hang();
+        assert_eq!(
+            greeting(upstream.addr, SHORT).await,
+            Err(ClientError::Timeout)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstream_dies_comes_back_on_its_port_and_becomes_a_black_hole() {
+        let mut upstream = GreetingUpstream::start_with_backlog("primary", 4)
+            .await
+            .expect("upstream");
+        let addr = upstream.addr;
+        upstream.kill().await;
+        assert_eq!(greeting(addr, SHORT).await, Err(ClientError::Connect));
+        upstream.restart().await.expect("restart");
+        assert_eq!(upstream.addr, addr);
+        assert_eq!(greeting(addr, SHORT).await.as_deref(), Ok("primary"));
+        upstream.black_hole().await.expect("black hole");
+        assert!(
+            timeout(SHORT, TcpStream::connect(addr)).await.is_err(),
+            "a connect to a black hole neither succeeds nor fails"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_records_every_client_in_start_order_within_its_limit() {
+        let upstream = GreetingUpstream::start("backup").await.expect("upstream");
+        let limit = Duration::from_millis(100);
+        let timeline = ClientStream {
+            addr: upstream.addr,
+            every: Duration::from_millis(5),
+            limit,
+            client_timeout: SHORT,
+        }
+        .run(Stop::AtLimit)
+        .await;
+        assert!(timeline.records.len() >= 5, "{:?}", timeline.records);
+        assert!(timeline.records.iter().all(|r| r.is_served_by("backup")));
+        assert!(timeline.records.iter().all(|r| r.started < limit));
+        assert!(
+            timeline
+                .records
+                .windows(2)
+                .all(|w| w[0].started <= w[1].started)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_stops_at_the_first_client_of_the_named_upstream_or_when_cancelled() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        let stream = ClientStream {
+            addr: upstream.addr,
+            every: Duration::from_millis(5),
+            limit: Duration::from_secs(30),
+            client_timeout: SHORT,
+        };
+        let began = Instant::now();
+        let timeline = stream.run(Stop::ServedBy("primary".to_string())).await;
+        assert!(timeline.records.iter().any(|r| r.is_served_by("primary")));
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let timeline = stream.run(Stop::On(stop)).await;
+        assert!(timeline.records.is_empty(), "{:?}", timeline.records);
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the limit ended it"
+        );
+    }
+}
