@@ -4,6 +4,7 @@
 #   benches/compare.sh                 # 3 rounds, 5 s per measurement (about 10 minutes)
 #   ROUNDS=5 benches/compare.sh        # more rounds
 #   QUICK=1 benches/compare.sh         # smoke run: 1 round, 2 s per measurement, 1000 idle conns
+#   benches/compare.sh --install       # as root: first apt-get install what is missing
 #   benches/compare.sh --help          # this text; runs nothing
 #
 # Targets: direct (no proxy), switchyard, HAProxy, HAProxy with splice forced
@@ -36,10 +37,11 @@
 # direct), compare.json (every round's value, medians, ratios, run metadata) and
 # compare.svg (grouped bars relative to HAProxy), and prints the Markdown at the end.
 #
-# Needs: cargo, python3, and (installed with apt-get when missing, as root) haproxy,
-# nginx-light or nginx, libnginx-mod-stream, iperf3, sockperf, wrk. Packages are installed
-# with their system services held back (policy-rc.d), so no system nginx or haproxy is left
-# running; this script runs its own instances from a temporary folder.
+# Needs: cargo, python3, haproxy, nginx-light or nginx, libnginx-mod-stream, iperf3,
+# sockperf, wrk. When any is missing it says which and how to install them, and stops:
+# it installs packages only when asked with --install (as root, with apt-get), and then
+# with their system services held back (policy-rc.d), so no system nginx or haproxy is
+# left running; this script runs its own instances from a temporary folder.
 # Everything listens on 127.0.0.1 only. Every process started here is stopped by its PID
 # on exit, error or interrupt. Every wait polls with a deadline.
 #
@@ -54,14 +56,18 @@ usage() {
     # The header comment above is the manual.
     sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
+INSTALL=0
 for arg in "$@"; do
     case $arg in
     -h | --help)
         usage
         exit 0
         ;;
+    --install)
+        INSTALL=1
+        ;;
     *)
-        echo "compare.sh: unknown argument '$arg'; it takes none (settings are environment variables, see --help)" >&2
+        echo "compare.sh: unknown argument '$arg'; it takes --install and --help (settings are environment variables, see --help)" >&2
         exit 2
         ;;
     esac
@@ -197,9 +203,14 @@ port_free() { [[ -z $(ss -Hltn "sport = :$1") ]]; }
 
 # ------------------------------------------------------------------ tools
 
+# Installs only when the run was asked to (--install): otherwise says what is missing
+# and how to install it, and stops.
 apt_install() {
+    if ((!INSTALL)); then
+        die "missing packages: $*; install them (as root: apt-get install -y $*) and run again, or run benches/compare.sh --install as root"
+    fi
     if ((EUID != 0)); then
-        die "missing packages: $*; install them (as root: apt-get install -y $*) and run again"
+        die "missing packages: $*; --install needs root (as root: apt-get install -y $*)"
     fi
     log "installing $* with apt-get (their system services are not started)"
     # Packages such as nginx and haproxy start a system service on install; a benchmark
@@ -235,8 +246,14 @@ ensure_tools() {
     for cmd in haproxy iperf3 sockperf wrk; do
         command -v "$cmd" >/dev/null || [[ -x /usr/sbin/$cmd ]] || missing+=("$cmd")
     done
+    local nginx_missing=0
+    if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then nginx_missing=1; fi
+    if ((!INSTALL && nginx_missing)); then
+        # One message that names everything, NGINX included.
+        missing+=(nginx-light)
+    fi
     if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
-    if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+    if ((nginx_missing)); then
         # nginx-light is the small build; newer releases only have nginx.
         apt_install nginx-light || apt_install nginx
     fi

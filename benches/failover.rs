@@ -33,10 +33,10 @@
 //!   were served (failed ones are only counted);
 //! - failback: the primary serving again → the first client greeted by the primary.
 //!
-//! HAProxy is looked up on PATH (and in /usr/sbin); when it is missing and the bench
-//! runs as root, it installs Debian's package with `apt-get install -y haproxy` (after
-//! `apt-get update` if the first try fails). Without it, only switchyard runs. Nothing
-//! leaves 127.0.0.1; the HAProxy child is stopped by its PID.
+//! The upstreams and the client stream are the library's `drill` module, the same the
+//! demo shows. HAProxy is looked up on PATH (and in /usr/sbin); when it is missing the
+//! bench says how to install it and runs switchyard only: it installs nothing itself.
+//! Nothing leaves 127.0.0.1; the HAProxy child is stopped by its PID.
 //!
 //! `FAILOVER_BENCH_ROUNDS` (default 3) sets the rounds; a round starts only if it can
 //! finish within about 3 minutes from the first one. `FAILOVER_BENCH_FILTER` keeps only
@@ -47,18 +47,18 @@ use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::task::JoinSet;
+use tokio::net::UnixStream;
 use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use switchyard::Proxy;
 use switchyard::config::Config;
+use switchyard::drill::upstream::GreetingUpstream;
+use switchyard::drill::{ClientError, ClientRecord, ClientStream, Stop, Timeline, greeting};
 use switchyard::shutdown::Shutdown;
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -86,8 +86,6 @@ const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Upstreams' accept queue: small, so that few connections fill it for a black hole.
 const UPSTREAM_BACKLOG: i32 = 16;
-/// A connect to a loopback listener with room in its queue completes far sooner.
-const FILL_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 
 const READY_LIMIT: Duration = Duration::from_secs(5);
 /// After the proxy serves: lets the first checks of both upstreams finish.
@@ -99,7 +97,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// A new round starts only if it should end within this from the first round's start.
 const ROUNDS_BUDGET: Duration = Duration::from_secs(180);
 const DEFAULT_ROUNDS: usize = 3;
-const APT_LIMIT: Duration = Duration::from_secs(150);
 const HAPROXY_COMMAND_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,36 +159,6 @@ struct Haproxy {
     version: String,
 }
 
-/// Who greeted a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Served {
-    Primary,
-    Backup,
-    Failed(Failure),
-}
-
-/// Why a client got no greeting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Failure {
-    /// The connect to the proxy failed.
-    Connect,
-    /// The proxy closed (or reset) the connection before a greeting.
-    Closed,
-    /// Nothing within [`CLIENT_TIMEOUT`].
-    Timeout,
-    /// Something else than a greeting.
-    Garbled,
-}
-
-/// What one client saw.
-#[derive(Debug, Clone, Copy)]
-struct ClientRecord {
-    started: Instant,
-    /// When the greeting arrived, or when the client gave up.
-    finished: Instant,
-    served: Served,
-}
-
 /// One run of one case.
 #[derive(Debug, Clone, Default)]
 struct RunResult {
@@ -201,9 +168,9 @@ struct RunResult {
     switch: Option<Duration>,
     failed: usize,
     /// Why they failed: (why, how many).
-    failed_why: Vec<(Failure, usize)>,
+    failed_why: Vec<(ClientError, usize)>,
     /// Failures of clients that ended before the injection: should be none.
-    failed_before: Vec<(Failure, usize)>,
+    failed_before: Vec<(ClientError, usize)>,
     /// Clients started in the window that were served.
     served: usize,
     p50: Option<Duration>,
@@ -213,18 +180,6 @@ struct RunResult {
     failback_failed: usize,
     /// Printed with the run, e.g. what switchyard did instead of failing back.
     note: Option<String>,
-}
-
-/// A controllable upstream: serves, hangs, dies, or becomes a black hole, and can serve
-/// again on the same port.
-struct Backend {
-    name: &'static str,
-    addr: SocketAddr,
-    hung: Arc<AtomicBool>,
-    paused: CancellationToken,
-    tasks: JoinSet<()>,
-    /// Connections that fill the accept queue of a black hole.
-    fillers: Vec<TcpStream>,
 }
 
 /// switchyard running in this process, on a runtime of its own (as if it were a process
@@ -361,8 +316,8 @@ fn rounds_from_env() -> Result<usize> {
 /// Starts fresh upstreams and a fresh proxy, injects `case.fault` under a client stream,
 /// then restarts the primary and measures the failback.
 async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<RunResult> {
-    let mut primary = Backend::start("primary").await?;
-    let backup = Backend::start("backup").await?;
+    let mut primary = GreetingUpstream::start_with_backlog("primary", UPSTREAM_BACKLOG).await?;
+    let backup = GreetingUpstream::start_with_backlog("backup", UPSTREAM_BACKLOG).await?;
     let proxy = match (case.proxy, haproxy) {
         (ProxyKind::Switchyard, _) => RunningProxy::Switchyard(InProcess::start(
             &switchyard_config(&primary.addr.to_string(), &backup.addr.to_string(), None),
@@ -380,16 +335,12 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
         (ProxyKind::Haproxy, None) => return Err("HAProxy is not available".into()),
     };
     let addr = proxy.addr();
-    wait_served_by(addr, Served::Primary, "the proxy serves from the primary").await?;
+    wait_served_by(addr, "primary", "the proxy serves from the primary").await?;
     sleep(SETTLE).await;
 
     let stop = CancellationToken::new();
-    let stream = tokio::spawn(client_stream(
-        addr,
-        stop.clone(),
-        LEAD_IN + WINDOW * 2,
-        false,
-    ));
+    let stream =
+        tokio::spawn(client_stream(addr, LEAD_IN + WINDOW * 2).run(Stop::On(stop.clone())));
     // A random phase against the proxies' check schedules, which would otherwise be
     // locked to the start-up and favour one proxy in every round.
     sleep(LEAD_IN + check_phase()).await;
@@ -406,9 +357,10 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     }
     sleep_until(injected + WINDOW).await;
     stop.cancel();
-    let records = stream
+    let timeline = stream
         .await
         .map_err(|e| format!("client stream task failed: {e}"))?;
+    let records = &timeline.records;
 
     let mut result = RunResult::default();
     match &proxy {
@@ -419,7 +371,7 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
                 .since(events_before)
                 .into_iter()
                 .find(|e| {
-                    e.upstream.as_deref() == Some(primary.name)
+                    e.upstream.as_deref() == Some(primary.name())
                         && (e.new == "down" || e.new == "ejected")
                 })
             {
@@ -438,28 +390,30 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
             }
         }
     }
-    let window_end = injected + WINDOW;
+    // Offsets from the stream's start, as the records count.
+    let injected_at = timeline.offset(injected);
+    let window_end = injected_at + WINDOW;
     let in_window: Vec<&ClientRecord> = records
         .iter()
-        .filter(|r| r.started >= injected && r.started < window_end)
+        .filter(|r| r.started >= injected_at && r.started < window_end)
         .collect();
-    result.failed_before = failures(records.iter().filter(|r| r.finished < injected));
+    result.failed_before = failures(records.iter().filter(|r| r.finished() < injected_at));
     // Clients in flight at the injection count too: the fault hit them.
     result.failed_why = failures(
         records
             .iter()
-            .filter(|r| r.finished >= injected && r.started < window_end),
+            .filter(|r| r.finished() >= injected_at && r.started < window_end),
     );
     result.failed = result.failed_why.iter().map(|(_, n)| n).sum();
     result.switch = in_window
         .iter()
-        .filter(|r| r.served == Served::Backup)
-        .map(|r| r.finished.saturating_duration_since(injected))
+        .filter(|r| r.is_served_by("backup"))
+        .map(|r| r.finished().saturating_sub(injected_at))
         .min();
     let mut latencies: Vec<Duration> = in_window
         .iter()
-        .filter(|r| !r.served.is_failed())
-        .map(|r| r.finished.saturating_duration_since(r.started))
+        .filter(|r| r.served_by.is_ok())
+        .map(|r| r.latency)
         .collect();
     latencies.sort();
     result.served = latencies.len();
@@ -471,13 +425,20 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     sleep(check_phase()).await;
     primary.restart().await?;
     let restarted = Instant::now();
-    let records = client_stream(addr, CancellationToken::new(), FAILBACK_LIMIT, true).await;
-    result.failback = records
+    let failback: Timeline = client_stream(addr, FAILBACK_LIMIT)
+        .run(Stop::ServedBy(primary.name().to_string()))
+        .await;
+    result.failback = failback
+        .records
         .iter()
-        .filter(|r| r.served == Served::Primary)
-        .map(|r| r.finished.saturating_duration_since(restarted))
+        .filter(|r| r.is_served_by("primary"))
+        .map(|r| (failback.start + r.finished()).saturating_duration_since(restarted))
         .min();
-    result.failback_failed = records.iter().filter(|r| r.served.is_failed()).count();
+    result.failback_failed = failback
+        .records
+        .iter()
+        .filter(|r| r.served_by.is_err())
+        .count();
     if result.failback.is_none()
         && let RunningProxy::Switchyard(switchyard) = &proxy
     {
@@ -506,7 +467,7 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
                 route
                     .upstreams
                     .iter()
-                    .find(|u| u.label() == primary.name)
+                    .find(|u| u.label() == primary.name())
                     .map(|u| u.stats.connect_failures_in_a_row.load(SeqCst))
             });
         result.note = Some(format!(
@@ -520,96 +481,28 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     Ok(result)
 }
 
-/// Starts a client every [`CLIENT_EVERY`] until `stop`, `limit` or, with
-/// `until_primary`, a client served by the primary; returns once every client finished.
-async fn client_stream(
-    addr: SocketAddr,
-    stop: CancellationToken,
-    limit: Duration,
-    until_primary: bool,
-) -> Vec<ClientRecord> {
-    let end = Instant::now() + limit;
-    let mut clients = JoinSet::new();
-    let mut records = Vec::new();
-    let mut tick = tokio::time::interval(CLIENT_EVERY);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    'spawn: loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            () = sleep_until(end) => break,
-            _ = tick.tick() => {
-                clients.spawn(client(addr));
-            }
-        }
-        while let Some(done) = clients.try_join_next() {
-            if let Ok(record) = done {
-                records.push(record);
-                if until_primary && record.served == Served::Primary {
-                    break 'spawn;
-                }
-            }
-        }
-    }
-    // Each client gives up after CLIENT_TIMEOUT, so this ends.
-    while let Some(done) = clients.join_next().await {
-        if let Ok(record) = done {
-            records.push(record);
-        }
-    }
-    records
-}
-
-async fn client(addr: SocketAddr) -> ClientRecord {
-    let started = Instant::now();
-    let served = match timeout(CLIENT_TIMEOUT, greeting(addr)).await {
-        Ok(served) => served,
-        Err(_) => Served::Failed(Failure::Timeout),
-    };
-    ClientRecord {
-        started,
-        finished: Instant::now(),
-        served,
-    }
-}
-
-/// Connects and reads the greeting line.
-async fn greeting(addr: SocketAddr) -> Served {
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return Served::Failed(Failure::Connect);
-    };
-    let mut line = Vec::with_capacity(32);
-    let mut buf = [0u8; 64];
-    while !line.contains(&b'\n') {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return Served::Failed(Failure::Closed),
-            Ok(n) => line.extend_from_slice(&buf[..n]),
-        }
-        if line.len() > 64 {
-            return Served::Failed(Failure::Garbled);
-        }
-    }
-    if line.starts_with(b"hello primary\n") {
-        Served::Primary
-    } else if line.starts_with(b"hello backup\n") {
-        Served::Backup
-    } else {
-        Served::Failed(Failure::Garbled)
+/// The bench's stream of clients through `addr`, for at most `limit`.
+fn client_stream(addr: SocketAddr, limit: Duration) -> ClientStream {
+    ClientStream {
+        addr,
+        every: CLIENT_EVERY,
+        limit,
+        client_timeout: CLIENT_TIMEOUT,
     }
 }
 
 /// How many of `records` failed, by why.
-fn failures<'a>(records: impl Iterator<Item = &'a ClientRecord>) -> Vec<(Failure, usize)> {
+fn failures<'a>(records: impl Iterator<Item = &'a ClientRecord>) -> Vec<(ClientError, usize)> {
     let mut counts = std::collections::BTreeMap::new();
     for record in records {
-        if let Served::Failed(why) = record.served {
+        if let Err(why) = record.served_by {
             *counts.entry(why).or_insert(0) += 1;
         }
     }
     counts.into_iter().collect()
 }
 
-fn describe_failures(failures: &[(Failure, usize)]) -> String {
+fn describe_failures(failures: &[(ClientError, usize)]) -> String {
     failures
         .iter()
         .map(|(why, n)| format!("{n} {}", why.label()))
@@ -618,10 +511,10 @@ fn describe_failures(failures: &[(Failure, usize)]) -> String {
 }
 
 /// Waits until a client through `addr` is greeted by `who`.
-async fn wait_served_by(addr: SocketAddr, who: Served, what: &str) -> Result<()> {
+async fn wait_served_by(addr: SocketAddr, who: &str, what: &str) -> Result<()> {
     let deadline = Instant::now() + READY_LIMIT;
     loop {
-        if client(addr).await.served == who {
+        if greeting(addr, CLIENT_TIMEOUT).await.as_deref() == Ok(who) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -955,24 +848,18 @@ fn opt_ms(d: Option<Duration>) -> String {
     }
 }
 
-// === HAProxy installation ===
+// === HAProxy ===
 
-/// The HAProxy binary, installed from Debian's packages when missing; `None` (with the
-/// reason printed) when it is unavailable.
+/// The HAProxy binary; `None` (with what is missing and how to install it printed) when
+/// it is unavailable. A bench installs nothing on its own.
 async fn haproxy() -> Option<Haproxy> {
-    let binary = match find_haproxy() {
-        Some(binary) => binary,
-        None => {
-            println!("haproxy: not found on PATH");
-            install_haproxy().await?;
-            match find_haproxy() {
-                Some(binary) => binary,
-                None => {
-                    println!("haproxy: still not found after apt-get installed it");
-                    return None;
-                }
-            }
-        }
+    let Some(binary) = find_haproxy() else {
+        println!(
+            "haproxy: not found on PATH, in /usr/sbin or /usr/local/sbin; to compare with \
+             it, install it (Debian or Ubuntu: `apt-get install haproxy` as root) and run \
+             the bench again"
+        );
+        return None;
     };
     let output = run_bounded(
         tokio::process::Command::new(&binary).arg("-vv"),
@@ -1017,62 +904,6 @@ fn find_haproxy() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// `apt-get install -y haproxy`, then `apt-get update` and again if that failed.
-async fn install_haproxy() -> Option<()> {
-    if !is_root() {
-        println!("haproxy: cannot install it with apt-get: not running as root");
-        return None;
-    }
-    let install = || {
-        let mut command = tokio::process::Command::new("apt-get");
-        command
-            .args(["install", "-y", "haproxy"])
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        command
-    };
-    println!("haproxy: running `apt-get install -y haproxy`");
-    if apt_get(&mut install()).await {
-        return Some(());
-    }
-    println!("haproxy: running `apt-get update`, then installing again");
-    let mut update = tokio::process::Command::new("apt-get");
-    update
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if !apt_get(&mut update).await {
-        return None;
-    }
-    apt_get(&mut install()).await.then_some(())
-}
-
-/// Runs one apt-get command; prints its outcome.
-async fn apt_get(command: &mut tokio::process::Command) -> bool {
-    match run_bounded(command, APT_LIMIT).await {
-        Ok(out) if out.status.success() => {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let summary = stdout
-                .lines()
-                .find(|l| l.contains("newly installed"))
-                .or_else(|| stdout.lines().last())
-                .unwrap_or_default();
-            println!("  apt-get: ok: {summary}");
-            true
-        }
-        Ok(out) => {
-            println!(
-                "  apt-get failed ({}): {}",
-                out.status,
-                last_lines(&String::from_utf8_lossy(&out.stderr), 3)
-            );
-            false
-        }
-        Err(e) => {
-            println!("  apt-get: {e}");
-            false
-        }
-    }
-}
-
 /// Runs `command` to completion, capturing its output; kills it (by PID, on drop) when
 /// it exceeds `limit`.
 async fn run_bounded(
@@ -1087,166 +918,9 @@ async fn run_bounded(
     }
 }
 
-fn is_root() -> bool {
-    // "Uid:\treal\teffective\tsaved\tfs"
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-// === impl Served ===
-
-impl Served {
-    fn is_failed(self) -> bool {
-        matches!(self, Self::Failed(_))
-    }
-}
-
-impl Failure {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Connect => "connect failed",
-            Self::Closed => "closed",
-            Self::Timeout => "timed out",
-            Self::Garbled => "garbled",
-        }
-    }
-}
-
-// === impl Backend ===
-
-impl Backend {
-    async fn start(name: &'static str) -> Result<Self> {
-        let mut backend = Self {
-            name,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            hung: Arc::default(),
-            paused: CancellationToken::new(),
-            tasks: JoinSet::new(),
-            fillers: Vec::new(),
-        };
-        backend.restart().await?;
-        Ok(backend)
-    }
-
-    /// Listens again on the same address (a fresh port the first time) and serves.
-    async fn restart(&mut self) -> Result<()> {
-        self.kill().await;
-        let listener = Self::listen(self.addr)
-            .map_err(|e| format!("upstream {} cannot listen on {}: {e}", self.name, self.addr))?;
-        self.addr = listener.local_addr()?;
-        self.hung.store(false, SeqCst);
-        self.paused = CancellationToken::new();
-        let listener = TcpListener::from_std(listener)?;
-        let (name, hung, paused) = (self.name, self.hung.clone(), self.paused.clone());
-        self.tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    biased;
-                    () = paused.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            connections.spawn(Self::handle(stream, name, hung.clone()));
-                        }
-                        Err(_) => sleep(Duration::from_millis(1)).await,
-                    },
-                }
-                while connections.try_join_next().is_some() {}
-            }
-            // A black hole: the listener stays open but nobody accepts, so the kernel
-            // queues connections until the queue is full and then drops SYNs; the
-            // established connections stay open and silent.
-            std::future::pending::<()>().await;
-            drop((listener, connections));
-        });
-        Ok(())
-    }
-
-    fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-        use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(UPSTREAM_BACKLOG)?;
-        socket.set_nonblocking(true)?;
-        Ok(socket.into())
-    }
-
-    async fn handle(mut stream: TcpStream, name: &'static str, hung: Arc<AtomicBool>) {
-        if hung.load(SeqCst) {
-            return std::future::pending().await;
-        }
-        if stream
-            .write_all(format!("hello {name}\n").as_bytes())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if hung.load(SeqCst) {
-                return std::future::pending().await;
-            }
-            if stream.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Closes the listener and every connection, like a process that died.
-    async fn kill(&mut self) {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-        self.fillers.clear();
-    }
-
-    /// New and established connections stop being answered.
-    fn hang(&self) {
-        self.hung.store(true, SeqCst);
-    }
-
-    /// Stops accepting (established connections go silent) and fills the accept queue,
-    /// so that new SYNs are dropped.
-    async fn black_hole(&mut self) -> Result<()> {
-        self.hang();
-        self.paused.cancel();
-        for _ in 0..4 * UPSTREAM_BACKLOG {
-            match timeout(FILL_PROBE_TIMEOUT, TcpStream::connect(self.addr)).await {
-                Ok(Ok(stream)) => self.fillers.push(stream),
-                Ok(Err(e)) => return Err(format!("black hole: connect to the primary: {e}").into()),
-                // Not even the handshake: the queue is full.
-                Err(_) => return Ok(()),
-            }
-        }
-        Err(format!(
-            "black hole: the primary's accept queue still takes connections after {}",
-            self.fillers.len()
-        )
-        .into())
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.tasks.abort_all();
-    }
 }
 
 // === impl RunningProxy ===

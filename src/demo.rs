@@ -5,19 +5,15 @@
 //! what clients experienced. Everything it reports is measured from real sockets and
 //! the proxy's own counters; nothing is simulated.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
 use tokio::time::{Instant, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
 use crate::config::Config;
+use crate::drill::upstream::GreetingUpstream;
+use crate::drill::{ClientRecord, ClientStream, Stop};
 use crate::events::Event;
 use crate::shutdown::Shutdown;
 
@@ -27,21 +23,6 @@ const RESTART_AT: Duration = Duration::from_millis(2500);
 const END_AT: Duration = Duration::from_millis(4000);
 /// A client that is not served within this counts as failed.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A demo upstream: answers every connection with its name, then echoes.
-struct DemoUpstream {
-    name: &'static str,
-    addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-/// What one client saw.
-#[derive(Debug, Clone)]
-struct ClientRecord {
-    started: Duration,
-    latency: Duration,
-    served_by: Option<&'static str>,
-}
 
 #[derive(Debug, Default, Clone)]
 struct PhaseStats {
@@ -61,9 +42,13 @@ pub fn main() -> Result<(), String> {
 }
 
 async fn run() -> Result<(), String> {
-    let primary =
-        DemoUpstream::start("primary", "127.0.0.1:0".parse().map_err(|_| "addr")?).await?;
-    let backup = DemoUpstream::start("backup", "127.0.0.1:0".parse().map_err(|_| "addr")?).await?;
+    let upstream = |name: &'static str| async move {
+        GreetingUpstream::start(name)
+            .await
+            .map_err(|e| format!("demo upstream {name}: {e}"))
+    };
+    let mut primary = upstream("primary").await?;
+    let backup = upstream("backup").await?;
 
     let config_text = format!(
         r#"
@@ -133,78 +118,46 @@ base_ejection = "5s"
         sleep(Duration::from_millis(5)).await;
     }
     let start = Instant::now();
-    let start_unix_ms = unix_ms();
-    let records = Arc::new(Mutex::new(Vec::new()));
-    let clients = tokio::spawn(client_stream(front, start, records.clone()));
+    let clients = tokio::spawn(
+        ClientStream {
+            addr: front,
+            every: CLIENT_EVERY,
+            limit: END_AT,
+            client_timeout: CLIENT_TIMEOUT,
+        }
+        .run(Stop::AtLimit),
+    );
 
     sleep_until(start + KILL_AT).await;
-    let killed_at = start.elapsed();
-    let primary_addr = primary.addr;
-    primary.kill();
+    let killed = Instant::now();
+    primary.kill().await;
     sleep_until(start + RESTART_AT).await;
-    let primary = DemoUpstream::start("primary", primary_addr).await?;
-    let restarted_at = start.elapsed();
+    primary
+        .restart()
+        .await
+        .map_err(|e| format!("demo upstream primary: {e}"))?;
+    let restarted = Instant::now();
 
-    clients
+    let timeline = clients
         .await
         .map_err(|e| format!("client stream failed: {e}"))?;
-    let records = records.lock().await.clone();
     let events = proxy.events.all();
-    primary.kill();
-    backup.kill();
+    drop((primary, backup));
     shutdown.begin();
     shutdown.drain(Duration::from_secs(1)).await;
 
-    print_timeline(&records, &events, start_unix_ms, killed_at, restarted_at);
+    // Event times are Unix milliseconds: line them up with the stream's start.
+    let start_unix_ms = unix_ms().saturating_sub(timeline.start.elapsed().as_millis() as u64);
+    let killed_at = timeline.offset(killed);
+    let restarted_at = timeline.offset(restarted);
+    print_timeline(
+        &timeline.records,
+        &events,
+        start_unix_ms,
+        killed_at,
+        restarted_at,
+    );
     Ok(())
-}
-
-/// Opens one client every `CLIENT_EVERY` until `END_AT`.
-async fn client_stream(front: SocketAddr, start: Instant, records: Arc<Mutex<Vec<ClientRecord>>>) {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut next = start;
-    while next < start + END_AT {
-        sleep_until(next).await;
-        let records = records.clone();
-        tasks.spawn(async move {
-            let started = start.elapsed();
-            let begun = Instant::now();
-            let served_by = tokio::time::timeout(CLIENT_TIMEOUT, greet(front))
-                .await
-                .ok()
-                .flatten();
-            let record = ClientRecord {
-                started,
-                latency: begun.elapsed(),
-                served_by,
-            };
-            records.lock().await.push(record);
-        });
-        next += CLIENT_EVERY;
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-/// Connects through the proxy and returns the name the upstream greets with.
-async fn greet(front: SocketAddr) -> Option<&'static str> {
-    let mut stream = TcpStream::connect(front).await.ok()?;
-    let mut name = [0u8; 16];
-    let mut len = 0;
-    while len < name.len() {
-        let n = stream.read(&mut name[len..]).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        len += n;
-        if name[..len].contains(&b'\n') {
-            break;
-        }
-    }
-    match &name[..len] {
-        b"primary\n" => Some("primary"),
-        b"backup\n" => Some("backup"),
-        _ => None,
-    }
 }
 
 fn print_timeline(
@@ -216,13 +169,11 @@ fn print_timeline(
 ) {
     let ms = |d: Duration| format!("{:>7.1} ms", d.as_secs_f64() * 1000.0);
     let since_start = |e: &Event| Duration::from_millis(e.at_unix_ms.saturating_sub(start_unix_ms));
-    let mut sorted = records.to_vec();
-    sorted.sort_by_key(|r| r.started);
     let first_served = |after: Duration, by: &str| {
-        sorted
+        records
             .iter()
-            .filter(|r| r.started >= after && r.served_by == Some(by))
-            .map(|r| r.started + r.latency)
+            .filter(|r| r.started >= after && r.is_served_by(by))
+            .map(ClientRecord::finished)
             .min()
     };
     let first_event = |after: Duration, matches: &dyn Fn(&Event) -> bool| {
@@ -327,15 +278,15 @@ fn print_timeline(
     let mut total = PhaseStats::default();
     for (name, from, to) in phases {
         let mut phase = PhaseStats::default();
-        for r in sorted
+        for r in records
             .iter()
             .filter(|r| r.started >= from && r.started < to)
         {
             phase.clients += 1;
-            match r.served_by {
-                Some("primary") => phase.primary += 1,
-                Some(_) => phase.backup += 1,
-                None => phase.failed += 1,
+            match r.served_by.as_deref() {
+                Ok("primary") => phase.primary += 1,
+                Ok(_) => phase.backup += 1,
+                Err(_) => phase.failed += 1,
             }
             phase.latencies.push(r.latency);
         }
@@ -390,54 +341,4 @@ fn percentile(sorted: &[Duration], q: f64) -> String {
     }
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     format!("{:.2} ms", sorted[index].as_secs_f64() * 1000.0)
-}
-
-// === impl DemoUpstream ===
-
-impl DemoUpstream {
-    async fn start(name: &'static str, addr: SocketAddr) -> Result<Self, String> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("demo upstream {name} cannot bind {addr}: {e}"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("demo upstream {name}: {e}"))?;
-        let stop = CancellationToken::new();
-        let accept_stop = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = accept_stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let Ok((stream, _)) = accepted else { continue };
-                let stop = accept_stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = greet_and_echo(stream, name) => {}
-                    }
-                });
-            }
-        });
-        Ok(Self { name, addr, stop })
-    }
-
-    /// Closes the listener and every connection, like a process that died.
-    fn kill(self) {
-        tracing::debug!(upstream = self.name, "demo upstream killed");
-        self.stop.cancel();
-    }
-}
-
-async fn greet_and_echo(mut stream: TcpStream, name: &str) {
-    if stream
-        .write_all(format!("{name}\n").as_bytes())
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (mut read, mut write) = stream.split();
-    let _ = tokio::io::copy(&mut read, &mut write).await;
 }

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod drill;
 pub mod error;
 pub mod events;
 pub mod files;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -11,47 +12,140 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use common::*;
+use switchyard::drill::{ClientStream, Stop};
 use switchyard::health::state::AdminOverride;
 
-/// Opens one client every `every` until `stop` is set; returns who served each client,
-/// in the order the clients started, and one line per failed client saying when it
-/// started, how long it took and why it failed.
+/// Active checks too slow to matter: only the passive path can be what reacts.
+const SLOW_HEALTH: &str = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
+
+/// The setup most tests share: upstreams `primary` (priority 0) and `backup` (1) behind
+/// listener `front` → pool `p`, every upstream past its first active check.
+struct Scenario {
+    primary: Backend,
+    /// Held so that it serves for as long as the scenario lives.
+    _backup: Backend,
+    proxy: TestProxy,
+    /// Listener `front`.
+    addr: SocketAddr,
+}
+
+impl Scenario {
+    /// With [`FAST_HEALTH`] and `pool_extra` lines in `[pools.p]`.
+    async fn start(pool_extra: &str) -> Self {
+        Self::with_health(pool_extra, FAST_HEALTH).await
+    }
+
+    /// With `health` as the whole `[pools.p.health]` table.
+    async fn with_health(pool_extra: &str, health: &str) -> Self {
+        Self::from_config(pool_extra, health, "").await
+    }
+
+    /// Also with the admin API, on a port of its own.
+    async fn with_admin(pool_extra: &str) -> Self {
+        Self::from_config(
+            pool_extra,
+            FAST_HEALTH,
+            "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .await
+    }
+
+    async fn from_config(pool_extra: &str, health: &str, prefix: &str) -> Self {
+        let primary = Backend::start("primary").await;
+        let backup = Backend::start("backup").await;
+        let proxy = start_proxy(&format!(
+            "{prefix}{}",
+            pool_config(
+                &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+                pool_extra,
+                health,
+            )
+        ));
+        let addr = proxy.addr("front");
+        wait_first_checks(&proxy).await;
+        Self {
+            primary,
+            _backup: backup,
+            proxy,
+            addr,
+        }
+    }
+
+    /// The pool's active tier as routing sees it now.
+    fn active(&self) -> Option<u32> {
+        active_priority(&self.proxy, "p")
+    }
+
+    /// Kills the primary, waits for the failover, restarts it and waits until it is up.
+    /// Returns the Unix ms of the primary's `up` event.
+    async fn fail_over_and_restart(&mut self) -> u64 {
+        self.primary.kill().await;
+        wait_event(&self.proxy, "primary", "down", SOON).await;
+        wait_until(SOON, "failover", || self.active() == Some(1)).await;
+        let before = self.proxy.proxy.events.all().last().map_or(0, |e| e.id);
+        self.primary.restart().await;
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Some(up) = self
+                .proxy
+                .proxy
+                .events
+                .since(before)
+                .into_iter()
+                .find(|e| e.upstream.as_deref() == Some("primary") && e.new == "up")
+            {
+                return up.at_unix_ms;
+            }
+            assert!(Instant::now() < deadline, "primary never came back up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn tier_events(&self) -> Vec<switchyard::events::Event> {
+        tier_events(&self.proxy)
+    }
+}
+
+/// The active-tier events so far.
+fn tier_events(proxy: &TestProxy) -> Vec<switchyard::events::Event> {
+    proxy
+        .proxy
+        .events
+        .all()
+        .into_iter()
+        .filter(|e| e.upstream.is_none())
+        .collect()
+}
+
+/// Opens one client every `every` until `stop` is cancelled; returns who served each
+/// client, in the order the clients started, and one line per failed client saying when
+/// it started, how long it took and why it failed.
 fn steady_stream(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     every: Duration,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
 ) -> tokio::task::JoinHandle<(Vec<String>, Vec<String>)> {
+    let stream = ClientStream {
+        addr,
+        every,
+        // Far beyond any test's stream: `stop` ends it.
+        limit: 3 * SOON,
+        client_timeout: SOON,
+    };
     tokio::spawn(async move {
-        let mut clients = JoinSet::new();
-        let began = Instant::now();
-        let mut next = began;
-        let mut n = 0usize;
-        while !stop.load(Relaxed) {
-            clients.spawn(async move {
-                let started = Instant::now();
-                let outcome = greeted_by(addr).await;
-                (n, started - began, started.elapsed(), outcome)
-            });
-            n += 1;
-            next += every;
-            tokio::time::sleep_until(next).await;
-        }
-        let mut results = Vec::new();
-        while let Some(result) = clients.join_next().await {
-            results.push(result.expect("client task"));
-        }
-        results.sort_by_key(|(n, ..)| *n);
+        let timeline = stream.run(Stop::On(stop)).await;
         let mut served = Vec::new();
         let mut failures = Vec::new();
-        for (n, at, took, outcome) in results {
-            match outcome {
+        for (n, record) in timeline.records.into_iter().enumerate() {
+            match record.served_by {
                 Ok(name) => served.push(name),
                 Err(e) => failures.push(format!(
                     "client #{n} started at +{} ms, failed after {} ms: {e}",
-                    at.as_millis(),
-                    took.as_millis()
+                    record.started.as_millis(),
+                    record.latency.as_millis()
                 )),
             }
         }
@@ -95,15 +189,8 @@ async fn stream_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_under_steady_load_no_new_connection_fails_and_backup_streams_are_untouched()
 {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "",
-        FAST_HEALTH,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
+    let mut s = Scenario::start("").await;
+    let (proxy, addr) = (&s.proxy, s.addr);
 
     // Ten streams on the backup (primary drained meanwhile), ten on the primary.
     let stop_streams = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -137,18 +224,18 @@ async fn killed_primary_under_steady_load_no_new_connection_fails_and_backup_str
     })
     .await;
 
-    let stop_clients = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_clients = CancellationToken::new();
     let clients = steady_stream(addr, Duration::from_millis(2), stop_clients.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    primary.kill().await;
+    s.primary.kill().await;
     // Active checks mark it down, or passive ejection gets there first: either way the
     // pool must move to the backup tier, which is what this test is about.
     wait_until(SOON, "the pool failed over to the backup tier", || {
-        active_priority(&proxy, "p") == Some(1)
+        s.active() == Some(1)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_clients.store(true, Relaxed);
+    stop_clients.cancel();
     let (served, failures) = clients.await.unwrap();
     assert!(
         failures.is_empty(),
@@ -187,26 +274,19 @@ async fn killed_primary_under_steady_load_no_new_connection_fails_and_backup_str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_primary_is_marked_down_within_half_a_second_then_clients_go_to_the_backup() {
-    let primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "",
-        FAST_HEALTH,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
+    let s = Scenario::start("").await;
+    let addr = s.addr;
     assert_eq!(greeted_by(addr).await.unwrap(), "primary");
 
     let hung_at = unix_ms();
-    primary.hang();
-    let down = wait_event(&proxy, "primary", "down", SOON).await;
+    s.primary.hang();
+    let down = wait_event(&s.proxy, "primary", "down", SOON).await;
     let detection = down.at_unix_ms.saturating_sub(hung_at);
     // interval 200 ms + two checks of 100 ms timeout with 100 ms fast interval = 500 ms,
     // plus scheduling slack on a loaded machine.
     assert!(detection <= 700, "detection took {detection} ms");
     assert_eq!(down.reason, "check timeout");
-    assert_eq!(active_priority(&proxy, "p"), Some(1));
+    assert_eq!(s.active(), Some(1));
     for _ in 0..50 {
         assert_eq!(greeted_by(addr).await.unwrap(), "backup");
     }
@@ -214,18 +294,13 @@ async fn hung_primary_is_marked_down_within_half_a_second_then_clients_go_to_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_primary_costs_at_most_two_clients_a_connect_timeout() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    // Slow active checks, so that only the passive path can be what reacts.
-    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+    let mut s = Scenario::with_health(
         "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2, base_ejection = \"30s\" }",
-        health,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
-    primary.black_hole().await;
+        SLOW_HEALTH,
+    )
+    .await;
+    let addr = s.addr;
+    s.primary.black_hole().await;
 
     let mut latencies = Vec::new();
     for _ in 0..10 {
@@ -241,7 +316,7 @@ async fn black_holed_primary_costs_at_most_two_clients_a_connect_timeout() {
         slow <= 2,
         "{slow} clients paid the connect timeout: {latencies:?}"
     );
-    let ejected = wait_event(&proxy, "primary", "ejected", SOON).await;
+    let ejected = wait_event(&s.proxy, "primary", "ejected", SOON).await;
     assert!(
         ejected
             .reason
@@ -253,21 +328,16 @@ async fn black_holed_primary_costs_at_most_two_clients_a_connect_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_primary_under_a_steady_stream_fails_no_client() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+    let mut s = Scenario::with_health(
         "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2 }",
-        health,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
-    primary.black_hole().await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = steady_stream(addr, Duration::from_millis(2), stop.clone());
+        SLOW_HEALTH,
+    )
+    .await;
+    s.primary.black_hole().await;
+    let stop = CancellationToken::new();
+    let clients = steady_stream(s.addr, Duration::from_millis(2), stop.clone());
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Relaxed);
+    stop.cancel();
     let (served, failures) = clients.await.unwrap();
     assert!(
         failures.is_empty(),
@@ -275,22 +345,18 @@ async fn black_holed_primary_under_a_steady_stream_fails_no_client() {
         failures.len(),
         failures.join("\n")
     );
-    assert!(served.iter().all(|s| s == "backup"));
+    assert!(served.iter().all(|name| name == "backup"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_primary_with_hedging_no_client_waits_much_more_than_hedge_after() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let health = "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\nfall = 3\n";
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+    let mut s = Scenario::with_health(
         "connect_timeout = \"300ms\"\nhedge_after = \"50ms\"\noutlier = { consecutive_failures = 2 }",
-        health,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
-    primary.black_hole().await;
+        SLOW_HEALTH,
+    )
+    .await;
+    let addr = s.addr;
+    s.primary.black_hole().await;
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let started = Instant::now();
@@ -303,52 +369,13 @@ async fn black_holed_primary_with_hedging_no_client_waits_much_more_than_hedge_a
     );
 }
 
-/// Kills the primary, waits for the failover, restarts it and waits until it is up.
-/// Returns the Unix ms of the primary's `up` event.
-async fn fail_over_and_restart(proxy: &TestProxy, primary: &mut Backend) -> u64 {
-    primary.kill().await;
-    wait_event(proxy, "primary", "down", SOON).await;
-    wait_until(SOON, "failover", || active_priority(proxy, "p") == Some(1)).await;
-    let before = proxy.proxy.events.all().last().map_or(0, |e| e.id);
-    primary.restart().await;
-    let deadline = Instant::now() + SOON;
-    loop {
-        if let Some(up) = proxy
-            .proxy
-            .events
-            .since(before)
-            .into_iter()
-            .find(|e| e.upstream.as_deref() == Some("primary") && e.new == "up")
-        {
-            return up.at_unix_ms;
-        }
-        assert!(Instant::now() < deadline, "primary never came back up");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn tier_events(proxy: &TestProxy) -> Vec<switchyard::events::Event> {
-    proxy
-        .proxy
-        .events
-        .all()
-        .into_iter()
-        .filter(|e| e.upstream.is_none())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_immediate_returns_as_soon_as_the_primary_is_up() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "",
-        FAST_HEALTH,
-    ));
-    let up_at = fail_over_and_restart(&proxy, &mut primary).await;
-    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
-    let failback = tier_events(&proxy)
+    let mut s = Scenario::start("").await;
+    let up_at = s.fail_over_and_restart().await;
+    wait_until(SOON, "failback", || s.active() == Some(0)).await;
+    let failback = s
+        .tier_events()
         .into_iter()
         .find(|e| e.new == "0")
         .expect("failback event");
@@ -356,8 +383,8 @@ async fn failback_immediate_returns_as_soon_as_the_primary_is_up() {
         failback.at_unix_ms.saturating_sub(up_at) < 100,
         "failback waited"
     );
-    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
-    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert_eq!(greeted_by(s.addr).await.unwrap(), "primary");
+    let route = s.proxy.proxy.snapshot.load().pool("p").unwrap().clone();
     let stats = &route.stats;
     assert_eq!(
         (stats.failovers.load(Relaxed), stats.failbacks.load(Relaxed)),
@@ -367,24 +394,19 @@ async fn failback_immediate_returns_as_soon_as_the_primary_is_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_after_a_duration_waits_for_it() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "failback = \"3s\"",
-        FAST_HEALTH,
-    ));
-    let up_at = fail_over_and_restart(&proxy, &mut primary).await;
+    let mut s = Scenario::start("failback = \"3s\"").await;
+    let up_at = s.fail_over_and_restart().await;
     assert_eq!(
-        greeted_by(proxy.addr("front")).await.unwrap(),
+        greeted_by(s.addr).await.unwrap(),
         "backup",
         "still on the backup right after recovery"
     );
     wait_until(Duration::from_secs(15), "failback", || {
-        active_priority(&proxy, "p") == Some(0)
+        s.active() == Some(0)
     })
     .await;
-    let failback = tier_events(&proxy)
+    let failback = s
+        .tier_events()
         .into_iter()
         .find(|e| e.new == "0")
         .expect("failback event");
@@ -398,72 +420,55 @@ async fn failback_after_a_duration_waits_for_it() {
         "{}",
         failback.reason
     );
-    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
+    assert_eq!(greeted_by(s.addr).await.unwrap(), "primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_manual_waits_for_the_operator() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
     // Manual failback needs the admin API that performs it.
-    let proxy = start_proxy(&format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        pool_config(
-            &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-            "failback = \"manual\"",
-            FAST_HEALTH,
-        )
-    ));
-    fail_over_and_restart(&proxy, &mut primary).await;
+    let mut s = Scenario::with_admin("failback = \"manual\"").await;
+    s.fail_over_and_restart().await;
     // Recovered and healthy, yet traffic stays on the backup for as long as we look.
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
-        assert_eq!(active_priority(&proxy, "p"), Some(1));
-        assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "backup");
+        assert_eq!(s.active(), Some(1));
+        assert_eq!(greeted_by(s.addr).await.unwrap(), "backup");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(proxy.proxy.controller.failback("p").await, Ok(0));
-    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "primary");
-    let failback = tier_events(&proxy)
+    assert_eq!(s.proxy.proxy.controller.failback("p").await, Ok(0));
+    assert_eq!(greeted_by(s.addr).await.unwrap(), "primary");
+    let failback = s
+        .tier_events()
         .into_iter()
         .find(|e| e.new == "0")
         .expect("failback event");
     assert_eq!(failback.reason, "manual failback");
     assert!(
-        proxy.proxy.controller.failback("p").await.is_err(),
+        s.proxy.proxy.controller.failback("p").await.is_err(),
         "nothing better to fail back to"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_primary_never_fails_back_with_a_failback_duration() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
     let health = "[pools.p.health]\ninterval = \"100ms\"\nfast_interval = \"50ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n";
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "failback = \"3s\"",
-        health,
-    ));
-    fail_over_and_restart(&proxy, &mut primary).await;
+    let mut s = Scenario::with_health("failback = \"3s\"", health).await;
+    s.fail_over_and_restart().await;
     // Flap every 300 ms for 4.5 s: up and down many times, never usable for 3 s.
     let until = Instant::now() + Duration::from_millis(4500);
     let mut up = true;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if up {
-            primary.kill().await;
+            s.primary.kill().await;
         } else {
-            primary.restart().await;
+            s.primary.restart().await;
         }
         up = !up;
-        assert_eq!(
-            active_priority(&proxy, "p"),
-            Some(1),
-            "failed back while flapping"
-        );
+        assert_eq!(s.active(), Some(1), "failed back while flapping");
     }
-    let ups = proxy
+    let ups = s
+        .proxy
         .proxy
         .events
         .all()
@@ -472,9 +477,9 @@ async fn a_flapping_primary_never_fails_back_with_a_failback_duration() {
         .count();
     assert!(ups >= 4, "the primary did flap ({ups} times up)");
     assert!(
-        tier_events(&proxy).iter().all(|e| e.new != "0"),
+        s.tier_events().iter().all(|e| e.new != "0"),
         "{:#?}",
-        tier_events(&proxy)
+        s.tier_events()
     );
 }
 
@@ -546,19 +551,12 @@ async fn a_dead_primary_at_start_is_skipped_within_one_check_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_on_real_traffic_triggers_an_immediate_check() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
     let health = "[pools.p.health]\ninterval = \"60s\"\nfast_interval = \"100ms\"\ntimeout = \"200ms\"\nfall = 1\n";
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "",
-        health,
-    ));
-    wait_first_checks(&proxy).await;
-    primary.kill().await;
+    let mut s = Scenario::with_health("", health).await;
+    s.primary.kill().await;
     let killed = unix_ms();
-    assert_eq!(greeted_by(proxy.addr("front")).await.unwrap(), "backup");
-    let down = wait_event(&proxy, "primary", "down", SOON).await;
+    assert_eq!(greeted_by(s.addr).await.unwrap(), "backup");
+    let down = wait_event(&s.proxy, "primary", "down", SOON).await;
     assert!(
         down.at_unix_ms - killed < 1000,
         "no immediate check: down after {} ms",
@@ -569,17 +567,11 @@ async fn a_failed_attempt_on_real_traffic_triggers_an_immediate_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn established_connections_of_a_down_upstream_are_closed_or_kept_per_policy() {
     for (policy, expect_closed) in [("close", true), ("keep", false)] {
-        let primary = Backend::start("primary").await;
-        let backup = Backend::start("backup").await;
-        let proxy = start_proxy(&pool_config(
-            &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-            &format!("on_upstream_down = \"{policy}\""),
-            FAST_HEALTH,
-        ));
-        let mut established = TcpStream::connect(proxy.addr("front")).await.unwrap();
+        let s = Scenario::start(&format!("on_upstream_down = \"{policy}\"")).await;
+        let mut established = TcpStream::connect(s.addr).await.unwrap();
         assert_eq!(read_line(&mut established).await.unwrap(), "hello primary");
-        primary.hang();
-        wait_event(&proxy, "primary", "down", SOON).await;
+        s.primary.hang();
+        wait_event(&s.proxy, "primary", "down", SOON).await;
         let closed = is_closed(&mut established, Duration::from_millis(500)).await;
         assert_eq!(closed, expect_closed, "on_upstream_down = {policy}");
     }
@@ -587,14 +579,8 @@ async fn established_connections_of_a_down_upstream_are_closed_or_kept_per_polic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maint_closes_established_connections_and_drain_keeps_them() {
-    let primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "on_upstream_down = \"keep\"",
-        FAST_HEALTH,
-    ));
-    let addr = proxy.addr("front");
+    let s = Scenario::start("on_upstream_down = \"keep\"").await;
+    let (proxy, addr) = (&s.proxy, s.addr);
     let mut first = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_line(&mut first).await.unwrap(), "hello primary");
 
@@ -621,7 +607,7 @@ async fn maint_closes_established_connections_and_drain_keeps_them() {
         .controller
         .set_admin(
             "p",
-            primary.addr.to_string().as_str(),
+            s.primary.addr.to_string().as_str(),
             Some(AdminOverride::Maint),
         )
         .await
@@ -674,24 +660,18 @@ async fn when_all_down_try_all_still_attempts_and_reject_closes_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_after_failback_closes_lower_tier_connections_gradually() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "drain_after_failback = \"2s\"",
-        FAST_HEALTH,
-    ));
-    let addr = proxy.addr("front");
-    primary.kill().await;
-    wait_until(SOON, "failover", || active_priority(&proxy, "p") == Some(1)).await;
+    let mut s = Scenario::start("drain_after_failback = \"2s\"").await;
+    let addr = s.addr;
+    s.primary.kill().await;
+    wait_until(SOON, "failover", || s.active() == Some(1)).await;
     let mut on_backup = Vec::new();
     for _ in 0..64 {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         assert_eq!(read_line(&mut stream).await.unwrap(), "hello backup");
         on_backup.push(stream);
     }
-    primary.restart().await;
-    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
+    s.primary.restart().await;
+    wait_until(SOON, "failback", || s.active() == Some(0)).await;
     let failback_at = Instant::now();
     let closed_times = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut watchers = JoinSet::new();
@@ -724,16 +704,12 @@ async fn drain_after_failback_closes_lower_tier_connections_gradually() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
-    let mut primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+    let mut s = Scenario::start(
         "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 2, base_ejection = \"1s\" }",
-        FAST_HEALTH,
-    ));
-    let addr = proxy.addr("front");
-    wait_first_checks(&proxy).await;
-    primary.black_hole().await;
+    )
+    .await;
+    let addr = s.addr;
+    s.primary.black_hole().await;
     // Many clients at once: plenty of attempts are still in flight when it is ejected,
     // and their failures arrive afterwards.
     let mut clients = JoinSet::new();
@@ -743,8 +719,8 @@ async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
     while let Some(served) = clients.join_next().await {
         assert_eq!(served.unwrap().unwrap(), "backup");
     }
-    primary.restart().await;
-    wait_until(SOON, "failback", || active_priority(&proxy, "p") == Some(0)).await;
+    s.primary.restart().await;
+    wait_until(SOON, "failback", || s.active() == Some(0)).await;
     assert_eq!(
         greeted_by(addr).await.unwrap(),
         "primary",
@@ -754,25 +730,18 @@ async fn a_black_holed_primary_that_comes_back_gets_clients_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
-    let primary = Backend::start("primary").await;
-    let backup = Backend::start("backup").await;
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        "",
-        FAST_HEALTH,
-    ));
-    wait_first_checks(&proxy).await;
-    primary.hang();
+    let s = Scenario::start("").await;
+    s.primary.hang();
     // Connected to the hung primary, waiting for its greeting: nothing has flowed yet.
     let mut clients = JoinSet::new();
     for _ in 0..20 {
-        clients.spawn(greeted_by(proxy.addr("front")));
+        clients.spawn(greeted_by(s.addr));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     while let Some(served) = clients.join_next().await {
         assert_eq!(served.unwrap().expect("no client saw an error"), "backup");
     }
-    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    let route = s.proxy.proxy.snapshot.load().pool("p").unwrap().clone();
     assert!(
         route.upstreams[0].stats.connections_total.load(Relaxed) > 0,
         "some clients did start on the hung primary"

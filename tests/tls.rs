@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use common::*;
+use switchyard::drill::upstream::greet_and_echo;
 use switchyard::metrics::RejectReason;
 
 /// A CA and leaf certificates it signs, written as PEM files into `dir`.
@@ -114,30 +115,13 @@ async fn tls_echo(
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else {
+                let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
                 if tls.get_ref().1.server_name() != Some(expected_sni) {
                     return;
                 }
-                if tls
-                    .write_all(format!("hello {name}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if tls.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                greet_and_echo(tls, name).await;
             });
         }
     });

@@ -1,0 +1,336 @@
+//! A stream of client connections and what each client saw: the measuring side of a
+//! failover drill, shared by `switchyard demo`, the failover bench and the tests (and
+//! the coming `switchyard drill`).
+//!
+//! A client connects, reads one greeting line `hello <name>` and hangs up: the name says
+//! which upstream served it, the time it took is its latency. The stream only observes;
+//! it never looks inside the proxy, so it measures HAProxy as well as switchyard.
+//! [`upstream`] is the greeting upstream it expects on the other side.
+
+pub mod upstream;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+/// A greeting longer than this is not one.
+const MAX_GREETING: usize = 64;
+
+/// How a stream of clients runs: where, how often, how long at most.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientStream {
+    /// The proxy's (or any greeting server's) address.
+    pub addr: SocketAddr,
+    /// One new client this often. A tick the runtime misses is skipped, not made up in
+    /// a burst: a burst would be load the drill itself made up.
+    pub every: Duration,
+    /// No client starts later than this after the stream starts, whatever `stop` says.
+    pub limit: Duration,
+    /// A client without a greeting after this has failed ([`ClientError::Timeout`]).
+    pub client_timeout: Duration,
+}
+
+/// What ends a stream before its `limit`.
+#[derive(Debug, Clone, Default)]
+pub enum Stop {
+    /// Nothing: the stream runs for its whole `limit`.
+    #[default]
+    AtLimit,
+    /// The token is cancelled.
+    On(CancellationToken),
+    /// A client is served by the upstream of this name.
+    ServedBy(String),
+}
+
+/// What one client saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    /// When it started, after the stream's start.
+    pub started: Duration,
+    /// From its connect to its greeting, or until it failed.
+    pub latency: Duration,
+    /// The name of the upstream that greeted it, or why none did.
+    pub served_by: Result<String, ClientError>,
+}
+
+/// Why a client got no greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientError {
+    /// The connect to the proxy failed.
+    Connect,
+    /// The proxy closed (or reset) the connection before a greeting.
+    Closed,
+    /// No greeting within the client timeout.
+    Timeout,
+    /// Something else than a greeting.
+    Garbled,
+}
+
+/// Every client of one stream, in the order they started.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    /// When the stream started: [`ClientRecord::started`] counts from here.
+    pub start: Instant,
+    pub records: Vec<ClientRecord>,
+}
+
+/// Connects to `addr` and reads the greeting `hello <name>`; returns the name.
+pub async fn greeting(addr: SocketAddr, within: Duration) -> Result<String, ClientError> {
+    match timeout(within, read_greeting(addr)).await {
+        Ok(served_by) => served_by,
+        Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+async fn read_greeting(addr: SocketAddr) -> Result<String, ClientError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|_| ClientError::Connect)?;
+    let mut line = Vec::with_capacity(MAX_GREETING);
+    let mut buf = [0u8; MAX_GREETING];
+    while !line.contains(&b'\n') {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return Err(ClientError::Closed),
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+        }
+        if line.len() > MAX_GREETING {
+            return Err(ClientError::Garbled);
+        }
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    std::str::from_utf8(&line[..end])
+        .ok()
+        .and_then(|text| text.strip_prefix("hello "))
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .ok_or(ClientError::Garbled)
+}
+
+// === impl ClientStream ===
+
+impl ClientStream {
+    /// Starts a client every `every` until `stop` or `limit`; returns once every client
+    /// finished, which each does within `client_timeout`.
+    pub async fn run(self, stop: Stop) -> Timeline {
+        let start = Instant::now();
+        let end = start + self.limit;
+        let never = CancellationToken::new();
+        let cancelled = match &stop {
+            Stop::On(token) => token,
+            _ => &never,
+        };
+        let wanted = match &stop {
+            Stop::ServedBy(name) => Some(name.as_str()),
+            _ => None,
+        };
+        let mut clients = JoinSet::new();
+        let mut records = Vec::new();
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        'spawn: loop {
+            tokio::select! {
+                biased;
+                () = cancelled.cancelled() => break,
+                () = sleep_until(end) => break,
+                _ = tick.tick() => {
+                    clients.spawn(self.client(start));
+                }
+            }
+            while let Some(done) = clients.try_join_next() {
+                if let Ok(record) = done {
+                    let found = wanted.is_some() && record.served_by.as_deref().ok() == wanted;
+                    records.push(record);
+                    if found {
+                        break 'spawn;
+                    }
+                }
+            }
+        }
+        while let Some(done) = clients.join_next().await {
+            if let Ok(record) = done {
+                records.push(record);
+            }
+        }
+        records.sort_by_key(|r| r.started);
+        Timeline { start, records }
+    }
+
+    async fn client(self, stream_start: Instant) -> ClientRecord {
+        let started = Instant::now();
+        let served_by = greeting(self.addr, self.client_timeout).await;
+        ClientRecord {
+            started: started.saturating_duration_since(stream_start),
+            latency: started.elapsed(),
+            served_by,
+        }
+    }
+}
+
+// === impl ClientRecord ===
+
+impl ClientRecord {
+    /// When it got its greeting or gave up, after the stream's start.
+    pub fn finished(&self) -> Duration {
+        self.started + self.latency
+    }
+
+    pub fn is_served_by(&self, name: &str) -> bool {
+        self.served_by.as_deref() == Ok(name)
+    }
+}
+
+// === impl ClientError ===
+
+impl ClientError {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect failed",
+            Self::Closed => "closed",
+            Self::Timeout => "timed out",
+            Self::Garbled => "garbled",
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+// === impl Timeline ===
+
+impl Timeline {
+    /// `at` (an instant during the stream) as an offset from its start.
+    pub fn offset(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream::GreetingUpstream;
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    const SHORT: Duration = Duration::from_millis(200);
+
+    /// A server that answers every connection with `reply` (empty: closes at once).
+    async fn replying(reply: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(reply).await;
+            }
+        });
+        addr
+    }
+
+    fn closed_port() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn a_greeting_names_the_upstream_and_each_failure_is_told_apart() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        assert_eq!(
+            greeting(upstream.addr, SHORT).await.as_deref(),
+            Ok("primary")
+        );
+        assert_eq!(
+            greeting(closed_port(), SHORT).await,
+            Err(ClientError::Connect)
+        );
+        assert_eq!(
+            greeting(replying(b"").await, SHORT).await,
+            Err(ClientError::Closed)
+        );
+        assert_eq!(
+            greeting(replying(b"nope\n").await, SHORT).await,
+            Err(ClientError::Garbled)
+        );
+        assert_eq!(
+            greeting(replying(&[b'x'; 100]).await, SHORT).await,
+            Err(ClientError::Garbled)
+        );
+        upstream.hang();
+        assert_eq!(
+            greeting(upstream.addr, SHORT).await,
+            Err(ClientError::Timeout)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstream_dies_comes_back_on_its_port_and_becomes_a_black_hole() {
+        let mut upstream = GreetingUpstream::start_with_backlog("primary", 4)
+            .await
+            .expect("upstream");
+        let addr = upstream.addr;
+        upstream.kill().await;
+        assert_eq!(greeting(addr, SHORT).await, Err(ClientError::Connect));
+        upstream.restart().await.expect("restart");
+        assert_eq!(upstream.addr, addr);
+        assert_eq!(greeting(addr, SHORT).await.as_deref(), Ok("primary"));
+        upstream.black_hole().await.expect("black hole");
+        assert!(
+            timeout(SHORT, TcpStream::connect(addr)).await.is_err(),
+            "a connect to a black hole neither succeeds nor fails"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_records_every_client_in_start_order_within_its_limit() {
+        let upstream = GreetingUpstream::start("backup").await.expect("upstream");
+        let limit = Duration::from_millis(100);
+        let timeline = ClientStream {
+            addr: upstream.addr,
+            every: Duration::from_millis(5),
+            limit,
+            client_timeout: SHORT,
+        }
+        .run(Stop::AtLimit)
+        .await;
+        assert!(timeline.records.len() >= 5, "{:?}", timeline.records);
+        assert!(timeline.records.iter().all(|r| r.is_served_by("backup")));
+        assert!(timeline.records.iter().all(|r| r.started < limit));
+        assert!(
+            timeline
+                .records
+                .windows(2)
+                .all(|w| w[0].started <= w[1].started)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_stops_at_the_first_client_of_the_named_upstream_or_when_cancelled() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        let stream = ClientStream {
+            addr: upstream.addr,
+            every: Duration::from_millis(5),
+            limit: Duration::from_secs(30),
+            client_timeout: SHORT,
+        };
+        let began = Instant::now();
+        let timeline = stream.run(Stop::ServedBy("primary".to_string())).await;
+        assert!(timeline.records.iter().any(|r| r.is_served_by("primary")));
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let timeline = stream.run(Stop::On(stop)).await;
+        assert!(timeline.records.is_empty(), "{:?}", timeline.records);
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the limit ended it"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! `switchyard run` as a real child process.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{SOON, metrics, test_dir};
+
+/// `switchyard run` as a child process, killed on drop.
+pub struct ChildProxy {
+    pub child: std::process::Child,
+    pub admin: SocketAddr,
+    pub config_path: std::path::PathBuf,
+    pub stderr_path: std::path::PathBuf,
+}
+
+impl ChildProxy {
+    /// Starts the binary on `toml` (which must have an `[admin]` table on `admin`) and
+    /// waits until the admin API answers.
+    pub async fn start(toml: &str, admin: SocketAddr) -> Self {
+        let dir = test_dir();
+        let config_path = dir.join("switchyard.toml");
+        let stderr_path = dir.join("stderr.log");
+        std::fs::write(&config_path, toml).expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .expect("start switchyard");
+        let proxy = Self {
+            child,
+            admin,
+            config_path,
+            stderr_path,
+        };
+        let deadline = Instant::now() + SOON;
+        while TcpStream::connect(admin).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "admin API never came up: {}",
+                proxy.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped
+        // (only `drop` reaps it), so it cannot name another process.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            result,
+            0,
+            "kill failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Rewrites the config file and sends SIGHUP; returns once the reload counter moved.
+    pub async fn reload_with(&self, toml: &str) -> &'static str {
+        std::fs::write(&self.config_path, toml).expect("rewrite config");
+        let before = self.reloads().await;
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + SOON;
+        loop {
+            let now = self.reloads().await;
+            if now.0 > before.0 {
+                return "ok";
+            }
+            if now.1 > before.1 {
+                return "error";
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP did not reload: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// (ok, error) from `switchyard_config_reloads_total`.
+    pub async fn reloads(&self) -> (u64, u64) {
+        let metrics = metrics(self.admin).await;
+        let value = |result: &str| {
+            metrics
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == "switchyard_config_reloads_total"
+                        && s.labels.get("result") == Some(result)
+                })
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => {
+                        v as u64
+                    }
+                    _ => 0,
+                })
+                .unwrap_or(0)
+        };
+        (value("ok"), value("error"))
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(
+            self.config_path
+                .parent()
+                .unwrap_or(Path::new("/nonexistent")),
+        );
+    }
+}
