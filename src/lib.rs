@@ -26,6 +26,7 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod status;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

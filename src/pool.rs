@@ -3,13 +3,15 @@
 //! test.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::time::Instant;
 
-use crate::config::{Failback, WhenAllDown};
+use crate::config::{Failback, PoolConfig, WhenAllDown};
+use crate::health::passive::Feedback;
 use crate::health::state::State;
-use crate::snapshot::PoolRoute;
+use crate::snapshot::{PoolRoute, RouteParts, Upstream};
 
 /// The controller's choice of active tier and the failback hold clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,33 @@ fn candidates(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
         }
     }
     order
+}
+
+/// A route for `config` with the given states, fresh counters and closers, no
+/// controller, and the tier SPEC §3 prefers (no failback hold). For tests and tools.
+pub fn standalone_route(config: Arc<PoolConfig>, states: Vec<State>) -> PoolRoute {
+    let upstreams: Vec<Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .map(|u| Arc::new(Upstream::new(&config.name, u.clone())))
+        .collect();
+    let counts = usable_counts(
+        &config.priorities(),
+        config
+            .upstreams
+            .iter()
+            .map(|u| u.priority)
+            .zip(states.iter().copied()),
+    );
+    PoolRoute::new(RouteParts {
+        closers: upstreams.iter().map(|_| Arc::default()).collect(),
+        stats: Arc::default(),
+        upstreams,
+        states,
+        active_tier: preferred_tier(&counts, config.min_usable),
+        feedback: Feedback::detached(),
+        config,
+    })
 }
 
 #[cfg(test)]

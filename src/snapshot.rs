@@ -7,18 +7,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Member, Picker, member_key};
-use crate::config::{ListenerConfig, PoolConfig, UpstreamConfig};
+use crate::config::{ListenerConfig, PoolConfig};
 use crate::health::passive::Feedback;
+// The upstream object outlives snapshots; it lives below them.
 use crate::health::state::State;
-use crate::metrics::{PoolStats, UpstreamStats};
+use crate::metrics::PoolStats;
 use crate::names::SniRoutes;
-use crate::pool::{preferred_tier, usable_counts};
+pub use crate::upstream::Upstream;
 
 /// Where the hot path reads routing state from.
 pub type SharedSnapshot = Arc<ArcSwap<RoutingSnapshot>>;
@@ -43,17 +43,6 @@ pub struct ListenerRoute {
     pub sni: SniRoutes<String>,
     /// `[log] connections`: write an access-log line per finished connection.
     pub access_log: bool,
-}
-
-/// One upstream, long-lived: the same object across snapshots while its pool and
-/// address stay in the config.
-#[derive(Debug)]
-pub struct Upstream {
-    /// Unique in the process; how the controller recognises feedback about it.
-    pub id: u64,
-    pub pool: String,
-    pub config: UpstreamConfig,
-    pub stats: Arc<UpstreamStats>,
 }
 
 /// Closes the established connections of one upstream, all at once or bucket by bucket.
@@ -134,35 +123,6 @@ impl RoutingSnapshot {
         let mut next = self.clone();
         next.pools.insert(route.config.name.clone(), route);
         next
-    }
-}
-
-// === impl Upstream ===
-
-impl Upstream {
-    pub fn new(pool: &str, config: UpstreamConfig) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Self {
-            id: NEXT_ID.fetch_add(1, Relaxed),
-            pool: pool.to_string(),
-            config,
-            stats: Arc::default(),
-        }
-    }
-
-    /// The same upstream (identity and counters) under a changed config entry, e.g. a
-    /// new priority or weight after a reload.
-    pub fn carried(&self, config: UpstreamConfig) -> Self {
-        Self {
-            id: self.id,
-            pool: self.pool.clone(),
-            config,
-            stats: self.stats.clone(),
-        }
-    }
-
-    pub fn label(&self) -> &str {
-        self.config.label()
     }
 }
 
@@ -259,33 +219,6 @@ impl PoolRoute {
             active_tier,
             feedback,
         }
-    }
-
-    /// A route for `config` with the given states, fresh counters and closers, no
-    /// controller, and the tier SPEC §3 prefers (no failback hold). For tests and tools.
-    pub fn standalone(config: Arc<PoolConfig>, states: Vec<State>) -> Self {
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|u| Arc::new(Upstream::new(&config.name, u.clone())))
-            .collect();
-        let counts = usable_counts(
-            &config.priorities(),
-            config
-                .upstreams
-                .iter()
-                .map(|u| u.priority)
-                .zip(states.iter().copied()),
-        );
-        Self::new(RouteParts {
-            closers: upstreams.iter().map(|_| Arc::default()).collect(),
-            stats: Arc::default(),
-            upstreams,
-            states,
-            active_tier: preferred_tier(&counts, config.min_usable),
-            feedback: Feedback::detached(),
-            config,
-        })
     }
 
     /// The active tier's priority, if any.

@@ -30,7 +30,7 @@ use crate::error::warn_local_exhaustion;
 use crate::metrics::ConnectFailure;
 use crate::proxy::connect::{Unconnected, open};
 use crate::proxy::proxy_protocol;
-use crate::snapshot::Upstream;
+use crate::upstream::Upstream;
 
 /// The first check of every upstream starts within this, spread at random so that many
 /// upstreams are not all connected to at the same instant.

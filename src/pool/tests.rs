@@ -36,7 +36,7 @@ upstreams = [
         .iter()
         .map(|&u| if u { State::Up } else { State::Down })
         .collect();
-    let mut route = PoolRoute::standalone(config.pools[0].clone(), states);
+    let mut route = standalone_route(config.pools[0].clone(), states);
     route.active_tier = active;
     route
 }
@@ -115,13 +115,13 @@ fn attempt_order_rotates_the_first_choice_within_the_active_tier() {
 #[test]
 fn standalone_routes_start_on_the_preferred_tier() {
     let config = route([true; 4], None, "").config.clone();
-    let primary_down = PoolRoute::standalone(
+    let primary_down = standalone_route(
         config.clone(),
         vec![State::Down, State::Ejected, State::Up, State::Up],
     );
     assert_eq!(primary_down.active_tier, Some(1));
     assert_eq!(names(&primary_down), ["c", "d"]);
-    let drained = PoolRoute::standalone(
+    let drained = standalone_route(
         config,
         vec![State::Drain, State::Maint, State::Down, State::Down],
     );
@@ -194,7 +194,7 @@ upstreams = [
 "#;
     let config = Config::parse(text, Path::new("t.toml")).unwrap();
     let states = vec![State::Down, State::Maint, State::Drain, State::Ejected];
-    let route = PoolRoute::standalone(config.pools[0].clone(), states);
+    let route = standalone_route(config.pools[0].clone(), states);
     assert_eq!(route.active_tier, None);
     // Nothing usable: checks may be wrong about a and d, the operator is not about b, c.
     assert_eq!(names(&route), vec!["a", "d"]);
