@@ -313,7 +313,7 @@ impl Tally<'_> {
         self.last_activity.store(now, Relaxed);
     }
 
-    /// Counts `n` bytes written on.
+    /// Counts `n` bytes moved in this direction.
     fn count(&self, n: u64) {
         self.total.fetch_add(n, Relaxed);
         self.counters.listener.fetch_add(n, Relaxed);
@@ -541,5 +541,235 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A TCP stream that hides its socket, so that the copy takes its buffered path.
+    struct Opaque(TcpStream);
+
+    impl Stream for Opaque {}
+
+    impl AsyncRead for Opaque {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Opaque {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, data)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Both ends of a loopback connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap());
+        let (connected, accepted) = tokio::join!(connecting, listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A client end, a proxy-side client stream, a proxy-side upstream stream and an
+    /// upstream end; the proxy-side streams hidden from splice when `plain` is false.
+    async fn connection(
+        plain: bool,
+    ) -> (
+        TcpStream,
+        Either<TcpStream, Opaque>,
+        Either<TcpStream, Opaque>,
+        TcpStream,
+    ) {
+        let (client, proxy_client) = socket_pair().await;
+        let (proxy_upstream, upstream) = socket_pair().await;
+        let wrap = |stream| {
+            if plain {
+                Either::Left(stream)
+            } else {
+                Either::Right(Opaque(stream))
+            }
+        };
+        (client, wrap(proxy_client), wrap(proxy_upstream), upstream)
+    }
+
+    fn limits(idle_timeout: Option<Duration>) -> Limits<std::future::Pending<()>> {
+        Limits {
+            idle_timeout,
+            closed: std::future::pending(),
+        }
+    }
+
+    struct Meters {
+        listener_in: AtomicU64,
+        upstream_sent: AtomicU64,
+        listener_out: AtomicU64,
+        upstream_received: AtomicU64,
+    }
+
+    impl Meters {
+        fn new() -> Self {
+            Self {
+                listener_in: AtomicU64::new(0),
+                upstream_sent: AtomicU64::new(0),
+                listener_out: AtomicU64::new(0),
+                upstream_received: AtomicU64::new(0),
+            }
+        }
+
+        fn inbound(&self) -> Counters<'_> {
+            Counters {
+                listener: &self.listener_in,
+                upstream: &self.upstream_sent,
+            }
+        }
+
+        fn outbound(&self) -> Counters<'_> {
+            Counters {
+                listener: &self.listener_out,
+                upstream: &self.upstream_received,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn both_paths_half_close_count_and_name_who_ended_first() {
+        for plain in [true, false] {
+            let (mut client, mut proxy_client, mut proxy_upstream, mut upstream) =
+                connection(plain).await;
+            let meters = Meters::new();
+            let copying = run(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                limits(None),
+                meters.inbound(),
+                meters.outbound(),
+            );
+            let peers = async {
+                client.write_all(b"request").await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut request = Vec::new();
+                upstream.read_to_end(&mut request).await.unwrap();
+                assert_eq!(request, b"request", "plain: {plain}");
+                // The client's half-close left the other direction open.
+                upstream.write_all(b"the answer").await.unwrap();
+                upstream.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                assert_eq!(answer, b"the answer", "plain: {plain}");
+            };
+            let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(copying, peers)
+            })
+            .await
+            .expect("the copy ends");
+            assert_eq!(outcome.end, CopyEnd::Done, "plain: {plain}");
+            assert_eq!(outcome.first_to_end, Some(Side::Client), "plain: {plain}");
+            assert_eq!(
+                (outcome.client_to_upstream, outcome.upstream_to_client),
+                (7, 10),
+                "plain: {plain}"
+            );
+            assert_eq!(meters.listener_in.load(Relaxed), 7);
+            assert_eq!(meters.upstream_sent.load(Relaxed), 7);
+            assert_eq!(meters.listener_out.load(Relaxed), 10);
+            assert_eq!(meters.upstream_received.load(Relaxed), 10);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_paths_end_a_silent_connection_at_the_idle_deadline() {
+        for plain in [true, false] {
+            let (_client, mut proxy_client, mut proxy_upstream, _upstream) =
+                connection(plain).await;
+            let meters = Meters::new();
+            let started = Instant::now();
+            let outcome = run(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                limits(Some(Duration::from_secs(30))),
+                meters.inbound(),
+                meters.outbound(),
+            )
+            .await;
+            assert_eq!(outcome.end, CopyEnd::Idle, "plain: {plain}");
+            assert_eq!(started.elapsed(), Duration::from_secs(30), "plain: {plain}");
+            assert_eq!(outcome.first_to_end, None);
+        }
+    }
+
+    /// What moving a client to another upstream relies on: a copy closed from outside
+    /// before any byte leaves the client's stream whole for the next copy.
+    #[tokio::test]
+    async fn both_paths_leave_the_client_usable_after_a_silent_close() {
+        for plain in [true, false] {
+            let (mut client, mut proxy_client, mut first_upstream, _hung) = connection(plain).await;
+            let meters = Meters::new();
+            let closed = Limits {
+                idle_timeout: None,
+                closed: std::future::ready(()),
+            };
+            let outcome = run(
+                &mut proxy_client,
+                &mut first_upstream,
+                closed,
+                meters.inbound(),
+                meters.outbound(),
+            )
+            .await;
+            assert_eq!(outcome.end, CopyEnd::Closed, "plain: {plain}");
+            assert_eq!(
+                (outcome.client_to_upstream, outcome.upstream_to_client),
+                (0, 0)
+            );
+
+            let (proxy_upstream, mut upstream) = socket_pair().await;
+            let mut next_upstream = if plain {
+                Either::Left(proxy_upstream)
+            } else {
+                Either::Right(Opaque(proxy_upstream))
+            };
+            let copying = run(
+                &mut proxy_client,
+                &mut next_upstream,
+                limits(None),
+                meters.inbound(),
+                meters.outbound(),
+            );
+            let peers = async {
+                upstream.write_all(b"hello backup\n").await.unwrap();
+                let mut greeting = [0u8; 13];
+                client.read_exact(&mut greeting).await.unwrap();
+                assert_eq!(&greeting, b"hello backup\n", "plain: {plain}");
+                drop(upstream);
+                client.shutdown().await.unwrap();
+            };
+            let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(copying, peers)
+            })
+            .await
+            .expect("the copy ends");
+            assert_eq!(outcome.upstream_to_client, 13, "plain: {plain}");
+        }
     }
 }
