@@ -124,7 +124,7 @@ struct Tally<'a> {
 struct Direction<'a> {
     from: &'a TcpStream,
     to: &'a TcpStream,
-    tally: Tally<'a>,
+    tally: &'a Tally<'a>,
 }
 
 /// How a burst of reads ended.
@@ -181,12 +181,12 @@ pub async fn run<A: Stream, B: Stream>(
             let to_upstream = Direction {
                 from: client,
                 to: upstream,
-                tally: to_upstream,
+                tally: &to_upstream,
             };
             let to_client = Direction {
                 from: upstream,
                 to: client,
-                tally: to_client,
+                tally: &to_client,
             };
             return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
         }
