@@ -70,7 +70,8 @@ pub struct Limits<C> {
     /// No byte in either direction for this long ends the copy.
     pub idle_timeout: Option<Duration>,
     /// Resolves when the connection must close from outside (shutdown grace expired,
-    /// upstream marked down).
+    /// upstream marked down). Pass it pinned (`Pin<&mut _>`) to keep it out of the
+    /// copy's own state.
     pub closed: C,
 }
 
@@ -145,9 +146,9 @@ struct Counted<'a, S> {
     tally: &'a Tally<'a>,
 }
 
-/// Copies until both directions are done, an error, the idle deadline or
-/// `limits.closed` resolves; the caller closes the streams. `inbound` counts the
-/// client's bytes, `outbound` the upstream's.
+/// Copies until both directions are done, an error, the idle deadline (no byte read
+/// either way for `idle_timeout`) or `limits.closed` resolves; the caller closes the
+/// streams. `inbound` counts the client's bytes, `outbound` the upstream's.
 pub async fn run<A: Stream, B: Stream>(
     client: &mut A,
     upstream: &mut B,
@@ -176,25 +177,43 @@ pub async fn run<A: Stream, B: Stream>(
         last_activity: &last_activity,
         started,
     };
-    let copying = async {
-        if let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp()) {
-            let to_upstream = Direction {
-                from: client,
-                to: upstream,
-                tally: &to_upstream,
-            };
-            let to_client = Direction {
-                from: upstream,
-                to: client,
-                tally: &to_client,
-            };
-            return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
+    // Written inside the `select!` rather than handed to a helper: a future passed by
+    // value into another async fn is stored twice, and these are most of a
+    // connection's task.
+    let idle = async {
+        let Some(limit) = limits.idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            sleep_until(deadline).await;
         }
-        // Boxed: a plain pair never takes this branch, and its task should not carry
-        // the buffered copy's state.
-        Box::pin(buffered(client, upstream, &to_upstream, &to_client)).await
     };
-    let end = until_end(copying, started, &last_activity, limits).await;
+    let end = tokio::select! {
+        result = async {
+            if let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp()) {
+                let to_upstream = Direction {
+                    from: client,
+                    to: upstream,
+                    tally: &to_upstream,
+                };
+                let to_client = Direction {
+                    from: upstream,
+                    to: client,
+                    tally: &to_client,
+                };
+                return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
+            }
+            // Boxed: a plain pair never takes this branch, and its task should not
+            // carry the buffered copy's state.
+            Box::pin(buffered(client, upstream, &to_upstream, &to_client)).await
+        } => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
+        _ = idle => CopyEnd::Idle,
+        _ = limits.closed => CopyEnd::Closed,
+    };
     CopyOutcome {
         end,
         client_to_upstream: sent.load(Relaxed),
@@ -226,34 +245,6 @@ async fn buffered<A: Stream, B: Stream>(
     )
     .await
     .map(drop)
-}
-
-/// Runs `copying` until it finishes, the idle deadline passes (no byte read for
-/// `idle_timeout` since `last_activity`, milliseconds after `started`), or `closed`
-/// resolves; how it ended.
-async fn until_end(
-    copying: impl std::future::Future<Output = io::Result<()>>,
-    started: Instant,
-    last_activity: &AtomicU64,
-    limits: Limits<impl std::future::Future<Output = ()>>,
-) -> CopyEnd {
-    let idle = async {
-        let Some(limit) = limits.idle_timeout else {
-            return std::future::pending().await;
-        };
-        loop {
-            let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            sleep_until(deadline).await;
-        }
-    };
-    tokio::select! {
-        result = copying => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
-        _ = idle => CopyEnd::Idle,
-        _ = limits.closed => CopyEnd::Closed,
-    }
 }
 
 // === impl Stream ===

@@ -173,14 +173,15 @@ async fn relay(
         tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
         upstream.stats.connections_total.fetch_add(1, Relaxed);
         let _upstream_active = Active::enter(&upstream.stats.connections_active);
+        let closed = std::pin::pin!(async {
+            tokio::select! {
+                _ = shutdown.force_closed() => {}
+                _ = link.close.cancelled() => {}
+            }
+        });
         let limits = Limits {
             idle_timeout: link.idle_timeout,
-            closed: async {
-                tokio::select! {
-                    _ = shutdown.force_closed() => {}
-                    _ = link.close.cancelled() => {}
-                }
-            },
+            closed,
         };
         let outcome = copy::run(
             &mut client,
