@@ -6,12 +6,15 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use common::*;
@@ -105,6 +108,17 @@ async fn tls_echo(
     name: &'static str,
     expected_sni: &'static str,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    hangable_tls_echo(config, name, expected_sni, Arc::default()).await
+}
+
+/// Like [`tls_echo`], but once `hung` is set, sessions it accepts from then on complete
+/// their handshake and are never answered, like a stuck process behind a TLS library.
+async fn hangable_tls_echo(
+    config: Arc<rustls::ServerConfig>,
+    name: &'static str,
+    expected_sni: &'static str,
+    hung: Arc<AtomicBool>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(config);
@@ -114,10 +128,14 @@ async fn tls_echo(
                 continue;
             };
             let acceptor = acceptor.clone();
+            let hung = hung.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
+                if hung.load(SeqCst) {
+                    return std::future::pending().await;
+                }
                 if tls.get_ref().1.server_name() != Some(expected_sni) {
                     return;
                 }
@@ -410,5 +428,115 @@ async fn min_version_handshake_timeout_and_a_bad_certificate_on_reload() {
             .await
             .is_ok(),
         "old certificate still served"
+    );
+}
+
+/// Reads one `\n`-terminated line through a TLS session, within [`SOON`].
+async fn read_tls_line(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let reading = async {
+        loop {
+            if tls.read(&mut byte).await? == 0 || byte[0] == b'\n' {
+                return Ok::<_, std::io::Error>(());
+            }
+            line.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(SOON, reading)
+        .await
+        .map_err(|_| std::io::Error::other("no line"))??;
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_clients_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("front", &["db.example.com"]);
+    let primary = Backend::start("primary").await;
+    let backup = Backend::start("backup").await;
+    let config = pool_config(
+        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
+        "",
+        FAST_HEALTH,
+    )
+    .replace(
+        "pool = \"p\"\n\n[pools.p]",
+        &format!(
+            "pool = \"p\"\n\n[listeners.front.tls]\ncert = \"{d}/front.pem\"\nkey = \"{d}/front.key\"\n\n[pools.p]",
+            d = dir.display()
+        ),
+    );
+    assert!(config.contains("[listeners.front.tls]"), "{config}");
+    let proxy = start_proxy(&config);
+    wait_first_checks(&proxy).await;
+    primary.hang();
+    // Handshaken with the proxy, connected to the hung primary, waiting for its
+    // greeting: nothing has flowed to or from the upstream yet.
+    let client_config = pki.client_config("main", None);
+    let mut clients = JoinSet::new();
+    for _ in 0..20 {
+        let (addr, client_config) = (proxy.addr("front"), client_config.clone());
+        clients.spawn(async move {
+            let mut tls = tls_client(addr, client_config, "db.example.com").await?;
+            read_tls_line(&mut tls).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(
+            served.unwrap().expect("no client saw an error"),
+            "hello backup"
+        );
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert!(
+        route.upstreams[0].stats.connections_total.load(Relaxed) > 0,
+        "some clients did start on the hung primary"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_tls_pool_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("backend", &["backend.internal"]);
+    let primary_hung = Arc::new(AtomicBool::new(false));
+    let (primary, _p) = hangable_tls_echo(
+        pki.server_config("backend"),
+        "primary",
+        "backend.internal",
+        primary_hung.clone(),
+    )
+    .await;
+    let (backup, _b) = tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
+    let tls_and_health = format!(
+        "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n{}",
+        pki.ca_path("main").display(),
+        FAST_HEALTH.replace("timeout = \"100ms\"", "timeout = \"300ms\"")
+    );
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary, 0), ("backup", backup, 1)],
+        "",
+        &tls_and_health,
+    ));
+    wait_first_checks(&proxy).await;
+    primary_hung.store(true, SeqCst);
+    // Connected and handshaken to the hung primary, waiting for its greeting.
+    let mut clients = JoinSet::new();
+    for _ in 0..20 {
+        clients.spawn(greeted_by(proxy.addr("front")));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(served.unwrap().expect("no client saw an error"), "backup");
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert!(
+        route.upstreams[0].stats.connections_total.load(Relaxed) > 0,
+        "some clients did start on the hung primary"
     );
 }

@@ -1,25 +1,35 @@
 //! The data path: bytes both ways between client and upstream until both sides are
-//! done, with half-close, an idle deadline and live byte counters.
+//! done, with half-close, an idle deadline and live byte counters, for any pair of
+//! streams.
 //!
 //! Shape of tokio's `copy_bidirectional`: one pump per direction; EOF on one side becomes
 //! a write shutdown on the other while the opposite direction keeps flowing; the first
-//! error ends both. Each pump is driven by socket readiness and holds no memory while
-//! its side is quiet: a copy buffer is borrowed from a per-thread cache only for a burst
-//! of reads, so an idle connection costs no userspace buffer. A direction that streams
-//! (several full reads in a row) switches to `splice(2)` through a pooled pipe, so bulk
-//! transfers never touch user memory, and switches back when its bursts turn small, so
-//! request/response traffic keeps the cheaper plain copy. Nothing is logged per read.
+//! error ends both. The idle deadline, the counters, which side ended first and the
+//! outside close are kept once, around whichever pumps run.
+//!
+//! Two kinds of pumps. When both ends are plain TCP sockets, each pump is driven by
+//! socket readiness and holds no memory while its side is quiet: a copy buffer is
+//! borrowed from a per-thread cache only for a burst of reads, so an idle connection
+//! costs no userspace buffer. A direction that streams (several full reads in a row)
+//! switches to `splice(2)` through a pooled pipe, so bulk transfers never touch user
+//! memory, and switches back when its bursts turn small, so request/response traffic
+//! keeps the cheaper plain copy. When either end is TLS (splice cannot see through
+//! encryption), tokio's buffered copy runs over streams that count what is read through
+//! them. Nothing is logged per read.
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::either::Either;
 
 use super::splice;
 
@@ -32,15 +42,37 @@ const SPLICE_AFTER_FULL_READS: u32 = 4;
 const SPLICE_KEEP_BYTES: u64 = COPY_BUFFER as u64;
 /// Idle copy buffers a worker thread keeps for reuse.
 const BUFFER_CACHE_PER_THREAD: usize = 32;
+/// Buffers of the buffered (TLS) copy; smaller than the plain path's, since a TLS
+/// record is at most 16 KiB.
+const BUFFERED_COPY_BUFFER: usize = 16 * 1024;
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A stream the copy can carry. A plain TCP socket says so, and a pair of them gets the
+/// readiness-driven pumps and splice.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin {
+    /// The socket itself when the bytes on it are the bytes of the stream (no TLS).
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 /// Where one direction adds its bytes.
 pub struct Counters<'a> {
     pub listener: &'a AtomicU64,
     pub upstream: &'a AtomicU64,
+}
+
+/// What bounds a copy besides the two peers.
+pub struct Limits<C> {
+    /// No byte in either direction for this long ends the copy.
+    pub idle_timeout: Option<Duration>,
+    /// Resolves when the connection must close from outside (shutdown grace expired,
+    /// upstream marked down). Pass it pinned (`Pin<&mut _>`) to keep it out of the
+    /// copy's own state.
+    pub closed: C,
 }
 
 /// How the copy ended.
@@ -75,36 +107,25 @@ pub enum Side {
 /// Remembers which side ended first; later ends change nothing. One atomic shared by
 /// both directions, so the copy stays free of locks.
 #[derive(Debug, Default)]
-pub struct FirstEnd(AtomicU8);
+struct FirstEnd(AtomicU8);
 
-// === impl FirstEnd ===
-
-impl FirstEnd {
-    pub fn mark(&self, side: Side) {
-        let _ = self.0.compare_exchange(0, side as u8, Relaxed, Relaxed);
-    }
-
-    pub fn get(&self) -> Option<Side> {
-        match self.0.load(Relaxed) {
-            1 => Some(Side::Client),
-            2 => Some(Side::Upstream),
-            _ => None,
-        }
-    }
-}
-
-/// What one direction shares with the rest of the connection.
-struct Direction<'a> {
-    from: &'a TcpStream,
-    /// Which end `from` is.
+/// What a direction reports to the rest of the connection.
+struct Tally<'a> {
+    /// Which end this direction reads from.
     side: Side,
     first_end: &'a FirstEnd,
-    to: &'a TcpStream,
     counters: Counters<'a>,
     total: &'a AtomicU64,
     /// Milliseconds since `started` of the last byte read, shared by both directions.
     last_activity: &'a AtomicU64,
     started: Instant,
+}
+
+/// One direction of a plain TCP pair.
+struct Direction<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    tally: &'a Tally<'a>,
 }
 
 /// How a burst of reads ended.
@@ -119,66 +140,48 @@ enum Burst {
 /// thread the task then runs.
 struct Buffer(Option<Box<[u8]>>);
 
-/// Copies until both directions are done, an error, the idle deadline or `closed`
-/// resolves; the caller closes the streams. `zero_copy` allows the splice path (plain
-/// TCP on both sides).
-#[allow(clippy::too_many_arguments)]
-pub async fn copy_bidirectional(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    idle_timeout: Option<Duration>,
+/// A stream of the buffered copy that tallies every byte read through it.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    tally: &'a Tally<'a>,
+}
+
+/// Copies until both directions are done, an error, the idle deadline (no byte read
+/// either way for `idle_timeout`) or `limits.closed` resolves; the caller closes the
+/// streams. `inbound` counts the client's bytes, `outbound` the upstream's.
+pub async fn run<A: Stream, B: Stream>(
+    client: &mut A,
+    upstream: &mut B,
+    limits: Limits<impl std::future::Future<Output = ()>>,
     inbound: Counters<'_>,
     outbound: Counters<'_>,
-    zero_copy: bool,
-    closed: impl std::future::Future<Output = ()>,
 ) -> CopyOutcome {
     let started = Instant::now();
     let last_activity = AtomicU64::new(0);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let first_end = FirstEnd::default();
-    let to_upstream = Direction {
-        from: client,
+    let to_upstream = Tally {
         side: Side::Client,
         first_end: &first_end,
-        to: upstream,
         counters: inbound,
         total: &sent,
         last_activity: &last_activity,
         started,
     };
-    let to_client = Direction {
-        from: upstream,
+    let to_client = Tally {
         side: Side::Upstream,
         first_end: &first_end,
-        to: client,
         counters: outbound,
         total: &received,
         last_activity: &last_activity,
         started,
     };
-    let pumps = async { tokio::try_join!(to_upstream.pump(zero_copy), to_client.pump(zero_copy)) };
-    let end = until_end(pumps, idle_timeout, started, &last_activity, closed).await;
-    CopyOutcome {
-        end,
-        client_to_upstream: sent.load(Relaxed),
-        upstream_to_client: received.load(Relaxed),
-        first_to_end: first_end.get(),
-    }
-}
-
-/// Runs `copying` until it finishes, the idle deadline passes (no byte read for
-/// `idle_timeout` since `last_activity`, milliseconds after `started`), or `closed`
-/// resolves; how it ended. Shared by the plain and the TLS copy.
-pub(super) async fn until_end<T>(
-    copying: impl std::future::Future<Output = io::Result<T>>,
-    idle_timeout: Option<Duration>,
-    started: Instant,
-    last_activity: &AtomicU64,
-    closed: impl std::future::Future<Output = ()>,
-) -> CopyEnd {
+    // Written inside the `select!` rather than handed to a helper: a future passed by
+    // value into another async fn is stored twice, and these are most of a
+    // connection's task.
     let idle = async {
-        let Some(limit) = idle_timeout else {
+        let Some(limit) = limits.idle_timeout else {
             return std::future::pending().await;
         };
         loop {
@@ -189,10 +192,123 @@ pub(super) async fn until_end<T>(
             sleep_until(deadline).await;
         }
     };
-    tokio::select! {
-        result = copying => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
+    let end = tokio::select! {
+        result = async {
+            if let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp()) {
+                let to_upstream = Direction {
+                    from: client,
+                    to: upstream,
+                    tally: &to_upstream,
+                };
+                let to_client = Direction {
+                    from: upstream,
+                    to: client,
+                    tally: &to_client,
+                };
+                return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
+            }
+            // Boxed: a plain pair never takes this branch, and its task should not
+            // carry the buffered copy's state.
+            Box::pin(buffered(client, upstream, &to_upstream, &to_client)).await
+        } => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
         _ = idle => CopyEnd::Idle,
-        _ = closed => CopyEnd::Closed,
+        _ = limits.closed => CopyEnd::Closed,
+    };
+    CopyOutcome {
+        end,
+        client_to_upstream: sent.load(Relaxed),
+        upstream_to_client: received.load(Relaxed),
+        first_to_end: first_end.get(),
+    }
+}
+
+/// Tokio's copy over streams that tally what is read through them.
+async fn buffered<A: Stream, B: Stream>(
+    client: &mut A,
+    upstream: &mut B,
+    to_upstream: &Tally<'_>,
+    to_client: &Tally<'_>,
+) -> io::Result<()> {
+    let mut client = Counted {
+        inner: client,
+        tally: to_upstream,
+    };
+    let mut upstream = Counted {
+        inner: upstream,
+        tally: to_client,
+    };
+    tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        BUFFERED_COPY_BUFFER,
+        BUFFERED_COPY_BUFFER,
+    )
+    .await
+    .map(drop)
+}
+
+// === impl Stream ===
+
+impl Stream for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for tokio_rustls::server::TlsStream<S> {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for tokio_rustls::client::TlsStream<S> {}
+
+impl<S: Stream + ?Sized> Stream for Box<S> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        (**self).plain_tcp()
+    }
+}
+
+impl<L: Stream, R: Stream> Stream for Either<L, R> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Either::Left(stream) => stream.plain_tcp(),
+            Either::Right(stream) => stream.plain_tcp(),
+        }
+    }
+}
+
+// === impl FirstEnd ===
+
+impl FirstEnd {
+    fn mark(&self, side: Side) {
+        let _ = self.0.compare_exchange(0, side as u8, Relaxed, Relaxed);
+    }
+
+    fn get(&self) -> Option<Side> {
+        match self.0.load(Relaxed) {
+            1 => Some(Side::Client),
+            2 => Some(Side::Upstream),
+            _ => None,
+        }
+    }
+}
+
+// === impl Tally ===
+
+impl Tally<'_> {
+    /// Notes that this direction's sender finished or failed.
+    fn ended(&self) {
+        self.first_end.mark(self.side);
+    }
+
+    /// Pushes the idle deadline forward for bytes read and not yet written.
+    fn mark_activity(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_activity.store(now, Relaxed);
+    }
+
+    /// Counts `n` bytes moved in this direction.
+    fn count(&self, n: u64) {
+        self.total.fetch_add(n, Relaxed);
+        self.counters.listener.fetch_add(n, Relaxed);
+        self.counters.upstream.fetch_add(n, Relaxed);
     }
 }
 
@@ -200,16 +316,16 @@ pub(super) async fn until_end<T>(
 
 impl Direction<'_> {
     /// Forwards until `from` finishes sending; an end or a failure is noted as `from`'s.
-    async fn pump(&self, zero_copy: bool) -> io::Result<()> {
-        let result = self.forward(zero_copy).await;
-        self.first_end.mark(self.side);
+    async fn pump(&self) -> io::Result<()> {
+        let result = self.forward().await;
+        self.tally.ended();
         result
     }
 
-    async fn forward(&self, zero_copy: bool) -> io::Result<()> {
+    async fn forward(&self) -> io::Result<()> {
         let mut full_reads = 0u32;
         let mut splicing = false;
-        let mut splice_works = zero_copy;
+        let mut splice_works = true;
         loop {
             self.from.readable().await?;
             let burst = if splicing {
@@ -252,7 +368,7 @@ impl Direction<'_> {
     async fn copy_burst(&self, full_reads: &mut u32) -> io::Result<Burst> {
         let mut buffer = Buffer::take();
         let buf = buffer.as_mut();
-        let fd = self.from.as_raw_fd();
+        let fd = self.from.as_fd();
         loop {
             // A short read almost always means the socket is drained: report it to tokio
             // as "would block" so its readiness is cleared now, saving the extra read
@@ -276,9 +392,9 @@ impl Direction<'_> {
                 }
                 (Err(e), None) => return Err(e),
             };
-            self.mark_activity();
+            self.tally.mark_activity();
             write_all(self.to, &buf[..n]).await?;
-            self.count(n as u64);
+            self.tally.count(n as u64);
             if short.is_some() {
                 *full_reads = 0;
                 return Ok(Burst::Drained);
@@ -307,7 +423,7 @@ impl Direction<'_> {
     }
 
     async fn splice_through(&self, pipe: &mut splice::Pipe) -> io::Result<(Burst, u64)> {
-        let (from, to) = (self.from.as_raw_fd(), self.to.as_raw_fd());
+        let (from, to) = (self.from.as_fd(), self.to.as_fd());
         let mut moved = 0u64;
         loop {
             let n = match self
@@ -321,7 +437,7 @@ impl Direction<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            self.mark_activity();
+            self.tally.mark_activity();
             while pipe.pending() > 0 {
                 match self.to.try_io(Interest::WRITABLE, || pipe.drain_into(to)) {
                     Ok(_) => {}
@@ -329,20 +445,9 @@ impl Direction<'_> {
                     Err(e) => return Err(e),
                 }
             }
-            self.count(n as u64);
+            self.tally.count(n as u64);
             moved += n as u64;
         }
-    }
-
-    fn mark_activity(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.last_activity.store(now, Relaxed);
-    }
-
-    fn count(&self, n: u64) {
-        self.total.fetch_add(n, Relaxed);
-        self.counters.listener.fetch_add(n, Relaxed);
-        self.counters.upstream.fetch_add(n, Relaxed);
     }
 }
 
@@ -382,6 +487,280 @@ impl Drop for Buffer {
                     cache.push(buffer);
                 }
             });
+        }
+    }
+}
+
+// === impl Counted ===
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let room = buf.remaining() > 0;
+        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        // Nothing read into a buffer with room is end of stream.
+        match &result {
+            Poll::Ready(Ok(())) if n == 0 && room => self.tally.ended(),
+            Poll::Ready(Err(_)) => self.tally.ended(),
+            _ => {}
+        }
+        if n > 0 {
+            self.tally.mark_activity();
+            self.tally.count(n);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A TCP stream that hides its socket, so that the copy takes its buffered path.
+    struct Opaque(TcpStream);
+
+    impl Stream for Opaque {}
+
+    impl AsyncRead for Opaque {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Opaque {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, data)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Both ends of a loopback connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap());
+        let (connected, accepted) = tokio::join!(connecting, listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A client end, a proxy-side client stream, a proxy-side upstream stream and an
+    /// upstream end; the proxy-side streams hidden from splice when `plain` is false.
+    async fn connection(
+        plain: bool,
+    ) -> (
+        TcpStream,
+        Either<TcpStream, Opaque>,
+        Either<TcpStream, Opaque>,
+        TcpStream,
+    ) {
+        let (client, proxy_client) = socket_pair().await;
+        let (proxy_upstream, upstream) = socket_pair().await;
+        let wrap = |stream| {
+            if plain {
+                Either::Left(stream)
+            } else {
+                Either::Right(Opaque(stream))
+            }
+        };
+        (client, wrap(proxy_client), wrap(proxy_upstream), upstream)
+    }
+
+    fn limits(idle_timeout: Option<Duration>) -> Limits<std::future::Pending<()>> {
+        Limits {
+            idle_timeout,
+            closed: std::future::pending(),
+        }
+    }
+
+    struct Meters {
+        listener_in: AtomicU64,
+        upstream_sent: AtomicU64,
+        listener_out: AtomicU64,
+        upstream_received: AtomicU64,
+    }
+
+    impl Meters {
+        fn new() -> Self {
+            Self {
+                listener_in: AtomicU64::new(0),
+                upstream_sent: AtomicU64::new(0),
+                listener_out: AtomicU64::new(0),
+                upstream_received: AtomicU64::new(0),
+            }
+        }
+
+        fn inbound(&self) -> Counters<'_> {
+            Counters {
+                listener: &self.listener_in,
+                upstream: &self.upstream_sent,
+            }
+        }
+
+        fn outbound(&self) -> Counters<'_> {
+            Counters {
+                listener: &self.listener_out,
+                upstream: &self.upstream_received,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn both_paths_half_close_count_and_name_who_ended_first() {
+        for plain in [true, false] {
+            let (mut client, mut proxy_client, mut proxy_upstream, mut upstream) =
+                connection(plain).await;
+            let meters = Meters::new();
+            let copying = run(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                limits(None),
+                meters.inbound(),
+                meters.outbound(),
+            );
+            let peers = async {
+                client.write_all(b"request").await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut request = Vec::new();
+                upstream.read_to_end(&mut request).await.unwrap();
+                assert_eq!(request, b"request", "plain: {plain}");
+                // The client's half-close left the other direction open.
+                upstream.write_all(b"the answer").await.unwrap();
+                upstream.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                assert_eq!(answer, b"the answer", "plain: {plain}");
+            };
+            let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(copying, peers)
+            })
+            .await
+            .expect("the copy ends");
+            assert_eq!(outcome.end, CopyEnd::Done, "plain: {plain}");
+            assert_eq!(outcome.first_to_end, Some(Side::Client), "plain: {plain}");
+            assert_eq!(
+                (outcome.client_to_upstream, outcome.upstream_to_client),
+                (7, 10),
+                "plain: {plain}"
+            );
+            assert_eq!(meters.listener_in.load(Relaxed), 7);
+            assert_eq!(meters.upstream_sent.load(Relaxed), 7);
+            assert_eq!(meters.listener_out.load(Relaxed), 10);
+            assert_eq!(meters.upstream_received.load(Relaxed), 10);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_paths_end_a_silent_connection_at_the_idle_deadline() {
+        for plain in [true, false] {
+            let (_client, mut proxy_client, mut proxy_upstream, _upstream) =
+                connection(plain).await;
+            let meters = Meters::new();
+            let started = Instant::now();
+            let outcome = run(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                limits(Some(Duration::from_secs(30))),
+                meters.inbound(),
+                meters.outbound(),
+            )
+            .await;
+            assert_eq!(outcome.end, CopyEnd::Idle, "plain: {plain}");
+            assert_eq!(started.elapsed(), Duration::from_secs(30), "plain: {plain}");
+            assert_eq!(outcome.first_to_end, None);
+        }
+    }
+
+    /// What moving a client to another upstream relies on: a copy closed from outside
+    /// before any byte leaves the client's stream whole for the next copy.
+    #[tokio::test]
+    async fn both_paths_leave_the_client_usable_after_a_silent_close() {
+        for plain in [true, false] {
+            let (mut client, mut proxy_client, mut first_upstream, _hung) = connection(plain).await;
+            let meters = Meters::new();
+            let closed = Limits {
+                idle_timeout: None,
+                closed: std::future::ready(()),
+            };
+            let outcome = run(
+                &mut proxy_client,
+                &mut first_upstream,
+                closed,
+                meters.inbound(),
+                meters.outbound(),
+            )
+            .await;
+            assert_eq!(outcome.end, CopyEnd::Closed, "plain: {plain}");
+            assert_eq!(
+                (outcome.client_to_upstream, outcome.upstream_to_client),
+                (0, 0)
+            );
+
+            let (proxy_upstream, mut upstream) = socket_pair().await;
+            let mut next_upstream = if plain {
+                Either::Left(proxy_upstream)
+            } else {
+                Either::Right(Opaque(proxy_upstream))
+            };
+            let copying = run(
+                &mut proxy_client,
+                &mut next_upstream,
+                limits(None),
+                meters.inbound(),
+                meters.outbound(),
+            );
+            let peers = async {
+                upstream.write_all(b"hello backup\n").await.unwrap();
+                let mut greeting = [0u8; 13];
+                client.read_exact(&mut greeting).await.unwrap();
+                assert_eq!(&greeting, b"hello backup\n", "plain: {plain}");
+                drop(upstream);
+                client.shutdown().await.unwrap();
+            };
+            let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(copying, peers)
+            })
+            .await
+            .expect("the copy ends");
+            assert_eq!(outcome.upstream_to_client, 13, "plain: {plain}");
         }
     }
 }

@@ -31,8 +31,9 @@ use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{ListenerRoute, Upstream};
 use access_log::{ConnectionRecord, End};
-use copy::{CopyEnd, Counters};
+use copy::{CopyEnd, Counters, Limits};
 use listener::ListenerContext;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// Decrements a gauge when the connection ends, however it ends.
@@ -81,118 +82,23 @@ pub(crate) async fn serve(
             return;
         };
         record.client = origin.source;
-        if let Some(server_tls) = &listener.config.tls {
-            let early = std::mem::take(&mut origin.early);
-            // Boxed, like every TLS future here: a rustls session is large, and an
-            // inline one would grow every plain connection's task by its size.
-            let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
-            let Some(session) = handshake
-                .step(
-                    accepting,
-                    RejectReason::TlsHandshake,
-                    "TLS handshake",
-                    &mut record,
-                )
-                .await
-            else {
-                return;
-            };
-            Box::pin(serve_terminated(
-                session,
-                &origin,
-                listener,
-                context,
-                shutdown,
-                &mut record,
-            ))
-            .await;
-            return;
-        }
-        let Some(pool) = choose_pool(&client, &origin, listener, &handshake, &mut record).await
+        let Some((client, pool)) =
+            admit(client, &mut origin, listener, &handshake, &mut record).await
         else {
             return;
         };
-        loop {
-            let Some(link) =
-                connect_client(&client, &origin, &pool, context, shutdown, &mut record).await
-            else {
-                return;
-            };
-            let Link { stream, meta: link } = link;
-            let upstream = &link.upstream;
-            tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
-            upstream.stats.connections_total.fetch_add(1, Relaxed);
-            let _upstream_active = Active::enter(&upstream.stats.connections_active);
-            let upstream_stream = match stream {
-                UpstreamStream::Plain(stream) => stream,
-                UpstreamStream::Tls(mut stream) => {
-                    let mut client = client;
-                    Box::pin(generic_copy(
-                        &mut client,
-                        &mut *stream,
-                        &link,
-                        context,
-                        shutdown,
-                        &mut record,
-                    ))
-                    .await;
-                    return;
-                }
-            };
-            let outcome = copy::copy_bidirectional(
-                &client,
-                &upstream_stream,
-                link.idle_timeout,
-                Counters {
-                    listener: &context.stats.bytes_in,
-                    upstream: &upstream.stats.bytes_sent,
-                },
-                Counters {
-                    listener: &context.stats.bytes_out,
-                    upstream: &upstream.stats.bytes_received,
-                },
-                true,
-                async {
-                    tokio::select! {
-                        _ = shutdown.force_closed() => {}
-                        _ = link.close.cancelled() => {}
-                    }
-                },
-            )
-            .await;
-            record.copied(&outcome, shutdown.is_force_closed());
-            debug!(
-                upstream = %upstream.label(),
-                end = %record.end,
-                sent = outcome.client_to_upstream,
-                received = outcome.upstream_to_client,
-                "upstream connection closed"
-            );
-            // Closed because its upstream was marked down before a byte flowed either
-            // way (a hung server that accepts and never answers): nothing was lost, so
-            // the client moves to another upstream instead of seeing an error.
-            let silent = outcome.client_to_upstream == 0 && outcome.upstream_to_client == 0;
-            let moved_by_failover = outcome.end == CopyEnd::Closed
-                && link.close.is_cancelled()
-                && !shutdown.is_force_closed();
-            if !(silent && moved_by_failover) {
-                return;
-            }
-            debug!(
-                upstream = %upstream.label(),
-                "upstream went down before any byte; reconnecting the client"
-            );
-        }
+        relay(client, &origin, &pool, context, shutdown, &mut record).await;
     }
     .instrument(span)
     .await
 }
 
+/// The client side of a connection: its socket, or the TLS session this listener
+/// terminated on it.
+type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<tls::Prefixed>>>;
+
 /// The upstream side of a connection.
-enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// What a copy needs to know about the upstream side.
 struct LinkMeta {
@@ -208,86 +114,117 @@ struct Link {
     meta: LinkMeta,
 }
 
-/// A client whose TLS session this listener terminated: routed by its server name
-/// (SNI routes, else the listener's pool), then copied to the upstream.
-async fn serve_terminated(
-    mut session: tokio_rustls::server::TlsStream<tls::Prefixed>,
-    origin: &Origin,
+/// The client as the copy sees it (the TLS session, when this listener terminates TLS)
+/// and the pool it goes to: the listener's, or the one its TLS server name selects.
+/// `None` when the client was refused (counted by reason).
+async fn admit(
+    client: TcpStream,
+    origin: &mut Origin,
     listener: &ListenerRoute,
+    handshake: &Handshake<'_>,
+    record: &mut ConnectionRecord<'_>,
+) -> Option<(ClientStream, String)> {
+    let Some(server_tls) = &listener.config.tls else {
+        let pool = choose_pool(&client, origin, listener, handshake, record).await?;
+        return Some((Either::Left(client), pool));
+    };
+    // The handshake reads the bytes that followed a PROXY header; none are left for the
+    // upstream.
+    let early = std::mem::take(&mut origin.early);
+    // Boxed, like every TLS future here: a rustls session is large, and an inline one
+    // would grow every plain connection's task by its size.
+    let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
+    let session = handshake
+        .step(
+            accepting,
+            RejectReason::TlsHandshake,
+            "TLS handshake",
+            record,
+        )
+        .await?;
+    let name = session.get_ref().1.server_name().map(str::to_string);
+    let pool = pool_for_name(name.as_deref(), listener, handshake.context, record)?;
+    Some((Either::Right(Box::new(session)), pool))
+}
+
+/// Connects the client and copies until the connection ends. A client whose upstream
+/// was marked down before a byte flowed either way (a hung server that accepts and
+/// never answers) lost nothing, so it moves to another upstream instead of seeing an
+/// error, whatever TLS either side speaks.
+async fn relay(
+    mut client: ClientStream,
+    origin: &Origin,
+    pool: &str,
     context: &ListenerContext,
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
 ) {
-    let name = session.get_ref().1.server_name().map(str::to_string);
-    let pool = name
-        .as_deref()
-        .and_then(|n| listener.sni.lookup(n))
-        .cloned()
-        .or_else(|| listener.config.pool.clone());
-    let Some(pool) = pool else {
-        context.stats.reject(RejectReason::NoRoute);
-        record.reject(RejectReason::NoRoute);
-        debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no route for the TLS server name and no default pool; closing");
-        return;
-    };
-    let raw = &session.get_ref().0.inner;
-    let Some(link) = connect_client(raw, origin, &pool, context, shutdown, record).await else {
-        return;
-    };
-    let Link { stream, meta } = link;
-    tracing::Span::current().record("upstream", tracing::field::display(meta.upstream.label()));
-    meta.upstream.stats.connections_total.fetch_add(1, Relaxed);
-    let _upstream_active = Active::enter(&meta.upstream.stats.connections_active);
-    match stream {
-        UpstreamStream::Plain(mut stream) => {
-            generic_copy(&mut session, &mut stream, &meta, context, shutdown, record).await
-        }
-        UpstreamStream::Tls(mut stream) => {
-            generic_copy(&mut session, &mut *stream, &meta, context, shutdown, record).await
-        }
-    }
-}
-
-/// The copy for connections with TLS on either side.
-async fn generic_copy<A, B>(
-    client: &mut A,
-    upstream: &mut B,
-    link: &LinkMeta,
-    context: &ListenerContext,
-    shutdown: &Shutdown,
-    record: &mut ConnectionRecord<'_>,
-) where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let outcome = tls::copy_streams(
-        client,
-        upstream,
-        link.idle_timeout,
-        Counters {
-            listener: &context.stats.bytes_in,
-            upstream: &link.upstream.stats.bytes_sent,
-        },
-        Counters {
-            listener: &context.stats.bytes_out,
-            upstream: &link.upstream.stats.bytes_received,
-        },
-        async {
+    loop {
+        let socket = client_socket(&client);
+        let Some(link) = connect_client(socket, origin, pool, context, shutdown, record).await
+        else {
+            return;
+        };
+        let Link {
+            stream: mut upstream_stream,
+            meta: link,
+        } = link;
+        let upstream = &link.upstream;
+        tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
+        upstream.stats.connections_total.fetch_add(1, Relaxed);
+        let _upstream_active = Active::enter(&upstream.stats.connections_active);
+        let closed = std::pin::pin!(async {
             tokio::select! {
                 _ = shutdown.force_closed() => {}
                 _ = link.close.cancelled() => {}
             }
-        },
-    )
-    .await;
-    record.copied(&outcome, shutdown.is_force_closed());
-    debug!(
-        upstream = %link.upstream.label(),
-        end = %record.end,
-        sent = outcome.client_to_upstream,
-        received = outcome.upstream_to_client,
-        "upstream connection closed"
-    );
+        });
+        let limits = Limits {
+            idle_timeout: link.idle_timeout,
+            closed,
+        };
+        let outcome = copy::run(
+            &mut client,
+            &mut upstream_stream,
+            limits,
+            Counters {
+                listener: &context.stats.bytes_in,
+                upstream: &upstream.stats.bytes_sent,
+            },
+            Counters {
+                listener: &context.stats.bytes_out,
+                upstream: &upstream.stats.bytes_received,
+            },
+        )
+        .await;
+        record.copied(&outcome, shutdown.is_force_closed());
+        debug!(
+            upstream = %upstream.label(),
+            end = %record.end,
+            sent = outcome.client_to_upstream,
+            received = outcome.upstream_to_client,
+            "upstream connection closed"
+        );
+        let silent = outcome.client_to_upstream == 0 && outcome.upstream_to_client == 0;
+        let moved_by_failover = outcome.end == CopyEnd::Closed
+            && link.close.is_cancelled()
+            && !shutdown.is_force_closed();
+        if !(silent && moved_by_failover) {
+            return;
+        }
+        debug!(
+            upstream = %upstream.label(),
+            "upstream went down before any byte; reconnecting the client"
+        );
+    }
+}
+
+/// The client's TCP socket, under its TLS session if any.
+fn client_socket(client: &ClientStream) -> &TcpStream {
+    match client {
+        Either::Left(socket) => socket,
+        Either::Right(session) => &session.get_ref().0.inner,
+    }
 }
 
 /// Routes and connects one client: attempts in the pool's order, each failure counted
@@ -360,7 +297,7 @@ async fn connect_client(
                     route.config.connect_timeout,
                 ));
                 match handshake.await {
-                    Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
+                    Ok(stream) => Ok(Either::Right(Box::new(stream))),
                     Err(e) => {
                         debug!(upstream = %route.upstreams[index].label(), error = %e, "upstream TLS failed");
                         Err(ConnectFailure::Tls)
@@ -373,7 +310,7 @@ async fn connect_client(
                 {
                     Err(ConnectFailure::Reset)
                 } else {
-                    Ok(UpstreamStream::Plain(connected.stream))
+                    Ok(Either::Left(connected.stream))
                 }
             }
         };
@@ -508,15 +445,23 @@ async fn choose_pool(
             record,
         )
         .await?;
-    let routed = name
-        .as_deref()
-        .and_then(|n| listener.sni.lookup(n))
-        .cloned();
+    pool_for_name(name.as_deref(), listener, handshake.context, record)
+}
+
+/// The pool a TLS server name selects: its SNI route, else the listener's pool. `None`
+/// (counted as `NoRoute`) when neither exists.
+fn pool_for_name(
+    name: Option<&str>,
+    listener: &ListenerRoute,
+    context: &ListenerContext,
+    record: &mut ConnectionRecord<'_>,
+) -> Option<String> {
+    let routed = name.and_then(|n| listener.sni.lookup(n)).cloned();
     let pool = routed.or_else(|| listener.config.pool.clone());
     if pool.is_none() {
-        handshake.context.stats.reject(RejectReason::NoRoute);
+        context.stats.reject(RejectReason::NoRoute);
         record.reject(RejectReason::NoRoute);
-        debug!(server_name = %name.as_deref().unwrap_or("(none)"), "no SNI route matches and there is no default pool; closing");
+        debug!(server_name = %name.unwrap_or("(none)"), "no SNI route matches the server name and there is no default pool; closing");
     }
     pool
 }
@@ -574,7 +519,7 @@ impl Handshake<'_> {
 /// closed its write side with an incomplete hello is an error at once: peeking the same
 /// bytes again would otherwise spin without ever yielding to the timer.
 async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<String>, String> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
+    let fd = std::os::fd::AsFd::as_fd(client);
     let start = early.len();
     let mut buf = vec![0u8; (start + 4096).min(sni::MAX_PEEK_LEN.max(start))];
     buf[..start].copy_from_slice(early);

@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
@@ -201,15 +201,15 @@ impl Pipe {
 
     /// Moves up to [`CHUNK`] bytes from socket `from` into the pipe, without blocking.
     /// `Ok(0)` is end of stream.
-    pub fn fill_from(&mut self, from: RawFd) -> io::Result<usize> {
-        let n = splice(from, self.write.as_raw_fd(), CHUNK)?;
+    pub fn fill_from(&mut self, from: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = splice(from, self.write.as_fd(), CHUNK)?;
         self.pending += n;
         Ok(n)
     }
 
     /// Moves pending bytes from the pipe into socket `to`, without blocking.
-    pub fn drain_into(&mut self, to: RawFd) -> io::Result<usize> {
-        let n = splice(self.read.as_raw_fd(), to, self.pending)?;
+    pub fn drain_into(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = splice(self.read.as_fd(), to, self.pending)?;
         self.pending -= n;
         SPLICED.fetch_add(n as u64, Relaxed);
         Ok(n)
@@ -223,15 +223,15 @@ impl Drop for Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: splice only reads and writes kernel buffers behind the two descriptors,
-    // which the callers keep open for the duration of the call (borrowed from a live
-    // TcpStream and from this Pipe); null offsets are required for sockets and pipes.
+    // which the borrows keep open for the duration of the call; null offsets are
+    // required for sockets and pipes.
     let n = unsafe {
         libc::splice(
-            from,
+            from.as_raw_fd(),
             std::ptr::null_mut(),
-            to,
+            to.as_raw_fd(),
             std::ptr::null_mut(),
             len,
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
@@ -246,10 +246,17 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// One non-blocking `recv(2)` into `buf`. The copy path calls it inside tokio's
 /// `try_io`, so that a short read can clear the socket's readiness at once instead of
 /// paying for one more read that would only say "would block".
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: recv writes at most `buf.len()` bytes into memory we exclusively borrow;
-    // `fd` is borrowed from a TcpStream the caller keeps alive during the call.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    // the borrow keeps `fd` open during the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -257,12 +264,12 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// One non-blocking `recv(2)` with `MSG_PEEK`: the bytes stay queued for the copy.
-pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: as in `recv`: at most `buf.len()` bytes into memory we exclusively borrow,
-    // on a descriptor the caller keeps open.
+    // on a descriptor the borrow keeps open.
     let n = unsafe {
         libc::recv(
-            fd,
+            fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
