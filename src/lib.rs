@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod dial;
 pub mod drill;
 pub mod error;
 pub mod events;
@@ -27,6 +28,7 @@ pub mod snapshot;
 pub mod status;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

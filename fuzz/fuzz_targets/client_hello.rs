@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use switchyard::names::validate_pattern;
-use switchyard::proxy::sni::{MAX_CLIENT_HELLO_LEN, MAX_PEEK_LEN, parse_client_hello};
+use switchyard::wire::client_hello::{MAX_CLIENT_HELLO_LEN, MAX_PEEK_LEN, parse_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     match data.split_first() {

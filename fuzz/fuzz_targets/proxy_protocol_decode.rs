@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::proxy::proxy_protocol::{Accept, DecodeError, MAX_HEADER_LEN, decode};
+use switchyard::wire::proxy_protocol::{Accept, DecodeError, MAX_HEADER_LEN, decode};
 
 fuzz_target!(|input: &[u8]| {
     for accept in [Accept::V1, Accept::V2, Accept::Any] {

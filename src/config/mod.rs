@@ -91,20 +91,10 @@ pub struct ListenerConfig {
     pub proxy_protocol_from: Vec<IpNet>,
 }
 
-/// Which PROXY protocol versions a listener accepts from clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyProtocolAccept {
-    V1,
-    V2,
-    Any,
-}
-
-/// The PROXY protocol version a pool sends to its upstreams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyProtocolVersion {
-    V1,
-    V2,
-}
+/// One vocabulary for the PROXY protocol: the wire format's own enums.
+pub use crate::wire::proxy_protocol::{
+    Accept as ProxyProtocolAccept, Version as ProxyProtocolVersion,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {

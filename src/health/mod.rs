@@ -26,11 +26,11 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, PoolConfig, UpstreamConfig};
+use crate::dial::{Unconnected, open};
 use crate::error::warn_local_exhaustion;
 use crate::metrics::ConnectFailure;
-use crate::proxy::connect::{Unconnected, open};
-use crate::proxy::proxy_protocol;
 use crate::upstream::Upstream;
+use crate::wire::proxy_protocol;
 
 /// The first check of every upstream starts within this, spread at random so that many
 /// upstreams are not all connected to at the same instant.
@@ -244,8 +244,7 @@ pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
     };
     let checked = async {
         if let Some(version) = pool.proxy_protocol {
-            let header =
-                proxy_protocol::encode_local(crate::proxy::proxy_protocol_version(version));
+            let header = proxy_protocol::encode_local(version);
             stream
                 .write_all(&header)
                 .await
@@ -255,7 +254,7 @@ pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
             None => exchange(&mut stream, health).await,
             Some(tls) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let mut session = crate::proxy::tls::connect(tls, &upstream.target, stream, left)
+                let mut session = crate::dial::tls(tls, &upstream.target, stream, left)
                     .await
                     .map_err(|_| CheckFailure::Connect(ConnectFailure::Tls))?;
                 exchange(&mut session, health).await

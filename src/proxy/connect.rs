@@ -13,25 +13,17 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+
+use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
-use crate::error::{ConnectError, is_local_exhaustion};
+use crate::dial::{Unconnected, open, tune};
+use crate::error::ConnectError;
 use crate::metrics::ConnectFailure;
 use crate::snapshot::PoolRoute;
 
 type Attempt = Pin<Box<dyn Future<Output = (usize, Result<TcpStream, Unconnected>)> + Send>>;
-
-/// Why a connection to an upstream was not made.
-#[derive(Debug)]
-pub enum Unconnected {
-    /// The upstream refused, reset, was unreachable or too slow: its failure.
-    Upstream(ConnectFailure),
-    /// We could not even try (see [`is_local_exhaustion`]): says nothing about it.
-    LocalResources(io::Error),
-}
 
 /// A connected upstream.
 #[derive(Debug)]
@@ -124,42 +116,4 @@ async fn attempt(
     let stream = open(addr, Instant::now() + timeout).await?;
     tune(&stream, keepalive);
     Ok(stream)
-}
-
-/// Opens a socket and connects it to `addr` by `deadline`, telling the upstream's
-/// failures apart from our own shortages. Shared with the active health checks, which
-/// must not blame an upstream for our own shortages either.
-pub async fn open(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, Unconnected> {
-    let classify = |e: io::Error| {
-        if is_local_exhaustion(&e) {
-            Unconnected::LocalResources(e)
-        } else {
-            Unconnected::Upstream(ConnectFailure::from_io(&e))
-        }
-    };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(classify)?;
-    match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
-        Err(_) => Err(Unconnected::Upstream(ConnectFailure::Timeout)),
-        Ok(Err(e)) => Err(classify(e)),
-        Ok(Ok(stream)) => Ok(stream),
-    }
-}
-
-/// `TCP_NODELAY` and keepalive on a connected socket. Failures are logged, not fatal:
-/// a connection without them still works.
-pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    if let Some(idle) = keepalive {
-        let params = TcpKeepalive::new().with_time(idle);
-        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&params) {
-            debug!(error = %e, "cannot set TCP keepalive");
-        }
-    }
 }

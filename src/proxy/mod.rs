@@ -9,8 +9,6 @@ pub mod access_log;
 pub mod connect;
 pub mod copy;
 pub mod listener;
-pub mod proxy_protocol;
-pub mod sni;
 pub mod splice;
 pub mod tls;
 
@@ -25,11 +23,12 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
-use crate::config::{ProxyProtocolAccept, ProxyProtocolVersion};
+use crate::config::ProxyProtocolVersion;
 use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{ListenerRoute, Upstream};
+use crate::wire::{client_hello as sni, proxy_protocol};
 use access_log::{ConnectionRecord, End};
 use copy::{CopyEnd, Counters, Limits};
 use listener::ListenerContext;
@@ -290,7 +289,7 @@ async fn connect_client(
             (_, Err(_)) => Err(ConnectFailure::Reset),
             (Some(tls), Ok(())) => {
                 let target = &route.upstreams[index].config.target;
-                let handshake = Box::pin(tls::connect(
+                let handshake = Box::pin(crate::dial::tls(
                     tls,
                     target,
                     connected.stream,
@@ -406,7 +405,7 @@ async fn client_origin(
     }
     let (header, early) = handshake
         .step(
-            read_proxy_header(client, accept_mode(accept)),
+            read_proxy_header(client, accept),
             RejectReason::ProxyProtocol,
             "PROXY header",
             record,
@@ -603,32 +602,13 @@ async fn introduce(
     origin: &Origin,
 ) -> std::io::Result<()> {
     if let Some(version) = version {
-        let header = proxy_protocol::encode(
-            proxy_protocol_version(version),
-            origin.source,
-            origin.destination,
-        );
+        let header = proxy_protocol::encode(version, origin.source, origin.destination);
         copy::write_all(upstream, &header).await?;
     }
     if !origin.early.is_empty() {
         copy::write_all(upstream, &origin.early).await?;
     }
     Ok(())
-}
-
-pub(crate) fn proxy_protocol_version(version: ProxyProtocolVersion) -> proxy_protocol::Version {
-    match version {
-        ProxyProtocolVersion::V1 => proxy_protocol::Version::V1,
-        ProxyProtocolVersion::V2 => proxy_protocol::Version::V2,
-    }
-}
-
-fn accept_mode(accept: ProxyProtocolAccept) -> proxy_protocol::Accept {
-    match accept {
-        ProxyProtocolAccept::V1 => proxy_protocol::Accept::V1,
-        ProxyProtocolAccept::V2 => proxy_protocol::Accept::V2,
-        ProxyProtocolAccept::Any => proxy_protocol::Accept::Any,
-    }
 }
 
 fn unspecified_like(addr: SocketAddr) -> SocketAddr {

@@ -9,11 +9,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 
 /// Replays bytes already read from a socket (after a PROXY header) before the socket's
 /// own, so that a TLS handshake sees the client's bytes in order.
@@ -38,24 +37,6 @@ pub async fn accept(
         .accept(stream)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))
-}
-
-/// Originates a TLS session to an upstream within `timeout`.
-pub async fn connect(
-    tls: &crate::tls::ClientTls,
-    target: &str,
-    upstream: TcpStream,
-    timeout: Duration,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let name = tls
-        .server_name(target)
-        .ok_or_else(|| format!("no valid server name for {target}"))?;
-    let connector = TlsConnector::from(tls.config.clone());
-    match tokio::time::timeout(timeout, connector.connect(name, upstream)).await {
-        Err(_) => Err("TLS handshake timed out".to_string()),
-        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-        Ok(Ok(stream)) => Ok(stream),
-    }
 }
 
 // === impl Prefixed ===

@@ -1,10 +1,9 @@
-//! Recognising a TLS ClientHello and its server name (SNI), and choosing a route by it.
+//! Recognising a TLS ClientHello and its server name (SNI).
 //!
-//! This module owns two pure pieces of SNI routing: [`parse_client_hello`], which reads
-//! the bytes a client has sent so far (peeked by the caller) and says whether they are
-//! an incomplete ClientHello, a complete one (with its server name and ALPN protocols),
-//! or not a ClientHello at all; and [`SniRoutes`], which maps a server name to a target
-//! by exact name or one leading wildcard label.
+//! [`parse_client_hello`] reads the bytes a client has sent so far (peeked by the
+//! caller) and says whether they are an incomplete ClientHello, a complete one (with its
+//! server name and ALPN protocols), or not a ClientHello at all. Choosing a route by the
+//! name is `crate::names::SniRoutes`.
 //!
 //! It must not do I/O or keep state between calls: the caller peeks, calls again with
 //! more bytes, and owns the timeout. It never modifies or consumes bytes either, because

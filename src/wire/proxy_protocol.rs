@@ -15,7 +15,6 @@
 //!
 //! Reference: <https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// The longest v1 header, CRLF included, that the protocol allows (107 bytes).
@@ -657,17 +656,6 @@ impl IpPair {
             (IpAddr::V4(s), IpAddr::V4(d)) => IpPair::V4(s, d),
             (s, d) => IpPair::V6(v6(s), v6(d)),
         }
-    }
-}
-
-// === impl Version ===
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Version::V1 => "v1",
-            Version::V2 => "v2",
-        })
     }
 }
 

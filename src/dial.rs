@@ -1,0 +1,81 @@
+//! Opening connections to upstreams, for clients and for health checks alike: TCP with
+//! our own shortages told apart from the upstream's failures, tuning, and TLS
+//! origination. Below both the proxy and the health checks.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::error::is_local_exhaustion;
+use crate::metrics::ConnectFailure;
+
+/// Why a connection to an upstream was not made.
+#[derive(Debug)]
+pub enum Unconnected {
+    /// The upstream refused, reset, was unreachable or too slow: its failure.
+    Upstream(ConnectFailure),
+    /// We could not even try (see [`is_local_exhaustion`]): says nothing about it.
+    LocalResources(io::Error),
+}
+
+/// Opens a socket and connects it to `addr` by `deadline`, telling the upstream's
+/// failures apart from our own shortages. Shared with the active health checks, which
+/// must not blame an upstream for our own shortages either.
+pub async fn open(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, Unconnected> {
+    let classify = |e: io::Error| {
+        if is_local_exhaustion(&e) {
+            Unconnected::LocalResources(e)
+        } else {
+            Unconnected::Upstream(ConnectFailure::from_io(&e))
+        }
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(classify)?;
+    match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
+        Err(_) => Err(Unconnected::Upstream(ConnectFailure::Timeout)),
+        Ok(Err(e)) => Err(classify(e)),
+        Ok(Ok(stream)) => Ok(stream),
+    }
+}
+
+/// `TCP_NODELAY` and keepalive on a connected socket. Failures are logged, not fatal:
+/// a connection without them still works.
+pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Some(idle) = keepalive {
+        let params = TcpKeepalive::new().with_time(idle);
+        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&params) {
+            debug!(error = %e, "cannot set TCP keepalive");
+        }
+    }
+}
+
+/// Originates a TLS session to an upstream within `timeout`.
+pub async fn tls(
+    tls: &crate::tls::ClientTls,
+    target: &str,
+    upstream: TcpStream,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let name = tls
+        .server_name(target)
+        .ok_or_else(|| format!("no valid server name for {target}"))?;
+    let connector = TlsConnector::from(tls.config.clone());
+    match tokio::time::timeout(timeout, connector.connect(name, upstream)).await {
+        Err(_) => Err("TLS handshake timed out".to_string()),
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Ok(Ok(stream)) => Ok(stream),
+    }
+}
