@@ -1,7 +1,8 @@
 //! switchyard: a Layer-4 (TCP) proxy with built-in failover.
 //!
-//! Data flows config → routing snapshot → proxy (and, later, health and admin); reload
-//! and shutdown are the two lifecycle edges. `main.rs` only parses arguments, sets up
+//! Data flows config → routing snapshot → proxy / health / admin, with the controller as
+//! the snapshot's only writer; reload and shutdown are the two lifecycle edges. The
+//! README's layout lists the modules lowest first. `main.rs` only parses arguments, sets up
 //! logging and calls [`run`]; tests call [`Proxy::start`] on listeners bound to port 0.
 
 #![deny(unsafe_code)]
