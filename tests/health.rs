@@ -118,3 +118,25 @@ async fn health_check_counters_count_every_result() {
         "staying up produces no event"
     );
 }
+
+/// With `send` and an empty `expect`, any reply byte passes and none fails: a hung
+/// server still completes the connect and takes the bytes, but never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_with_an_empty_expect_needs_a_reply_byte() {
+    let answering = Backend::start("answering").await;
+    let hung = Backend::start("hung").await;
+    let health = "[pools.p.health]\ninterval = \"100ms\"\nfast_interval = \"50ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\nsend = \"PING\\r\\n\"\nexpect = \"\"\n";
+    let proxy = start_proxy(&pool_config(
+        &[("answering", answering.addr, 0), ("hung", hung.addr, 1)],
+        "",
+        health,
+    ));
+    wait_first_checks(&proxy).await;
+    hung.hang();
+    let down = wait_event(&proxy, "hung", "down", SOON).await;
+    assert_eq!(down.reason, "check timeout");
+    // The answering one keeps passing all along.
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert_eq!(route.upstreams[0].stats.checks_failed.load(Relaxed), 0);
+    assert!(route.states[0].is_usable());
+}

@@ -281,7 +281,17 @@ where
         stream.flush().await.map_err(|_| CheckFailure::Io)?;
     }
     if health.expect.is_empty() {
-        return Ok(());
+        if health.send.is_empty() {
+            return Ok(());
+        }
+        // Something was sent: any reply byte passes, none fails. A frozen server still
+        // completes the connect and takes the bytes, but never answers.
+        let mut byte = [0u8; 1];
+        return match stream.read(&mut byte).await {
+            Ok(0) => Err(CheckFailure::Closed),
+            Ok(_) => Ok(()),
+            Err(_) => Err(CheckFailure::Io),
+        };
     }
     let mut reply = vec![0u8; health.expect.len()];
     let mut got = 0;
