@@ -105,6 +105,10 @@ pub struct Controller {
     listeners: HashMap<String, Arc<ListenerRoute>>,
     /// Closers to fire once the snapshot that excludes their upstream is published.
     closing: Vec<Arc<Closer>>,
+    /// Events of changes not yet published: recorded only after the swap, so that
+    /// whoever sees an event (the admin API, a drill, a test) finds routing already
+    /// changed.
+    unpublished: Vec<PendingEvent>,
     snapshot: SharedSnapshot,
     events: Arc<EventLog>,
     checkers: Checkers,
@@ -114,6 +118,36 @@ pub struct Controller {
     commands: mpsc::UnboundedReceiver<Message>,
     checks: mpsc::UnboundedReceiver<CheckReport>,
     passive: mpsc::UnboundedReceiver<PassiveReport>,
+}
+
+/// An event waiting for the snapshot that carries its change.
+struct PendingEvent {
+    kind: EventKind,
+    pool: String,
+    upstream: Option<String>,
+    old: String,
+    new: String,
+    reason: String,
+}
+
+impl PendingEvent {
+    fn new(
+        kind: EventKind,
+        pool: &str,
+        upstream: Option<&str>,
+        old: &str,
+        new: &str,
+        reason: &str,
+    ) -> Self {
+        Self {
+            kind,
+            pool: pool.to_string(),
+            upstream: upstream.map(str::to_string),
+            old: old.to_string(),
+            new: new.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// How the controller starts checkers, and where their reports go.
@@ -239,6 +273,7 @@ impl Controller {
             pools,
             listeners: reconcile::listener_routes(config),
             closing: Vec::new(),
+            unpublished: Vec::new(),
             snapshot: Arc::new(ArcSwap::from_pointee(RoutingSnapshot::default())),
             events,
             checkers,
@@ -432,7 +467,22 @@ impl Controller {
         if self.refresh_without_publish(p) {
             self.publish(p);
         }
+        self.record_published_events();
         self.close_pending();
+    }
+
+    /// Records the events of what was just published, in the order they happened.
+    pub(super) fn record_published_events(&mut self) {
+        for e in self.unpublished.drain(..) {
+            self.events.record(
+                e.kind,
+                &e.pool,
+                e.upstream.as_deref(),
+                &e.old,
+                &e.new,
+                &e.reason,
+            );
+        }
     }
 
     /// Closes the connections of upstreams that went down or into maint.
@@ -463,14 +513,14 @@ impl Controller {
             let new = slot.state.state(now);
             if new != slot.shown {
                 let reason = slot.reason.take().unwrap_or_default();
-                self.events.record(
+                self.unpublished.push(PendingEvent::new(
                     EventKind::Upstream,
                     &pool.config.name,
                     Some(slot.upstream.label()),
                     slot.shown.as_str(),
                     new.as_str(),
                     &reason,
-                );
+                ));
                 slot.shown_reason = reason;
                 slot.since_unix_ms = unix_ms();
                 if new == State::Up {

@@ -43,6 +43,7 @@ impl Controller {
             self.refresh_without_publish(p);
         }
         self.publish_all();
+        self.record_published_events();
         self.close_pending();
     }
 

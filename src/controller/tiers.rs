@@ -63,6 +63,7 @@ impl Controller {
                     Instant::now(),
                 );
                 self.publish(p);
+                self.record_published_events();
                 Ok(priorities[preferred])
             }
             (Some(active), _) => Err(ControlError::AlreadyBest {
@@ -77,14 +78,14 @@ impl Controller {
         let pool = &mut self.pools[p];
         let priorities = pool.config.priorities();
         let name = |t: Option<usize>| t.map_or("none".to_string(), |t| priorities[t].to_string());
-        self.events.record(
+        self.unpublished.push(super::PendingEvent::new(
             EventKind::Tier,
             &pool.config.name,
             None,
             &name(pool.active_tier),
             &name(to),
             &reason,
-        );
+        ));
         match (pool.active_tier, to) {
             (Some(from), Some(to)) if to < from => {
                 pool.stats.failbacks.fetch_add(1, Relaxed);
