@@ -61,6 +61,23 @@ pub async fn metrics(admin: SocketAddr) -> prometheus_parse::Scrape {
         .expect("valid Prometheus text")
 }
 
+/// The sum of every `/metrics` sample of `name` whose labels include `labels` (0 when
+/// there is none): one sample when `labels` name it fully.
+pub async fn metric_sum(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics(admin)
+        .await
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
 /// The upstream named `name` of pool `pool` in `/status`.
 pub fn upstream_status<'a>(
     status: &'a serde_json::Value,

@@ -21,17 +21,51 @@ impl ChildProxy {
     /// Starts the binary on `toml` (which must have an `[admin]` table on `admin`) and
     /// waits until the admin API answers.
     pub async fn start(toml: &str, admin: SocketAddr) -> Self {
+        Self::launch(toml, admin, &[], None).await
+    }
+
+    /// Like [`start`](Self::start), with `args` before `run` and, with `nofile`, under
+    /// that RLIMIT_NOFILE (descriptors scarce on purpose).
+    pub async fn start_limited(
+        toml: &str,
+        admin: SocketAddr,
+        args: &[&str],
+        nofile: Option<u64>,
+    ) -> Self {
+        Self::launch(toml, admin, args, nofile).await
+    }
+
+    async fn launch(toml: &str, admin: SocketAddr, args: &[&str], nofile: Option<u64>) -> Self {
         let dir = test_dir();
         let config_path = dir.join("switchyard.toml");
         let stderr_path = dir.join("stderr.log");
         std::fs::write(&config_path, toml).expect("write config");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command
+            .args(args)
             .args(["run", "-c"])
             .arg(&config_path)
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
-            .spawn()
-            .expect("start switchyard");
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        if let Some(nofile) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            // SAFETY: the closure runs in the forked child before exec; it only calls
+            // setrlimit(2), which is async-signal-safe, on a struct it owns, and builds
+            // its error from errno without allocating.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("start switchyard");
         let proxy = Self {
             child,
             admin,

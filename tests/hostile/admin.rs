@@ -398,86 +398,37 @@ async fn head_is_served_wherever_get_is_without_a_body() {
     setup.assert_serving().await;
 }
 
-/// `switchyard run` under `ulimit -n`, so that descriptors are scarce; killed on drop.
-struct LimitedChild {
-    child: std::process::Child,
-    dir: PathBuf,
-}
-
-impl LimitedChild {
-    async fn start(toml: &str, admin: SocketAddr, descriptors: u64) -> Self {
-        let dir = test_dir();
-        let config_path = dir.join("switchyard.toml");
-        std::fs::write(&config_path, toml).expect("write config");
-        let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr file");
-        let child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n {descriptors} && exec \"$0\" run -c \"$1\""
-            ))
-            .arg(env!("CARGO_BIN_EXE_switchyard"))
-            .arg(&config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start switchyard");
-        let proxy = Self { child, dir };
-        let deadline = Instant::now() + SOON;
-        while TcpStream::connect(admin).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "admin API never came up: {}",
-                proxy.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        proxy
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
-    }
-
-    /// TCP connections on local port `port` that this process holds a descriptor for,
-    /// listening sockets aside: the admin connections the server keeps open.
-    fn connections_held(&self, port: u16) -> usize {
-        let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|dir| {
-                dir.filter_map(|entry| {
-                    let link = std::fs::read_link(entry.ok()?.path()).ok()?;
-                    let link = link.to_str()?;
-                    link.strip_prefix("socket:[")?
-                        .strip_suffix(']')?
-                        .parse()
-                        .ok()
-                })
-                .collect()
+/// TCP connections on local port `port` that `child` holds a descriptor for,
+/// listening sockets aside: the admin connections the server keeps open.
+fn connections_held(child: &ChildProxy, port: u16) -> usize {
+    let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", child.child.id()))
+        .map(|dir| {
+            dir.filter_map(|entry| {
+                let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let link = link.to_str()?;
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
             })
-            .unwrap_or_default();
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        table
-            .lines()
-            .skip(1)
-            .filter(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let local_port = fields
-                    .get(1)
-                    .and_then(|local| local.rsplit_once(':'))
-                    .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
-                let listening = fields.get(3) == Some(&"0A");
-                let inode = fields.get(9).and_then(|i| i.parse::<u64>().ok());
-                local_port == Some(port) && !listening && inode.is_some_and(|i| inodes.contains(&i))
-            })
-            .count()
-    }
-}
-
-impl Drop for LimitedChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+            .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|local| local.rsplit_once(':'))
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            let listening = fields.get(3) == Some(&"0A");
+            let inode = fields.get(9).and_then(|i| i.parse::<u64>().ok());
+            local_port == Some(port) && !listening && inode.is_some_and(|i| inodes.contains(&i))
+        })
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,7 +443,7 @@ async fn a_thousand_idle_admin_connections_neither_lock_out_livez_nor_starve_the
         "[admin]\nlisten = \"{admin}\"\n\n{}",
         checked_pool_config(&[(echo.addr, 0)], "", health)
     );
-    let proxy = LimitedChild::start(&config, admin, DESCRIPTORS).await;
+    let proxy = ChildProxy::start_limited(&config, admin, &[], Some(DESCRIPTORS)).await;
 
     let status = exchange(admin, &request("GET", "/status", &[]))
         .await
@@ -528,7 +479,7 @@ async fn a_thousand_idle_admin_connections_neither_lock_out_livez_nor_starve_the
             wait_until(
                 SOON,
                 &format!("the server keeps at most {cap} admin connections ({n} opened)"),
-                || proxy.connections_held(admin.port()) <= cap,
+                || connections_held(&proxy, admin.port()) <= cap,
             )
             .await;
         }

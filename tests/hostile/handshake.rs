@@ -65,27 +65,13 @@ impl Fixture {
     }
 
     async fn rejected(&self, listener: &str, reason: &str) -> f64 {
-        counter(
-            &metrics(self.proxy.admin).await,
+        metric_sum(
+            self.proxy.admin,
             "switchyard_connections_rejected_total",
             &[("listener", listener), ("reason", reason)],
         )
+        .await
     }
-}
-
-fn counter(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 /// Waits for the proxy to close `stream`; how long that took.

@@ -6,8 +6,7 @@
 //! counts that no parallel test disturbs. Both read the counts from `/metrics`.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -21,82 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
-/// Starts `switchyard run` on `toml` (with an `[admin]` table on `admin`) under a
-/// descriptor limit of `nofile`, and waits until the admin API answers.
+/// `switchyard run` on `toml` under a descriptor limit of `nofile`, logging warnings
+/// only (400 clients would otherwise fill the log this test reads).
 async fn start_limited(toml: &str, admin: SocketAddr, nofile: u64) -> ChildProxy {
-    let dir = test_dir();
-    let config_path = dir.join("switchyard.toml");
-    let stderr_path = dir.join("stderr.log");
-    std::fs::write(&config_path, toml).expect("write config");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    command
-        .args(["run", "--log-level", "warn", "-c"])
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
-    let limit = libc::rlimit {
-        rlim_cur: nofile,
-        rlim_max: nofile,
-    };
-    // SAFETY: the closure runs in the forked child before exec; it only calls
-    // setrlimit(2), which is async-signal-safe, on a struct it owns, and builds its
-    // error from errno without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = command.spawn().expect("start switchyard");
-    let proxy = ChildProxy {
-        child,
-        admin,
-        config_path,
-        stderr_path,
-    };
-    let deadline = Instant::now() + SOON;
-    while TcpStream::connect(admin).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "admin API never came up: {}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    proxy
-}
-
-/// The value of one sample of `/metrics` (0 when absent).
-async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let scrape = metrics(admin).await;
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map_or(0.0, |s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-}
-
-/// Sum of every sample of `name` whose labels include `labels`.
-async fn metric_sum(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let scrape = metrics(admin).await;
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    ChildProxy::start_limited(toml, admin, &["--log-level", "warn"], Some(nofile)).await
 }
 
 /// Polls until `GET /livez` answers 200 and an echo round trip through `front` works
@@ -235,7 +162,7 @@ async fn out_of_descriptors_no_healthy_upstream_is_blamed_and_no_failover_happen
     )
     .await;
     assert_eq!(failed_checks, 0.0, "health checks counted as failed");
-    let local = metric(
+    let local = metric_sum(
         admin,
         "switchyard_connections_failed_total",
         &[("listener", "front"), ("reason", "local_resources")],
@@ -246,7 +173,7 @@ async fn out_of_descriptors_no_healthy_upstream_is_blamed_and_no_failover_happen
         "no client failure counted as local_resources: {}",
         proxy.stderr()
     );
-    let upstreams_failed = metric(
+    let upstreams_failed = metric_sum(
         admin,
         "switchyard_connections_failed_total",
         &[("listener", "front"), ("reason", "upstreams_failed")],
@@ -337,8 +264,8 @@ async fn transfers_reset_mid_splice_give_every_pipe_back_and_splicing_goes_on() 
     // 512 descriptors: a pool of 64 pipes, which leaked counts would soon use up.
     let mut proxy = start_limited(&config, admin, 512).await;
     still_serving(admin, front, "before the resets").await;
-    let in_use = || metric(admin, "switchyard_splice_pipes", &[("state", "in_use")]);
-    let spliced = || metric(admin, "switchyard_splice_bytes_total", &[]);
+    let in_use = || metric_sum(admin, "switchyard_splice_pipes", &[("state", "in_use")]);
+    let spliced = || metric_sum(admin, "switchyard_splice_bytes_total", &[]);
 
     for batch in 0..CLIENTS / BATCH {
         let mut streams = Vec::new();
@@ -375,7 +302,7 @@ async fn transfers_reset_mid_splice_give_every_pipe_back_and_splicing_goes_on() 
         }
     }
     wait_until_async(SOON, "every reset connection closed", || async {
-        metric(
+        metric_sum(
             admin,
             "switchyard_connections_active",
             &[("listener", "bulk")],
@@ -411,7 +338,7 @@ async fn transfers_reset_mid_splice_give_every_pipe_back_and_splicing_goes_on() 
         in_use().await == 0.0
     })
     .await;
-    let open = metric(admin, "switchyard_splice_pipes", &[("state", "open")]).await;
+    let open = metric_sum(admin, "switchyard_splice_pipes", &[("state", "open")]).await;
     // Nothing in use: what is open is cached, and idle pipes must leave room under
     // the cap of 64 for a thread whose cache is empty.
     assert!(open < 64.0, "{open} idle pipes fill the whole cap of 64");
