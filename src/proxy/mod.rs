@@ -8,6 +8,7 @@ pub mod access;
 pub mod access_log;
 pub mod connect;
 pub mod copy;
+pub mod handshake;
 pub mod listener;
 pub mod splice;
 pub mod tls;
@@ -28,9 +29,9 @@ use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{ListenerRoute, Upstream};
-use crate::wire::{client_hello as sni, proxy_protocol};
 use access_log::{ConnectionRecord, End};
 use copy::{CopyEnd, Counters, Limits};
+use handshake::{Handshake, HandshakeError, Step};
 use listener::ListenerContext;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -70,19 +71,17 @@ pub(crate) async fn serve(
         let mut record = ConnectionRecord::new(listener.access_log, &context.name, peer);
         // One deadline for every step before routing (PROXY header, ClientHello, TLS
         // handshake), so that a slow client cannot buy a fresh timeout per step.
-        let handshake = Handshake {
+        let steps = Handshake {
             context,
             shutdown,
             deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
         };
-        let Some(mut origin) =
-            client_origin(&client, peer, listener, &handshake, &mut record).await
+        let Some(mut origin) = client_origin(&client, peer, listener, &steps, &mut record).await
         else {
             return;
         };
         record.client = origin.source;
-        let Some((client, pool)) =
-            admit(client, &mut origin, listener, &handshake, &mut record).await
+        let Some((client, pool)) = admit(client, &mut origin, listener, &steps, &mut record).await
         else {
             return;
         };
@@ -120,11 +119,11 @@ async fn admit(
     client: TcpStream,
     origin: &mut Origin,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<(ClientStream, String)> {
     let Some(server_tls) = &listener.config.tls else {
-        let pool = choose_pool(&client, origin, listener, handshake, record).await?;
+        let pool = choose_pool(&client, origin, listener, steps, record).await?;
         return Some((Either::Left(client), pool));
     };
     // The handshake reads the bytes that followed a PROXY header; none are left for the
@@ -133,16 +132,15 @@ async fn admit(
     // Boxed, like every TLS future here: a rustls session is large, and an inline one
     // would grow every plain connection's task by its size.
     let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
-    let session = handshake
-        .step(
-            accepting,
-            RejectReason::TlsHandshake,
-            "TLS handshake",
+    let session = steps
+        .run(
+            Step::TlsHandshake,
+            async { accepting.await.map_err(HandshakeError::Tls) },
             record,
         )
         .await?;
     let name = session.get_ref().1.server_name().map(str::to_string);
-    let pool = pool_for_name(name.as_deref(), listener, handshake.context, record)?;
+    let pool = pool_for_name(name.as_deref(), listener, steps.context, record)?;
     Some((Either::Right(Box::new(session)), pool))
 }
 
@@ -381,10 +379,10 @@ async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<Origin> {
-    let context = handshake.context;
+    let context = steps.context;
     let local = client
         .local_addr()
         .unwrap_or_else(|_| unspecified_like(peer));
@@ -403,11 +401,10 @@ async fn client_origin(
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
     }
-    let (header, early) = handshake
-        .step(
-            read_proxy_header(client, accept),
-            RejectReason::ProxyProtocol,
-            "PROXY header",
+    let (header, early) = steps
+        .run(
+            Step::ProxyHeader,
+            handshake::expect_proxy_header(client, accept),
             record,
         )
         .await?;
@@ -430,21 +427,20 @@ async fn choose_pool(
     client: &TcpStream,
     origin: &Origin,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<String> {
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
     }
-    let name = handshake
-        .step(
-            peek_server_name(client, &origin.early),
-            RejectReason::ClientHello,
-            "ClientHello",
+    let name = steps
+        .run(
+            Step::ClientHello,
+            handshake::peek_server_name(client, &origin.early),
             record,
         )
         .await?;
-    pool_for_name(name.as_deref(), listener, handshake.context, record)
+    pool_for_name(name.as_deref(), listener, steps.context, record)
 }
 
 /// The pool a TLS server name selects: its SNI route, else the listener's pool. `None`
@@ -465,136 +461,6 @@ fn pool_for_name(
     pool
 }
 
-/// The steps of a client's setup before it is routed, under one deadline.
-struct Handshake<'a> {
-    context: &'a ListenerContext,
-    shutdown: &'a Shutdown,
-    /// Accept time plus `handshake_timeout`.
-    deadline: tokio::time::Instant,
-}
-
-impl Handshake<'_> {
-    /// Runs one step; a missed deadline refuses the client as `HandshakeTimeout`, a
-    /// failure as `failure`. A client still handshaking when the shutdown grace ends
-    /// is closed with the rest, not waited for.
-    async fn step<T>(
-        &self,
-        step: impl std::future::Future<Output = Result<T, String>>,
-        failure: RejectReason,
-        what: &str,
-        record: &mut ConnectionRecord<'_>,
-    ) -> Option<T> {
-        let bounded = tokio::time::timeout_at(self.deadline, step);
-        let outcome = tokio::select! {
-            outcome = bounded => outcome,
-            _ = self.shutdown.force_closed() => {
-                record.end = End::Shutdown;
-                debug!("shutdown grace ended during the {what}; closing");
-                return None;
-            }
-        };
-        match outcome {
-            Err(_) => {
-                self.context.stats.reject(RejectReason::HandshakeTimeout);
-                record.reject(RejectReason::HandshakeTimeout);
-                debug!("no complete {what} within handshake_timeout; closing");
-                None
-            }
-            Ok(Err(e)) => {
-                self.context.stats.reject(failure);
-                record.reject(failure);
-                debug!(error = %e, "bad {what}; closing");
-                None
-            }
-            Ok(Ok(value)) => Some(value),
-        }
-    }
-}
-
-/// Peeks (without consuming) until the whole ClientHello is visible; returns its server
-/// name. `early` are bytes already read after a PROXY header: the hello starts there.
-///
-/// Every turn of the loop either sees new bytes or awaits readiness, and a client that
-/// closed its write side with an incomplete hello is an error at once: peeking the same
-/// bytes again would otherwise spin without ever yielding to the timer.
-async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<String>, String> {
-    let fd = std::os::fd::AsFd::as_fd(client);
-    let start = early.len();
-    let mut buf = vec![0u8; (start + 4096).min(sni::MAX_PEEK_LEN.max(start))];
-    buf[..start].copy_from_slice(early);
-    let mut seen = 0;
-    loop {
-        if let Some(info) = match sni::parse_client_hello(&buf[..start + seen]) {
-            Ok(found) => found,
-            Err(e) => return Err(e.to_string()),
-        } {
-            return Ok(info.server_name);
-        }
-        if start + seen == buf.len() {
-            if buf.len() >= sni::MAX_PEEK_LEN {
-                return Err("ClientHello too large".to_string());
-            }
-            buf.resize((buf.len() * 2).min(sni::MAX_PEEK_LEN), 0);
-        }
-        let space = &mut buf[start..];
-        let peeked = client.try_io(Interest::READABLE, || {
-            let n = splice::peek(fd, space)?;
-            // Nothing new since the last look: report "would block" so that tokio
-            // clears the readiness and waits for the next arrival.
-            if n != 0 && n == seen {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match peeked {
-            Ok(0) => return Err("closed before the ClientHello was complete".to_string()),
-            Ok(n) => seen = n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let ready = client
-                    .ready(Interest::READABLE)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // A closed read side stays readable for ever. Bytes may have arrived
-                // together with the FIN, so look once more before giving up.
-                if ready.is_read_closed() {
-                    let n = splice::peek(fd, &mut buf[start..]).map_err(|e| e.to_string())?;
-                    if n == seen {
-                        return Err("closed before the ClientHello was complete".to_string());
-                    }
-                    seen = n;
-                }
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-        // Belt and braces: whatever the socket reports, this loop gives the scheduler
-        // (and the handshake deadline) a turn when it runs long.
-        tokio::task::coop::consume_budget().await;
-    }
-}
-
-/// Reads until a complete PROXY header has arrived; returns it and the bytes after it.
-async fn read_proxy_header(
-    client: &TcpStream,
-    accept: proxy_protocol::Accept,
-) -> Result<(proxy_protocol::Header, Vec<u8>), String> {
-    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER_LEN];
-    let mut filled = 0;
-    loop {
-        client.readable().await.map_err(|e| e.to_string())?;
-        match client.try_read(&mut buf[filled..]) {
-            Ok(0) => return Err("closed before the PROXY header was complete".to_string()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-        match proxy_protocol::decode(&buf[..filled], accept) {
-            Ok(Some((header, used))) => return Ok((header, buf[used..filled].to_vec())),
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
 /// Sends the pool's PROXY header, then whatever the client sent after its own header.
 async fn introduce(
     upstream: &TcpStream,
@@ -602,8 +468,7 @@ async fn introduce(
     origin: &Origin,
 ) -> std::io::Result<()> {
     if let Some(version) = version {
-        let header = proxy_protocol::encode(version, origin.source, origin.destination);
-        copy::write_all(upstream, &header).await?;
+        handshake::send_proxy_header(upstream, version, origin.source, origin.destination).await?;
     }
     if !origin.early.is_empty() {
         copy::write_all(upstream, &origin.early).await?;

@@ -27,16 +27,13 @@ pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     client: TcpStream,
     early: Vec<u8>,
-) -> Result<tokio_rustls::server::TlsStream<Prefixed>, String> {
+) -> io::Result<tokio_rustls::server::TlsStream<Prefixed>> {
     let stream = Prefixed {
         prefix: early,
         read: 0,
         inner: client,
     };
-    TlsAcceptor::from(config)
-        .accept(stream)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))
+    TlsAcceptor::from(config).accept(stream).await
 }
 
 // === impl Prefixed ===
