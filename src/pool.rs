@@ -1,6 +1,6 @@
 //! Pure routing decisions for one pool: which tier is preferred, and in which order a
-//! new client connection tries upstreams. No I/O and no clock, so every rule is a table
-//! test.
+//! new client connection tries upstreams. No I/O, and the time comes in as an argument,
+//! so every rule is a table test.
 
 use std::net::IpAddr;
 use std::sync::Arc;

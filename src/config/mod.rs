@@ -78,7 +78,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<NonZeroUsize>,
     /// listen(2) backlog. Default 1024.
     pub backlog: u32,
-    /// Bound on reading a client's PROXY protocol header. Default 5s.
+    /// One deadline from accept for everything before routing: the PROXY header, the
+    /// ClientHello SNI routing peeks at, and a terminated TLS handshake. Default 5s.
     pub handshake_timeout: Duration,
     /// When not empty, only clients from these networks are served.
     pub allow: Vec<IpNet>,
