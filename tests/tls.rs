@@ -326,8 +326,8 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
     let dir = test_dir();
     let pki = Pki::new(&dir, "main");
     pki.leaf("wild", &["a.example.com", "b.example.com"]);
-    let pa = Server::named("pa").await;
-    let pb = Server::named("pb").await;
+    let pa = Backend::start("pa").await;
+    let pb = Backend::start("pb").await;
     let text = format!(
         "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"pb\"\n\n[listeners.front.tls]\ncert = \"{d}/wild.pem\"\nkey = \"{d}/wild.key\"\nalpn = [\"h2\", \"http/1.1\"]\n\n[listeners.front.routes]\n\"a.example.com\" = \"pa\"\n\n\
          [pools.pa]\nupstreams = [{{ address = \"{a}\" }}]\n[pools.pa.health]\nenabled = false\n\n[pools.pb]\nupstreams = [{{ address = \"{b}\" }}]\n[pools.pb.health]\nenabled = false\n",
@@ -347,7 +347,7 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
         summary.contains("SNI a.example.com -> pool pa (after termination)"),
         "{summary}"
     );
-    for (sni, expected) in [("a.example.com", "pa"), ("b.example.com", "pb")] {
+    for (sni, expected) in [("a.example.com", "hello pa"), ("b.example.com", "hello pb")] {
         let mut config = (*pki.client_config("main", None)).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let mut tls = tls_client(proxy.addr("front"), Arc::new(config), sni)
