@@ -488,6 +488,7 @@ fn client_stream(addr: SocketAddr, limit: Duration) -> ClientStream {
         every: CLIENT_EVERY,
         limit,
         client_timeout: CLIENT_TIMEOUT,
+        speaks_first: false,
     }
 }
 

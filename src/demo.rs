@@ -124,6 +124,7 @@ base_ejection = "5s"
             every: CLIENT_EVERY,
             limit: END_AT,
             client_timeout: CLIENT_TIMEOUT,
+            speaks_first: false,
         }
         .run(Stop::AtLimit),
     );

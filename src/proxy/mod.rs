@@ -10,6 +10,7 @@ pub mod connect;
 pub mod copy;
 pub mod handshake;
 pub mod listener;
+pub mod opening;
 pub mod splice;
 pub mod tls;
 
@@ -25,14 +26,17 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
 use crate::config::ProxyProtocolVersion;
+use crate::health::passive::Feedback;
 use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
-use crate::snapshot::{ListenerRoute, Upstream};
+use crate::snapshot::{ListenerRoute, PoolRoute, Upstream};
 use access_log::{ConnectionRecord, End};
 use copy::{CopyEnd, Counters, Limits};
 use handshake::{Handshake, HandshakeError, Step};
 use listener::ListenerContext;
+use opening::{Moved, Opening, Replay, Unanswered};
+use tls::{ClientStream, UpstreamStream, client_socket};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
@@ -91,19 +95,22 @@ pub(crate) async fn serve(
     .await
 }
 
-/// The client side of a connection: its socket, or the TLS session this listener
-/// terminated on it.
-type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<tls::Prefixed>>>;
-
-/// The upstream side of a connection.
-type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
-
 /// What a copy needs to know about the upstream side.
 struct LinkMeta {
     upstream: Arc<Upstream>,
     /// Cancelled when the upstream's connections must close (down, maint, drain).
     close: CancellationToken,
     idle_timeout: Option<Duration>,
+    /// Set when the pool watches the opening exchange.
+    opening: Option<Box<OpeningWatch>>,
+}
+
+/// A pool's `first_byte_timeout` and `replay_unanswered`, and where to report an
+/// upstream that leaves a client unanswered.
+struct OpeningWatch {
+    first_byte_timeout: Option<Duration>,
+    replay_bound: usize,
+    feedback: Feedback,
 }
 
 /// A client's connection to one upstream, and what its copy needs.
@@ -147,7 +154,8 @@ async fn admit(
 /// Connects the client and copies until the connection ends. A client whose upstream
 /// was marked down before a byte flowed either way (a hung server that accepts and
 /// never answers) lost nothing, so it moves to another upstream instead of seeing an
-/// error, whatever TLS either side speaks.
+/// error, whatever TLS either side speaks. With `replay_unanswered`, so does a client
+/// whose bytes got no answer, within the bound: they are sent again to the next.
 async fn relay(
     mut client: ClientStream,
     origin: &Origin,
@@ -156,9 +164,14 @@ async fn relay(
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
 ) {
+    // Created on the first connect of a pool that watches the opening exchange.
+    let mut replay: Option<Replay> = None;
+    // Upstreams that left this client unanswered; allocated only then.
+    let mut tried: Vec<u64> = Vec::new();
     loop {
         let socket = client_socket(&client);
-        let Some(link) = connect_client(socket, origin, pool, context, shutdown, record).await
+        let Some(link) =
+            connect_client(socket, origin, pool, context, shutdown, record, &tried).await
         else {
             return;
         };
@@ -170,6 +183,73 @@ async fn relay(
         tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
         upstream.stats.connections_total.fetch_add(1, Relaxed);
         let _upstream_active = Active::enter(&upstream.stats.connections_active);
+        let inbound = Counters {
+            listener: &context.stats.bytes_in,
+            upstream: &upstream.stats.bytes_sent,
+        };
+        let outbound = Counters {
+            listener: &context.stats.bytes_out,
+            upstream: &upstream.stats.bytes_received,
+        };
+        let mut opened = Moved::default();
+        if let Some(watch) = &link.opening {
+            let replay =
+                replay.get_or_insert_with(|| Replay::new(watch.replay_bound, origin.early.len()));
+            let bounds = opening::Bounds {
+                first_byte_timeout: watch.first_byte_timeout,
+                idle_timeout: link.idle_timeout,
+                close: &link.close,
+                shutdown,
+            };
+            let opening = opening::until_answered(
+                &mut client,
+                &mut upstream_stream,
+                replay,
+                &bounds,
+                &inbound,
+                &outbound,
+                &mut opened,
+            )
+            .await;
+            record.moved(opened.client_to_upstream, opened.upstream_to_client);
+            let unanswered = match opening {
+                Opening::Handover => None,
+                Opening::Unanswered(why) => Some(why),
+                Opening::Idle | Opening::ClientFailed | Opening::Shutdown => {
+                    record.end = match opening {
+                        Opening::Idle => End::IdleTimeout,
+                        Opening::Shutdown => End::Shutdown,
+                        _ => End::ClientClosed,
+                    };
+                    return;
+                }
+            };
+            if let Some(why) = unanswered {
+                let failure = match why {
+                    Unanswered::Timeout => Some(ConnectFailure::FirstByteTimeout),
+                    Unanswered::Closed => Some(ConnectFailure::Reset),
+                    Unanswered::Down => None,
+                };
+                if let Some(failure) = failure {
+                    watch
+                        .feedback
+                        .connect_failed(upstream.id, &upstream.stats, failure);
+                }
+                opening::abandon(upstream_stream);
+                if !replay.replayable() {
+                    record.end = match why {
+                        Unanswered::Down => End::UpstreamDown,
+                        Unanswered::Closed => End::UpstreamClosed,
+                        Unanswered::Timeout => End::Unanswered,
+                    };
+                    debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; more was sent than can be replayed, closing");
+                    return;
+                }
+                debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; replaying to the next");
+                tried.push(upstream.id);
+                continue;
+            }
+        }
         let closed = std::pin::pin!(async {
             tokio::select! {
                 _ = shutdown.force_closed() => {}
@@ -180,29 +260,19 @@ async fn relay(
             idle_timeout: link.idle_timeout,
             closed,
         };
-        let outcome = copy::run(
-            &mut client,
-            &mut upstream_stream,
-            limits,
-            Counters {
-                listener: &context.stats.bytes_in,
-                upstream: &upstream.stats.bytes_sent,
-            },
-            Counters {
-                listener: &context.stats.bytes_out,
-                upstream: &upstream.stats.bytes_received,
-            },
-        )
-        .await;
+        let outcome = copy::run(&mut client, &mut upstream_stream, limits, inbound, outbound).await;
         record.copied(&outcome, shutdown.is_force_closed());
         debug!(
             upstream = %upstream.label(),
             end = %record.end,
-            sent = outcome.client_to_upstream,
-            received = outcome.upstream_to_client,
+            sent = outcome.client_to_upstream + opened.client_to_upstream,
+            received = outcome.upstream_to_client + opened.upstream_to_client,
             "upstream connection closed"
         );
-        let silent = outcome.client_to_upstream == 0 && outcome.upstream_to_client == 0;
+        let silent = outcome.client_to_upstream == 0
+            && outcome.upstream_to_client == 0
+            && opened.client_to_upstream == 0
+            && opened.upstream_to_client == 0;
         let moved_by_failover = outcome.end == CopyEnd::Closed
             && link.close.is_cancelled()
             && !shutdown.is_force_closed();
@@ -213,14 +283,6 @@ async fn relay(
             upstream = %upstream.label(),
             "upstream went down before any byte; reconnecting the client"
         );
-    }
-}
-
-/// The client's TCP socket, under its TLS session if any.
-fn client_socket(client: &ClientStream) -> &TcpStream {
-    match client {
-        Either::Left(socket) => socket,
-        Either::Right(session) => &session.get_ref().0.inner,
     }
 }
 
@@ -235,6 +297,7 @@ async fn connect_client(
     context: &ListenerContext,
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
+    tried: &[u64],
 ) -> Option<Link> {
     record.end = End::ConnectFailed;
     let route = context.snapshot.load().pool(pool).cloned();
@@ -245,7 +308,15 @@ async fn connect_client(
             .fail(crate::metrics::FailedReason::RemovedByReload);
         return None;
     };
-    let order = attempt_order(&route, origin.source.ip());
+    let order = attempt_order(&route, origin.source.ip(), tried);
+    if order.is_empty() && !tried.is_empty() {
+        context
+            .stats
+            .fail(crate::metrics::FailedReason::UpstreamsFailed);
+        record.end = End::Unanswered;
+        info!(pool = %route.config.name, "client closed: no upstream left to replay its unanswered bytes to");
+        return None;
+    }
     if order.is_empty() {
         context.stats.reject(RejectReason::NoUpstream);
         record.reject(RejectReason::NoUpstream);
@@ -331,6 +402,7 @@ async fn connect_client(
                         upstream: route.upstreams[index].clone(),
                         close: route.closers[index].token(),
                         idle_timeout: route.config.idle_timeout,
+                        opening: OpeningWatch::of(&route),
                     },
                 });
             }
@@ -518,4 +590,21 @@ async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: D
 fn peek(stream: &TcpStream) -> std::io::Result<usize> {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
     SockRef::from(stream).peek(&mut probe)
+}
+
+// === impl OpeningWatch ===
+
+impl OpeningWatch {
+    /// `None` for a pool that sets neither key: its clients go straight to the copy.
+    fn of(route: &PoolRoute) -> Option<Box<Self>> {
+        let config = &route.config;
+        if config.first_byte_timeout.is_none() && config.replay_unanswered.is_none() {
+            return None;
+        }
+        Some(Box::new(Self {
+            first_byte_timeout: config.first_byte_timeout,
+            replay_bound: config.replay_unanswered.unwrap_or(0),
+            feedback: route.feedback.clone(),
+        }))
+    }
 }
