@@ -79,14 +79,22 @@ impl SocketTable {
     }
 
     /// Adds a socket that comes from outside the runtime (from a previous process, say),
-    /// after checking that it is bound where the table will say it is.
-    /// Needs a running tokio runtime.
+    /// after checking that it is a listening TCP socket bound where the table will say
+    /// it is: a mix-up in the handover must fail here, not as an accept loop that never
+    /// accepts. Needs a running tokio runtime.
     pub fn adopt(
         &mut self,
         kind: Kind,
         addr: SocketAddr,
         socket: std::net::TcpListener,
     ) -> io::Result<()> {
+        let options = SockRef::from(&socket);
+        if options.r#type()? != Type::STREAM || !options.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the socket handed over for {addr} is not a listening TCP socket"),
+            ));
+        }
         let local = socket.local_addr()?;
         let matches = local.ip() == addr.ip() && (addr.port() == 0 || local.port() == addr.port());
         if !matches {
@@ -560,6 +568,28 @@ mod tests {
             error.to_string(),
             format!("the socket handed over for {claimed} is bound to {local}")
         );
+        assert!(table.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_socket_that_does_not_listen_is_refused() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bound_only = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        bound_only.bind(&addr.into()).unwrap();
+        let datagram = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        datagram.bind(&addr.into()).unwrap();
+        let mut table = SocketTable::default();
+        for socket in [bound_only, datagram] {
+            let local = socket.local_addr().unwrap().as_socket().unwrap();
+            let error = table
+                .adopt(Kind::Traffic, local, socket.into())
+                .unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(
+                error.to_string(),
+                format!("the socket handed over for {local} is not a listening TCP socket")
+            );
+        }
         assert!(table.is_empty());
     }
 
