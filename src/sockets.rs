@@ -3,7 +3,8 @@
 //!
 //! Sockets that already exist come in as a [`SocketTable`] keyed by kind and configured
 //! address: the running ones when a reload asks for the sockets of its new config, or
-//! the ones a previous process hands over in a binary upgrade. An address found in the
+//! sockets from outside the process ([`SocketTable::adopt`]), which is how a binary
+//! upgrade will hand them to the new process. An address found in the
 //! table is served by the sockets there and never bound again, so its accept queue,
 //! with the clients waiting in it, carries over. One address may have several sockets:
 //! the `SO_REUSEPORT` siblings that give each worker thread an accept loop of its own.
