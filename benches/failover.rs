@@ -962,7 +962,7 @@ impl InProcess {
             .build()?;
         let (proxy, shutdown) = {
             let _context = runtime.enter();
-            let listeners = switchyard::bind_all(&config)?;
+            let listeners = switchyard::bind_all(&config)?.listeners;
             let shutdown = Shutdown::new();
             (Proxy::start(&config, listeners, &shutdown), shutdown)
         };
