@@ -106,6 +106,11 @@ impl GreetingUpstream {
         Self::open(name, DEFAULT_BACKLOG, true).await
     }
 
+    /// [`client_first`](Self::client_first) with an accept queue of `backlog`.
+    pub async fn client_first_with_backlog(name: &str, backlog: i32) -> io::Result<Self> {
+        Self::open(name, backlog, true).await
+    }
+
     /// Serves on a fresh loopback port; `backlog` bounds the accept queue, which a
     /// [`black_hole`](Self::black_hole) has to fill.
     pub async fn start_with_backlog(name: &str, backlog: i32) -> io::Result<Self> {
