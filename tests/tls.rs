@@ -540,3 +540,51 @@ async fn clients_of_a_tls_pool_waiting_on_a_hung_primary_move_to_the_backup_when
         "some clients did start on the hung primary"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_through_tls_origination_moves_unanswered_clients_of_a_hung_primary() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("backend", &["backend.internal"]);
+    let primary_hung = Arc::new(AtomicBool::new(false));
+    let (primary, _p) = hangable_tls_echo(
+        pki.server_config("backend"),
+        "primary",
+        "backend.internal",
+        primary_hung.clone(),
+    )
+    .await;
+    let (backup, _b) = tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
+    // Checks that cannot see the hang in time: only the opening exchange reacts.
+    let tls_and_health = format!(
+        "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\n",
+        pki.ca_path("main").display(),
+    );
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary, 0), ("backup", backup, 1)],
+        "first_byte_timeout = \"150ms\"\nreplay_unanswered = \"16KiB\"\n",
+        &tls_and_health,
+    ));
+    wait_first_checks(&proxy).await;
+    primary_hung.store(true, SeqCst);
+    let mut clients = JoinSet::new();
+    for _ in 0..10 {
+        clients.spawn(switchyard::drill::ask_greeting(
+            proxy.addr("front"),
+            SOON,
+            true,
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(served.unwrap().as_deref(), Ok("backup"));
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert!(
+        route.upstreams[0]
+            .stats
+            .connect_failures(switchyard::metrics::ConnectFailure::FirstByteTimeout)
+            > 0,
+        "clients were sent to the hung primary first and left it unanswered"
+    );
+}
