@@ -201,7 +201,9 @@ async fn relay(
                 close: &link.close,
                 shutdown,
             };
-            let opening = opening::until_answered(
+            // Boxed: only pools that watch the opening exchange pay for its state, and
+            // every other connection's task stays as small as before.
+            let opening = Box::pin(opening::until_answered(
                 &mut client,
                 &mut upstream_stream,
                 replay,
@@ -209,7 +211,7 @@ async fn relay(
                 &inbound,
                 &outbound,
                 &mut opened,
-            )
+            ))
             .await;
             record.moved(opened.client_to_upstream, opened.upstream_to_client);
             let unanswered = match opening {
