@@ -326,6 +326,7 @@ async fn connect_client(
         return None;
     }
     let connect_started = tokio::time::Instant::now();
+    let watches_opening = watches_opening(&route.config);
     let mut remaining = order.as_slice();
     loop {
         let connected = tokio::select! {
@@ -374,6 +375,9 @@ async fn connect_client(
                     }
                 }
             }
+            // The opening exchange watches for that itself, and a client whose bytes
+            // it replays has none left in its socket to end this wait early.
+            (None, Ok(())) if watches_opening => Ok(Either::Left(connected.stream)),
             (None, Ok(())) => {
                 if upstream_gone_first(client, &connected.stream, route.config.connect_timeout)
                     .await
@@ -594,13 +598,17 @@ fn peek(stream: &TcpStream) -> std::io::Result<usize> {
     SockRef::from(stream).peek(&mut probe)
 }
 
+fn watches_opening(config: &crate::config::PoolConfig) -> bool {
+    config.first_byte_timeout.is_some() || config.replay_unanswered.is_some()
+}
+
 // === impl OpeningWatch ===
 
 impl OpeningWatch {
     /// `None` for a pool that sets neither key: its clients go straight to the copy.
     fn of(route: &PoolRoute) -> Option<Box<Self>> {
         let config = &route.config;
-        if config.first_byte_timeout.is_none() && config.replay_unanswered.is_none() {
+        if !watches_opening(config) {
             return None;
         }
         Some(Box::new(Self {
