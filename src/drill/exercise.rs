@@ -577,7 +577,7 @@ impl Plan {
                     .filter(|r| (from..to).contains(&(r.started.as_millis() as u64)))
                     .collect();
                 let counters = |k: usize| marks.counters.get(k);
-                let connections_by_tier = match (counters(i + 1), counters(i + 2)) {
+                let connections_by_tier = match (counters(i), counters(i + 1)) {
                     (Some(a), Some(b)) => b
                         .iter()
                         .map(|(tier, n)| (*tier, n.saturating_sub(*a.get(tier).unwrap_or(&0))))

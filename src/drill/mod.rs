@@ -438,4 +438,34 @@ mod tests {
             "the limit ended it"
         );
     }
+
+    #[tokio::test]
+    async fn probes_tell_served_from_closed_and_a_wrong_reply() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closing_addr = closing.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = closing.accept().await {
+                drop(stream);
+            }
+        });
+        let tcp = Probe::Tcp {
+            settle: Duration::from_millis(100),
+        };
+        assert_eq!(probe_once(upstream.addr, &tcp).await, Ok(()));
+        assert_eq!(
+            probe_once(closing_addr, &tcp).await,
+            Err(ClientError::Closed)
+        );
+        let hello = Probe::send_expect("", "hello p").expect("probe");
+        assert_eq!(probe_once(upstream.addr, &hello).await, Ok(()));
+        let wrong = Probe::send_expect("PING\\r\\n", "+PONG").expect("probe");
+        assert_eq!(
+            probe_once(upstream.addr, &wrong).await,
+            Err(ClientError::Garbled)
+        );
+        assert!(Probe::send_expect("\\x4", "").is_err(), "a bad escape");
+    }
 }
