@@ -82,7 +82,10 @@ fn defaults_follow_the_spec() {
             3
         )
     );
-    assert!(h.send.is_empty() && h.expect.is_empty());
+    assert_eq!(
+        (&h.kind, &h.target),
+        (&CheckKind::Tcp, &CheckTarget::Upstream)
+    );
     let o = &p.outlier;
     assert_eq!(
         (o.consecutive_failures, o.base_ejection, o.max_ejection),
@@ -653,6 +656,9 @@ fn a_high_hex_escape_in_a_double_quoted_check_string_is_an_error() {
     assert!(found[0].message.contains("single quotes"), "{}", found[0]);
     // Single quotes keep the escape for the check; low escapes are one byte either way.
     let config = parse(&with_send(r"'\x00\x04\xd2\x16'")).unwrap();
-    assert_eq!(config.pools[0].health.send, vec![0x00, 0x04, 0xd2, 0x16]);
+    assert!(matches!(
+        &config.pools[0].health.kind,
+        CheckKind::SendExpect { send, .. } if send == &[0x00, 0x04, 0xd2, 0x16]
+    ));
     assert!(parse(&with_send(r#""PING\r\n\x00""#)).is_ok());
 }
