@@ -199,3 +199,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Bounded<S> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;
