@@ -1,0 +1,465 @@
+//! Real servers on loopback ports, started and stopped by the test: PostgreSQL (initdb
+//! into a temp dir, run as the `postgres` user when the test runs as root), redis-server
+//! and MariaDB, from Debian's packages. Without them a test prints SKIPPED and passes,
+//! unless `SWITCHYARD_EXAMPLE_SERVERS=required` (set by `.ci/run`) makes it fail.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{SOON, closed_port, loopback, test_dir};
+
+// ---------------------------------------------------------------- processes
+
+/// Without the servers an example names its test cannot run: a skip on a developer's
+/// machine, a failure where `.ci/run` installed them and set the variable.
+pub fn skip(why: &str) {
+    let required = std::env::var("SWITCHYARD_EXAMPLE_SERVERS").is_ok_and(|v| v == "required");
+    assert!(!required, "{why} (SWITCHYARD_EXAMPLE_SERVERS=required)");
+    eprintln!("SKIPPED: {why}");
+}
+
+pub fn signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers; `pid` is our own child and not yet reaped
+    // (only its owner's Drop reaps it), so it cannot name another process.
+    let result = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        result,
+        0,
+        "kill failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Resumes `child` if stopped, asks it to exit with `request`, and kills it if it is
+/// still running after `grace`; reaps it.
+pub fn stop_child(child: &mut Child, request: libc::c_int, grace: Duration) {
+    if matches!(child.try_wait(), Ok(None)) {
+        signal(child, libc::SIGCONT);
+        signal(child, request);
+        let deadline = std::time::Instant::now() + grace;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A private folder, removed on drop (after the processes that use it have stopped:
+/// they hold an `Arc` of it).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(test_dir()))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let file = std::fs::File::create(path).expect("create a log file");
+    let copy = file.try_clone().expect("clone the log file");
+    (Stdio::from(file), Stdio::from(copy))
+}
+
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// PostgreSQL's programs, and the user to run the server as: it refuses to run as root.
+pub struct PgTools {
+    pub bin: PathBuf,
+    pub run_as: Option<(u32, u32)>,
+}
+
+impl PgTools {
+    pub fn find() -> Option<Self> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let version = entry.file_name().to_str()?.parse().ok()?;
+                let bin = entry.path().join("bin");
+                (bin.join("postgres").is_file() && bin.join("initdb").is_file())
+                    .then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        let Some((_, bin)) = versions.pop() else {
+            skip("PostgreSQL is not installed (Debian package postgresql)");
+            return None;
+        };
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let run_as = if root {
+            let Some(ids) = passwd_ids("postgres") else {
+                skip("running as root, and there is no postgres user to run PostgreSQL as");
+                return None;
+            };
+            Some(ids)
+        } else {
+            None
+        };
+        Some(Self { bin, run_as })
+    }
+
+    /// `program`, run in `dir` as the PostgreSQL user.
+    pub fn command(&self, program: &Path, dir: &Path) -> Command {
+        let mut command = Command::new(program);
+        command.current_dir(dir).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+}
+
+/// (uid, gid) of `user` from /etc/passwd.
+pub fn passwd_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 || fields[0] != user {
+            return None;
+        }
+        Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+    })
+}
+
+/// One `initdb`, copied for every server (much faster than one `initdb` each).
+pub struct PgCluster {
+    pub tools: PgTools,
+    pub dir: Arc<TempDir>,
+    pub template: PathBuf,
+}
+
+impl PgCluster {
+    pub fn init(tools: PgTools) -> Self {
+        let dir = TempDir::new();
+        if let Some((uid, gid)) = tools.run_as {
+            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).expect("chown the test dir");
+        }
+        let template = dir.0.join("template");
+        let log = dir.0.join("initdb.log");
+        let (stdout, stderr) = log_file(&log);
+        let status = tools
+            .command(&tools.bin.join("initdb"), &dir.0)
+            .arg("-D")
+            .arg(&template)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "--no-locale"])
+            .args(["-E", "UTF8"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .status()
+            .expect("run initdb");
+        assert!(
+            status.success(),
+            "initdb failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            tools,
+            dir,
+            template,
+        }
+    }
+
+    /// A server of its own on a free loopback port, answering queries when this returns.
+    pub async fn start(&self, name: &str) -> PgServer {
+        let data = self.dir.0.join(name);
+        let status = self
+            .tools
+            .command(Path::new("cp"), &self.dir.0)
+            .arg("-a")
+            .arg(&self.template)
+            .arg(&data)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying the PostgreSQL template failed");
+        let port = closed_port().port();
+        let log = self.dir.0.join(format!("{name}.log"));
+        let (stdout, stderr) = log_file(&log);
+        let child = self
+            .tools
+            .command(&self.tools.bin.join("postgres"), &self.dir.0)
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
+            .args(["-c", "max_connections=50"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start postgres");
+        let server = PgServer {
+            child,
+            addr: loopback(port),
+            log,
+            _dir: self.dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match pg_port(server.addr, Duration::from_secs(2)).await {
+                Ok(answered) if answered == port => break,
+                Ok(other) => panic!("{name}: port {port} answered as port {other}"),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "{name} did not start: {e}\n{}",
+                    std::fs::read_to_string(&server.log).unwrap_or_default()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+}
+
+/// A postmaster we started; stopped (immediate shutdown) on drop.
+pub struct PgServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    _dir: Arc<TempDir>,
+}
+
+impl PgServer {
+    /// Freezes the postmaster: the kernel still completes connects to its port, but
+    /// nothing accepts them, like a server that is stopped, deadlocked or swapped out.
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown, the postmaster takes its backends down with it.
+        stop_child(&mut self.child, libc::SIGQUIT, Duration::from_secs(10));
+    }
+}
+
+/// Reads one message: a type byte and a length-prefixed body.
+pub async fn pg_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=1 << 20).contains(&len) {
+        return Err(std::io::Error::other(format!("bad message length {len}")));
+    }
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await?;
+    Ok((header[0], body))
+}
+
+pub fn pg_error(body: &[u8]) -> std::io::Error {
+    let message = body
+        .split(|&b| b == 0)
+        .find(|field| field.first() == Some(&b'M'))
+        .map(|field| String::from_utf8_lossy(&field[1..]).into_owned())
+        .unwrap_or_default();
+    std::io::Error::other(format!("server error: {message}"))
+}
+
+/// The port of the PostgreSQL server on the other end of `stream`, asked over the wire
+/// protocol: startup as `postgres` with trust authentication, then `SHOW port`.
+pub async fn pg_ask_port(stream: &mut TcpStream) -> std::io::Result<u16> {
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&((8 + params.len()) as u32).to_be_bytes());
+    startup.extend_from_slice(&0x0003_0000u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    stream.write_all(&startup).await?;
+    loop {
+        match pg_message(stream).await? {
+            (b'R', body) if body.starts_with(&[0, 0, 0, 0]) => {}
+            (b'R', _) => return Err(std::io::Error::other("asks for a password")),
+            (b'E', body) => return Err(pg_error(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    let query = b"SHOW port\0";
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((4 + query.len()) as u32).to_be_bytes());
+    message.extend_from_slice(query);
+    stream.write_all(&message).await?;
+    let mut port = None;
+    loop {
+        match pg_message(stream).await? {
+            // DataRow: column count (2 bytes), then the value's length (4) and bytes.
+            (b'D', body) if body.len() > 6 => {
+                port = std::str::from_utf8(&body[6..])
+                    .ok()
+                    .and_then(|p| p.parse().ok());
+            }
+            (b'E', body) => return Err(pg_error(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    port.ok_or_else(|| std::io::Error::other("no port in the answer"))
+}
+
+/// [`pg_ask_port`] on a new connection to `addr`, closed after; an error after `limit`.
+pub async fn pg_port(addr: SocketAddr, limit: Duration) -> std::io::Result<u16> {
+    let session = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let port = pg_ask_port(&mut stream).await?;
+        let _ = stream.write_all(b"X\0\0\0\x04").await;
+        Ok(port)
+    };
+    tokio::time::timeout(limit, session)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
+/// The same question asked by `psql`, the client operators use.
+pub async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
+    let mut command = tokio::process::Command::new(tools.bin.join("psql"));
+    command
+        .args(["-X", "-A", "-t", "-c", "SHOW port"])
+        .arg(format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
+            addr.ip(),
+            addr.port()
+        ))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(SOON, command.output())
+        .await
+        .expect("psql through the proxy hung")
+        .expect("run psql");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "psql failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("psql printed {stdout:?}"))
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A redis-server we started, without persistence; killed on drop, like a crash.
+pub struct Redis {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: Arc<TempDir>,
+}
+
+impl Redis {
+    pub async fn start(program: &Path, dir: &Arc<TempDir>, port: u16) -> Self {
+        let log = dir.0.join(format!("redis-{port}.log"));
+        let (stdout, stderr) = log_file(&log);
+        let child = Command::new(program)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir.0)
+            .current_dir(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start redis-server");
+        let redis = Self {
+            child,
+            addr: loopback(port),
+            _dir: dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answered = match TcpStream::connect(redis.addr).await {
+                Ok(mut stream) => {
+                    tokio::time::timeout(Duration::from_secs(2), redis_port(&mut stream)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            if let Ok(Ok(answered)) = answered {
+                assert_eq!(answered, port);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One CRLF-terminated line of a reply.
+pub async fn redis_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte).await? == 0 || line.len() > 512 {
+            return Err(std::io::Error::other("closed or overlong reply"));
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_string())
+}
+
+/// The port of the Redis node that serves `stream`, from `INFO server`.
+pub async fn redis_port(stream: &mut TcpStream) -> std::io::Result<u16> {
+    stream.write_all(b"INFO server\r\n").await?;
+    let header = redis_line(stream).await?;
+    let len: usize = header
+        .strip_prefix('$')
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n < 1 << 20)
+        .ok_or_else(|| std::io::Error::other(format!("unexpected reply {header:?}")))?;
+    let mut body = vec![0u8; len + 2];
+    stream.read_exact(&mut body).await?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("tcp_port:")?.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no tcp_port in INFO"))
+}
+
+pub async fn redis_ping(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.write_all(b"PING\r\n").await?;
+    match redis_line(stream).await?.as_str() {
+        "+PONG" => Ok(()),
+        other => Err(std::io::Error::other(format!("PING answered {other:?}"))),
+    }
+}
