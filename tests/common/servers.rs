@@ -197,43 +197,68 @@ impl PgCluster {
             .status()
             .expect("run cp");
         assert!(status.success(), "copying the PostgreSQL template failed");
+        let server = self.run(data, name, &[]);
+        server.wait_for_queries().await;
+        server
+    }
+
+    /// A streaming standby of `primary` (pg_basebackup -R) with `settings` (`-c`
+    /// options), started; not waited for: with `hot_standby=off` it never takes queries.
+    pub fn standby_of(&self, primary: &PgServer, name: &str, settings: &[&str]) -> PgServer {
+        let data = self.dir.0.join(name);
+        let log = self.dir.0.join(format!("{name}-basebackup.log"));
+        let (stdout, stderr) = log_file(&log);
+        let status = self
+            .tools
+            .command(&self.tools.bin.join("pg_basebackup"), &self.dir.0)
+            .args(["-h", "127.0.0.1", "-p", &primary.addr.port().to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(stdout)
+            .stderr(stderr)
+            .status()
+            .expect("run pg_basebackup");
+        assert!(
+            status.success(),
+            "pg_basebackup failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        self.run(data, name, settings)
+    }
+
+    /// Starts a postmaster on `data` with `settings` on a free loopback port.
+    fn run(&self, data: PathBuf, name: &str, settings: &[&str]) -> PgServer {
         let port = closed_port().port();
         let log = self.dir.0.join(format!("{name}.log"));
         let (stdout, stderr) = log_file(&log);
-        let child = self
+        let mut command = self
             .tools
-            .command(&self.tools.bin.join("postgres"), &self.dir.0)
+            .command(&self.tools.bin.join("postgres"), &self.dir.0);
+        command
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "unix_socket_directories="])
             .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
-            .args(["-c", "max_connections=50"])
+            .args(["-c", "max_connections=50"]);
+        for setting in settings {
+            command.args(["-c", setting]);
+        }
+        let child = command
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("start postgres");
-        let server = PgServer {
+        PgServer {
             child,
             addr: loopback(port),
             log,
+            data,
+            bin: self.tools.bin.clone(),
+            run_as: self.tools.run_as,
             _dir: self.dir.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match pg_port(server.addr, Duration::from_secs(2)).await {
-                Ok(answered) if answered == port => break,
-                Ok(other) => panic!("{name}: port {port} answered as port {other}"),
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "{name} did not start: {e}\n{}",
-                    std::fs::read_to_string(&server.log).unwrap_or_default()
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        server
     }
 }
 
@@ -242,10 +267,47 @@ pub struct PgServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    pub data: PathBuf,
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
     _dir: Arc<TempDir>,
 }
 
 impl PgServer {
+    /// Waits until it answers a query on its port (30 s at most).
+    pub async fn wait_for_queries(&self) {
+        let port = self.addr.port();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match pg_port(self.addr, Duration::from_secs(2)).await {
+                Ok(answered) if answered == port => break,
+                Ok(other) => panic!("port {port} answered as port {other}"),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "postgres on {port} did not start: {e}\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ends recovery (`pg_ctl promote`): a standby becomes a primary.
+    pub fn promote(&self) {
+        let mut command = Command::new(self.bin.join("pg_ctl"));
+        command
+            .arg("promote")
+            .arg("-D")
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        let status = command.status().expect("run pg_ctl promote");
+        assert!(status.success(), "pg_ctl promote failed");
+    }
+
     /// Freezes the postmaster: the kernel still completes connects to its port, but
     /// nothing accepts them, like a server that is stopped, deadlocked or swapped out.
     pub fn freeze(&self) {
@@ -378,11 +440,22 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start(program: &Path, dir: &Arc<TempDir>, port: u16) -> Self {
+        Self::start_with(program, dir, port, &[]).await
+    }
+
+    /// Like [`Redis::start`], with more command-line options (e.g. `--replicaof`).
+    pub async fn start_with(
+        program: &Path,
+        dir: &Arc<TempDir>,
+        port: u16,
+        options: &[&str],
+    ) -> Self {
         let log = dir.0.join(format!("redis-{port}.log"));
         let (stdout, stderr) = log_file(&log);
         let child = Command::new(program)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(options)
             .arg("--dir")
             .arg(&dir.0)
             .current_dir(&dir.0)
@@ -461,5 +534,130 @@ pub async fn redis_ping(stream: &mut TcpStream) -> std::io::Result<()> {
     match redis_line(stream).await?.as_str() {
         "+PONG" => Ok(()),
         other => Err(std::io::Error::other(format!("PING answered {other:?}"))),
+    }
+}
+
+// ---------------------------------------------------------------- MariaDB
+
+/// A MariaDB server of its own (mariadb-install-db into a temp dir, run as the `mysql`
+/// user when the test runs as root); killed on drop.
+pub struct MariaDb {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    _dir: Arc<TempDir>,
+}
+
+impl MariaDb {
+    /// `None` (after [`skip`]) when MariaDB is not installed.
+    pub async fn start() -> Option<Self> {
+        let (Some(server), Some(install)) =
+            (find_program("mariadbd"), find_program("mariadb-install-db"))
+        else {
+            skip("MariaDB is not installed (Debian package mariadb-server)");
+            return None;
+        };
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            let Some(ids) = passwd_ids("mysql") else {
+                skip("running as root, and there is no mysql user to run MariaDB as");
+                return None;
+            };
+            Some(ids)
+        } else {
+            None
+        };
+        let dir = TempDir::new();
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).expect("chown the test dir");
+        }
+        let command = |program: &Path| {
+            let mut command = Command::new(program);
+            command.current_dir(&dir.0).stdin(Stdio::null());
+            if let Some((uid, gid)) = run_as {
+                command.uid(uid).gid(gid);
+            }
+            command
+        };
+        let data = dir.0.join("data");
+        let log = dir.0.join("install.log");
+        let (stdout, stderr) = log_file(&log);
+        let status = command(&install)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .status()
+            .expect("run mariadb-install-db");
+        assert!(
+            status.success(),
+            "mariadb-install-db failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let port = closed_port().port();
+        let log = dir.0.join("mariadb.log");
+        let (stdout, stderr) = log_file(&log);
+        let child = command(&server)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.0.join("sock").display()))
+            .arg(format!("--pid-file={}", dir.0.join("pid").display()))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+            ])
+            .args(["--innodb-buffer-pool-size=8M"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start mariadbd");
+        let server = Self {
+            child,
+            addr: loopback(port),
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !server.greets().await {
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not start: {}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(server)
+    }
+
+    /// Whether a new connection gets a protocol-10 greeting.
+    async fn greets(&self) -> bool {
+        let greeting = async {
+            let mut stream = TcpStream::connect(self.addr).await?;
+            let mut first = [0u8; 5];
+            stream.read_exact(&mut first).await?;
+            std::io::Result::Ok(first[4] == 0x0a)
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), greeting).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Freezes the server: connects complete, nothing answers.
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGKILL, Duration::from_secs(10));
     }
 }

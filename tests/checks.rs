@@ -1,0 +1,334 @@
+//! Check kinds against the real thing, through the proxy: PostgreSQL that does not take
+//! logins yet, a streaming primary/standby pair, a Redis master and its replica, a
+//! Patroni-style REST endpoint on a separate port, and MariaDB. Servers come from
+//! tests/common/servers.rs (skipped loudly when absent, unless required).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::*;
+
+/// Checks that decide within a few hundred milliseconds.
+const QUICK: &str = "interval = \"200ms\"\nfast_interval = \"100ms\"\nrise = 2\nfall = 1";
+
+/// Listener `front` → pool `p` over `upstreams` (name, address, priority), with
+/// `check` lines added to the [`QUICK`] health table.
+fn config(upstreams: &[(&str, SocketAddr, u32)], check: &str) -> String {
+    let timeout = if check.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"1s\"\n"
+    };
+    pool_config(
+        upstreams,
+        "",
+        &format!("[pools.p.health]\n{QUICK}\n{timeout}{check}\n"),
+    )
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `limit`.
+async fn wait_until_async<F, Fut>(limit: Duration, what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The reason of the first event that took `upstream` to `state`.
+async fn became(proxy: &TestProxy, upstream: &str, state: &str) -> String {
+    wait_event(proxy, upstream, state, Duration::from_secs(30))
+        .await
+        .reason
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// A server that is up but does not take logins (here a standby with hot_standby off,
+/// the same answer as crash recovery: 57P03, "not yet accepting connections") fails the
+/// postgres check with the server's words, clients go to the backup; once it takes
+/// logins (promoted) it passes and clients return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_check_fails_while_the_server_takes_no_logins_and_passes_once_it_does() {
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let backup = cluster.start("backup").await;
+    let recovering = cluster.standby_of(&backup, "recovering", &["hot_standby=off"]);
+    // Up, and refusing logins (rather than not listening yet) before the first check.
+    wait_until_async(
+        Duration::from_secs(30),
+        "the standby answers startups",
+        || async {
+            pg_port(recovering.addr, Duration::from_secs(2))
+                .await
+                .is_err_and(|e| e.to_string().contains("server error"))
+        },
+    )
+    .await;
+    let proxy = start_proxy(&config(
+        &[
+            ("recovering", recovering.addr, 0),
+            ("backup", backup.addr, 1),
+        ],
+        "kind = \"postgres\"\nuser = \"postgres\"",
+    ));
+    let reason = became(&proxy, "recovering", "down").await;
+    assert!(
+        reason.starts_with("postgres: the database system is not")
+            && reason.contains("accepting connections"),
+        "{reason}"
+    );
+    let port = pg_port(proxy.addr("front"), SOON).await.expect("a session");
+    assert_eq!(port, backup.addr.port(), "clients go to the backup");
+
+    recovering.promote();
+    became(&proxy, "recovering", "up").await;
+    let port = pg_port(proxy.addr("front"), SOON).await.expect("a session");
+    assert_eq!(
+        port,
+        recovering.addr.port(),
+        "clients return once it takes logins"
+    );
+}
+
+/// `role = "primary"` logs in and asks pg_is_in_recovery(): of a real streaming pair
+/// (pg_basebackup -R) only the primary serves; `role = "standby"` picks the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_role_picks_the_primary_or_the_standby_of_a_streaming_pair() {
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let primary = cluster.start("primary").await;
+    let standby = cluster.standby_of(&primary, "standby", &[]);
+    standby.wait_for_queries().await;
+    let upstreams = [("primary", primary.addr, 0), ("standby", standby.addr, 0)];
+    for (role, serving, other) in [
+        ("primary", &primary, "standby"),
+        ("standby", &standby, "primary"),
+    ] {
+        let proxy = start_proxy(&config(
+            &upstreams,
+            &format!("kind = \"postgres\"\nuser = \"postgres\"\nrole = \"{role}\""),
+        ));
+        let reason = became(&proxy, other, "down").await;
+        let expected = if role == "primary" {
+            "postgres: in recovery (a standby)"
+        } else {
+            "postgres: not in recovery (a primary)"
+        };
+        assert_eq!(reason, expected);
+        for _ in 0..6 {
+            let port = pg_port(proxy.addr("front"), SOON).await.expect("a session");
+            assert_eq!(port, serving.addr.port(), "role = {role}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Redis
+
+async fn redis_command(addr: SocketAddr, command: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to redis");
+    stream
+        .write_all(format!("{command}\r\n").as_bytes())
+        .await
+        .expect("send");
+    tokio::time::timeout(SOON, redis_line(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
+}
+
+/// The Redis node (its port) a new client through `front` lands on.
+async fn redis_node(front: SocketAddr) -> u16 {
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    tokio::time::timeout(SOON, redis_port(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
+}
+
+/// `role = "master"`: a real replica (`--replicaof`) is marked down with `redis
+/// role:slave` and gets no client; when the two swap roles, so does routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_role_master_never_routes_to_a_replica() {
+    let Some(program) = find_program("redis-server") else {
+        skip("redis-server is not installed (Debian package redis-server)");
+        return;
+    };
+    let dir = TempDir::new();
+    let master = Redis::start(&program, &dir, closed_port().port()).await;
+    let master_port = master.addr.port().to_string();
+    let replica = Redis::start_with(
+        &program,
+        &dir,
+        closed_port().port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    )
+    .await;
+    let proxy = start_proxy(&config(
+        &[("one", master.addr, 0), ("two", replica.addr, 0)],
+        "kind = \"redis\"\nrole = \"master\"",
+    ));
+    assert_eq!(became(&proxy, "two", "down").await, "redis role:slave");
+    for _ in 0..8 {
+        assert_eq!(redis_node(proxy.addr("front")).await, master.addr.port());
+    }
+
+    // Swap: the replica is promoted, the old master follows it.
+    assert_eq!(redis_command(replica.addr, "REPLICAOF NO ONE").await, "+OK");
+    let follow = format!("REPLICAOF 127.0.0.1 {}", replica.addr.port());
+    assert_eq!(redis_command(master.addr, &follow).await, "+OK");
+    assert_eq!(became(&proxy, "one", "down").await, "redis role:slave");
+    became(&proxy, "two", "up").await;
+    for _ in 0..8 {
+        assert_eq!(redis_node(proxy.addr("front")).await, replica.addr.port());
+    }
+}
+
+// ---------------------------------------------------------------- HTTP (Patroni-style)
+
+/// A REST endpoint in the style of Patroni's: `GET /primary` answers 200 while
+/// `primary` holds, else 503; one request per connection.
+async fn rest_endpoint(listener: TcpListener, primary: Arc<AtomicBool>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let primary = primary.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+                if request.len() > 16 * 1024 {
+                    return;
+                }
+            }
+            let answer: &[u8] = if request.starts_with(b"GET /primary ") && primary.load(Relaxed) {
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"role\": \"primary\"}"
+            } else {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"role\": \"replica\"}"
+            };
+            let _ = stream.write_all(answer).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// A traffic server on `ip` that greets with `hello <name>` (what `greeted_by` reads),
+/// then echoes.
+async fn named_on(ip: &str, name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind traffic port");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if stream
+                    .write_all(format!("hello {name}\n").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Listeners on the same port of 127.0.0.2 and 127.0.0.3: each host's REST API.
+async fn same_port_on_two_hosts() -> (TcpListener, TcpListener) {
+    for _ in 0..100 {
+        let first = TcpListener::bind("127.0.0.2:0")
+            .await
+            .expect("bind 127.0.0.2");
+        let port = first.local_addr().expect("addr").port();
+        if let Ok(second) = TcpListener::bind(("127.0.0.3", port)).await {
+            return (first, second);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+/// The HAProxy-style Patroni setup: traffic to each host's database port, checks to
+/// `GET /primary` on the REST API port of the same host (`port`); when the primary
+/// role moves, so do new clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_style_http_check_on_a_separate_port_switches_the_pool_when_it_flips() {
+    let a = named_on("127.0.0.2", "a").await;
+    let b = named_on("127.0.0.3", "b").await;
+    let (rest_a, rest_b) = same_port_on_two_hosts().await;
+    let rest_port = rest_a.local_addr().expect("addr").port();
+    let a_is_primary = Arc::new(AtomicBool::new(true));
+    let b_is_primary = Arc::new(AtomicBool::new(false));
+    tokio::spawn(rest_endpoint(rest_a, a_is_primary.clone()));
+    tokio::spawn(rest_endpoint(rest_b, b_is_primary.clone()));
+    let proxy = start_proxy(&config(
+        &[("a", a, 0), ("b", b, 0)],
+        &format!("kind = \"http\"\nport = {rest_port}\npath = \"/primary\""),
+    ));
+    assert_eq!(became(&proxy, "b", "down").await, "http 503");
+    for _ in 0..6 {
+        assert_eq!(
+            greeted_by(proxy.addr("front")).await.expect("greeting"),
+            "a"
+        );
+    }
+
+    // Failover: the REST APIs flip.
+    a_is_primary.store(false, Relaxed);
+    b_is_primary.store(true, Relaxed);
+    assert_eq!(became(&proxy, "a", "down").await, "http 503");
+    became(&proxy, "b", "up").await;
+    for _ in 0..6 {
+        assert_eq!(
+            greeted_by(proxy.addr("front")).await.expect("greeting"),
+            "b"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- MariaDB
+
+/// A real MariaDB's greeting passes the mysql check; frozen, it times out; thawed, it
+/// passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_check_passes_on_a_real_mariadb_and_fails_when_it_is_frozen() {
+    let Some(mariadb) = MariaDb::start().await else {
+        return;
+    };
+    let proxy = start_proxy(&config(
+        &[("mariadb", mariadb.addr, 0)],
+        "kind = \"mysql\"\ntimeout = \"300ms\"",
+    ));
+    wait_first_checks(&proxy).await;
+
+    mariadb.freeze();
+    assert_eq!(became(&proxy, "mariadb", "down").await, "check timeout");
+    mariadb.thaw();
+    became(&proxy, "mariadb", "up").await;
+}
