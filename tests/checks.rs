@@ -6,12 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use common::*;
 
@@ -204,91 +202,14 @@ async fn redis_role_master_never_routes_to_a_replica() {
 
 // ---------------------------------------------------------------- HTTP (Patroni-style)
 
-/// A REST endpoint in the style of Patroni's: `GET /primary` answers 200 while
-/// `primary` holds, else 503; one request per connection.
-async fn rest_endpoint(listener: TcpListener, primary: Arc<AtomicBool>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let primary = primary.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.ends_with(b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-                if request.len() > 16 * 1024 {
-                    return;
-                }
-            }
-            let answer: &[u8] = if request.starts_with(b"GET /primary ") && primary.load(Relaxed) {
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"role\": \"primary\"}"
-            } else {
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{\"role\": \"replica\"}"
-            };
-            let _ = stream.write_all(answer).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-/// A traffic server on `ip` that greets with `hello <name>` (what `greeted_by` reads),
-/// then echoes.
-async fn named_on(ip: &str, name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind((ip, 0)).await.expect("bind traffic port");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                if stream
-                    .write_all(format!("hello {name}\n").as_bytes())
-                    .await
-                    .is_ok()
-                {
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Listeners on the same port of 127.0.0.2 and 127.0.0.3: each host's REST API.
-async fn same_port_on_two_hosts() -> (TcpListener, TcpListener) {
-    for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.2:0")
-            .await
-            .expect("bind 127.0.0.2");
-        let port = first.local_addr().expect("addr").port();
-        if let Ok(second) = TcpListener::bind(("127.0.0.3", port)).await {
-            return (first, second);
-        }
-    }
-    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
-}
-
 /// The HAProxy-style Patroni setup: traffic to each host's database port, checks to
 /// `GET /primary` on the REST API port of the same host (`port`); when the primary
 /// role moves, so do new clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patroni_style_http_check_on_a_separate_port_switches_the_pool_when_it_flips() {
-    let a = named_on("127.0.0.2", "a").await;
-    let b = named_on("127.0.0.3", "b").await;
-    let (rest_a, rest_b) = same_port_on_two_hosts().await;
-    let rest_port = rest_a.local_addr().expect("addr").port();
-    let a_is_primary = Arc::new(AtomicBool::new(true));
-    let b_is_primary = Arc::new(AtomicBool::new(false));
-    tokio::spawn(rest_endpoint(rest_a, a_is_primary.clone()));
-    tokio::spawn(rest_endpoint(rest_b, b_is_primary.clone()));
+    let (nodes, rest_port) = patroni_nodes(&["a", "b"]).await;
     let proxy = start_proxy(&config(
-        &[("a", a, 0), ("b", b, 0)],
+        &[("a", nodes[0].addr, 0), ("b", nodes[1].addr, 0)],
         &format!("kind = \"http\"\nport = {rest_port}\npath = \"/primary\""),
     ));
     assert_eq!(became(&proxy, "b", "down").await, "http 503");
@@ -299,9 +220,7 @@ async fn patroni_style_http_check_on_a_separate_port_switches_the_pool_when_it_f
         );
     }
 
-    // Failover: the REST APIs flip.
-    a_is_primary.store(false, Relaxed);
-    b_is_primary.store(true, Relaxed);
+    fail_over(&nodes, 1);
     assert_eq!(became(&proxy, "a", "down").await, "http 503");
     became(&proxy, "b", "up").await;
     for _ in 0..6 {

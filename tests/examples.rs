@@ -941,3 +941,216 @@ fn tls_sni_example_trial_certificates_from_its_comment_pass_check() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// The reason of the first event after `mark` that took `upstream` to `state`.
+async fn became_after(proxy: &TestProxy, mark: u64, upstream: &str, state: &str) -> String {
+    event_after(
+        proxy,
+        mark,
+        Duration::from_secs(30),
+        &format!("{upstream} {state}"),
+        upstream_became(upstream, state),
+    )
+    .await
+    .reason
+}
+
+/// config/examples/postgres-primary.toml against a real streaming pair (pg_basebackup
+/// -R) and a dead third server: the standby fails with "in recovery", every client gets
+/// the primary; when the primary is gone and the standby promoted, clients follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_primary_sends_clients_only_to_the_primary_and_follows_a_promotion() {
+    let file = "config/examples/postgres-primary.toml";
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let primary = cluster.start("primary").await;
+    // The login the example's comment says to create; the standby replicates it.
+    psql(&cluster.tools, primary.addr, "CREATE ROLE switchyard LOGIN").await;
+    let standby = cluster.standby_of(&primary, "standby", &[]);
+    standby.wait_for_queries().await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:5432\"", quoted(loopback(0))),
+            ("\"10.0.0.1:5432\"", quoted(standby.addr)),
+            ("\"10.0.0.2:5432\"", quoted(primary.addr)),
+            ("\"10.0.0.3:5432\"", quoted(closed_port())),
+        ],
+    );
+    let proxy = start_example(test_dir(), "postgres-primary.toml", &text);
+    let front = proxy.addr("postgres");
+    assert_eq!(
+        became_after(&proxy, 0, "pg-1", "down").await,
+        "postgres: in recovery (a standby)"
+    );
+    became_after(&proxy, 0, "pg-3", "down").await;
+    for _ in 0..4 {
+        let port = pg_port(front, SOON).await.expect("a session");
+        assert_eq!(port, primary.addr.port(), "only the primary serves");
+    }
+    assert_eq!(psql_port(&cluster.tools, front).await, primary.addr.port());
+
+    let mark = last_event_id(&proxy);
+    drop(primary);
+    standby.promote();
+    became_after(&proxy, mark, "pg-2", "down").await;
+    became_after(&proxy, mark, "pg-1", "up").await;
+    let port = pg_port(front, SOON).await.expect("a session");
+    assert_eq!(port, standby.addr.port(), "clients follow the promotion");
+}
+
+/// config/examples/patroni.toml against three Patroni-style nodes (a REST API on one
+/// port of each node's own address): only the leader's database port gets clients;
+/// when the leader moves, so do clients; with no leader, clients are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_example_follows_the_leader_by_its_rest_api() {
+    let file = "config/examples/patroni.toml";
+    let (nodes, rest_port) = patroni_nodes(&["node-1", "node-2", "node-3"]).await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:5000\"", quoted(loopback(0))),
+            ("\"10.0.0.1:5432\"", quoted(nodes[0].addr)),
+            ("\"10.0.0.2:5432\"", quoted(nodes[1].addr)),
+            ("\"10.0.0.3:5432\"", quoted(nodes[2].addr)),
+            ("port = 8008", format!("port = {rest_port}")),
+        ],
+    );
+    let proxy = start_example(test_dir(), "patroni.toml", &text);
+    let front = proxy.addr("postgres");
+    assert_eq!(became_after(&proxy, 0, "node-2", "down").await, "http 503");
+    assert_eq!(became_after(&proxy, 0, "node-3", "down").await, "http 503");
+    for _ in 0..4 {
+        assert_eq!(greeted_by(front).await.expect("greeting"), "node-1");
+    }
+
+    let mark = last_event_id(&proxy);
+    fail_over(&nodes, 2);
+    became_after(&proxy, mark, "node-1", "down").await;
+    became_after(&proxy, mark, "node-3", "up").await;
+    for _ in 0..4 {
+        assert_eq!(greeted_by(front).await.expect("greeting"), "node-3");
+    }
+
+    // No leader at all (mid-election): new clients are closed, none reaches a replica.
+    let mark = last_event_id(&proxy);
+    fail_over(&nodes, usize::MAX);
+    became_after(&proxy, mark, "node-3", "down").await;
+    assert!(
+        greeted_by(front).await.is_err(),
+        "rejected, not sent to a replica"
+    );
+}
+
+/// config/examples/redis-master.toml against a real master and its replica
+/// (`--replicaof`): the replica is down with "redis role:slave" and gets no client;
+/// when they swap roles, clients follow the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_master_example_routes_only_to_the_master() {
+    let file = "config/examples/redis-master.toml";
+    let Some(program) = find_program("redis-server") else {
+        skip("redis-server is not installed (Debian package redis-server)");
+        return;
+    };
+    let dir = TempDir::new();
+    let a = Redis::start(&program, &dir, closed_port().port()).await;
+    let a_port = a.addr.port().to_string();
+    let b = Redis::start_with(
+        &program,
+        &dir,
+        closed_port().port(),
+        &["--replicaof", "127.0.0.1", &a_port],
+    )
+    .await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:6379\"", quoted(loopback(0))),
+            ("\"10.0.0.1:6379\"", quoted(a.addr)),
+            ("\"10.0.0.2:6379\"", quoted(b.addr)),
+        ],
+    );
+    let proxy = start_example(test_dir(), "redis-master.toml", &text);
+    let front = proxy.addr("redis");
+    assert_eq!(
+        became_after(&proxy, 0, "redis-b", "down").await,
+        "redis role:slave"
+    );
+    for _ in 0..6 {
+        let mut stream = TcpStream::connect(front).await.expect("connect");
+        let port = tokio::time::timeout(SOON, redis_port(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(port, a.addr.port(), "only the master serves");
+    }
+
+    let mark = last_event_id(&proxy);
+    let mut promote = TcpStream::connect(b.addr).await.expect("connect");
+    promote
+        .write_all(b"REPLICAOF NO ONE\r\n")
+        .await
+        .expect("send");
+    assert_eq!(redis_line(&mut promote).await.expect("answer"), "+OK");
+    let mut demote = TcpStream::connect(a.addr).await.expect("connect");
+    demote
+        .write_all(format!("REPLICAOF 127.0.0.1 {}\r\n", b.addr.port()).as_bytes())
+        .await
+        .expect("send");
+    assert_eq!(redis_line(&mut demote).await.expect("answer"), "+OK");
+    assert_eq!(
+        became_after(&proxy, mark, "redis-a", "down").await,
+        "redis role:slave"
+    );
+    became_after(&proxy, mark, "redis-b", "up").await;
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    let port = tokio::time::timeout(SOON, redis_port(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(port, b.addr.port(), "clients follow the new master");
+}
+
+/// config/examples/mysql.toml against a real MariaDB and a dead backup: clients get the
+/// server's greeting through the proxy; frozen, it fails its check (timeout); thawed, it
+/// passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_example_checks_the_server_greeting() {
+    let file = "config/examples/mysql.toml";
+    let Some(mariadb) = MariaDb::start().await else {
+        return;
+    };
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:3306\"", quoted(loopback(0))),
+            ("\"10.0.0.1:3306\"", quoted(mariadb.addr)),
+            ("\"10.0.0.2:3306\"", quoted(closed_port())),
+        ],
+    );
+    let proxy = start_example(test_dir(), "mysql.toml", &text);
+    let front = proxy.addr("mysql");
+    became_after(&proxy, 0, "db-2", "down").await;
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    let mut header = [0u8; 5];
+    tokio::time::timeout(SOON, stream.read_exact(&mut header))
+        .await
+        .expect("a greeting in time")
+        .expect("a greeting");
+    assert_eq!(header[4], 0x0a, "a protocol-10 greeting through the proxy");
+
+    let mark = last_event_id(&proxy);
+    mariadb.freeze();
+    assert_eq!(
+        became_after(&proxy, mark, "db-1", "down").await,
+        "check timeout"
+    );
+    mariadb.thaw();
+    became_after(&proxy, mark, "db-1", "up").await;
+}

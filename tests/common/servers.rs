@@ -403,9 +403,18 @@ pub async fn pg_port(addr: SocketAddr, limit: Duration) -> std::io::Result<u16> 
 
 /// The same question asked by `psql`, the client operators use.
 pub async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
+    let stdout = psql(tools, addr, "SHOW port").await;
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("psql printed {stdout:?}"))
+}
+
+/// Runs `sql` with `psql` as `postgres` on `addr`; its output, unaligned.
+pub async fn psql(tools: &PgTools, addr: SocketAddr, sql: &str) -> String {
     let mut command = tokio::process::Command::new(tools.bin.join("psql"));
     command
-        .args(["-X", "-A", "-t", "-c", "SHOW port"])
+        .args(["-X", "-A", "-t", "-c", sql])
         .arg(format!(
             "host={} port={} user=postgres dbname=postgres connect_timeout=5",
             addr.ip(),
@@ -415,7 +424,7 @@ pub async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
         .kill_on_drop(true);
     let output = tokio::time::timeout(SOON, command.output())
         .await
-        .expect("psql through the proxy hung")
+        .expect("psql hung")
         .expect("run psql");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -423,10 +432,7 @@ pub async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
         "psql failed: {stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("psql printed {stdout:?}"))
+    stdout.into_owned()
 }
 
 // ---------------------------------------------------------------- Redis
