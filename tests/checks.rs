@@ -251,3 +251,85 @@ async fn mysql_check_passes_on_a_real_mariadb_and_fails_when_it_is_frozen() {
     mariadb.thaw();
     became(&proxy, "mariadb", "up").await;
 }
+
+/// A check that logs in with SCRAM-SHA-256 and a `password_file`: the right password
+/// passes, a wrong one fails with the server's words; the startup-only check passes on
+/// the SCRAM request alone, without a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_role_check_logs_in_with_scram_from_a_password_file() {
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let server = cluster.start("scram").await;
+    psql(
+        &cluster.tools,
+        server.addr,
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE checker LOGIN PASSWORD 'correct horse'",
+    )
+    .await;
+    // `checker` must authenticate with SCRAM; everyone else stays trusted.
+    let hba = server.data.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!("host all checker 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .expect("write pg_hba.conf");
+    psql(&cluster.tools, server.addr, "SELECT pg_reload_conf()").await;
+
+    let dir = TempDir::new();
+    let right = dir.0.join("right");
+    let wrong = dir.0.join("wrong");
+    std::fs::write(&right, "correct horse\n").expect("write");
+    std::fs::write(&wrong, "battery staple\n").expect("write");
+    let login = |file: &std::path::Path| {
+        format!(
+            "kind = \"postgres\"\nuser = \"checker\"\nrole = \"primary\"\npassword_file = {:?}",
+            file.display().to_string()
+        )
+    };
+    let proxy = start_proxy(&config(&[("pg", server.addr, 0)], &login(&right)));
+    wait_first_checks(&proxy).await;
+    let proxy = start_proxy(&config(&[("pg", server.addr, 0)], &login(&wrong)));
+    assert_eq!(
+        became(&proxy, "pg", "down").await,
+        "postgres: password authentication failed for user \"checker\""
+    );
+    let startup_only = start_proxy(&config(
+        &[("pg", server.addr, 0)],
+        "kind = \"postgres\"\nuser = \"checker\"",
+    ));
+    wait_first_checks(&startup_only).await;
+}
+
+/// A Redis that requires a password: PING without AUTH fails with its NOAUTH error,
+/// AUTH from the `password_file` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_check_authenticates_with_a_password_file() {
+    let Some(program) = find_program("redis-server") else {
+        skip("redis-server is not installed (Debian package redis-server)");
+        return;
+    };
+    let dir = TempDir::new();
+    let redis = Redis::start_with(
+        &program,
+        &dir,
+        closed_port().port(),
+        &["--requirepass", "s3cret"],
+    )
+    .await;
+    let file = dir.0.join("redis-password");
+    std::fs::write(&file, "s3cret\n").expect("write");
+    let proxy = start_proxy(&config(&[("redis", redis.addr, 0)], "kind = \"redis\""));
+    assert_eq!(
+        became(&proxy, "redis", "down").await,
+        "redis: NOAUTH Authentication required."
+    );
+    let with_password = format!(
+        "kind = \"redis\"\nrole = \"master\"\npassword_file = {:?}",
+        file.display().to_string()
+    );
+    let proxy = start_proxy(&config(&[("redis", redis.addr, 0)], &with_password));
+    wait_first_checks(&proxy).await;
+}

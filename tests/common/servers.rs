@@ -483,9 +483,14 @@ impl Redis {
                 }
                 Err(e) => Ok(Err(e)),
             };
-            if let Ok(Ok(answered)) = answered {
-                assert_eq!(answered, port);
-                break;
+            match answered {
+                Ok(Ok(answered)) => {
+                    assert_eq!(answered, port);
+                    break;
+                }
+                // Started with --requirepass: it answers, and asks for the password.
+                Ok(Err(e)) if e.to_string().contains("NOAUTH") => break,
+                _ => {}
             }
             assert!(
                 Instant::now() < deadline,
