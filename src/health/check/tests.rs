@@ -502,3 +502,81 @@ async fn bounded_reads_stop_at_max_reply() {
     assert_eq!(sink.len(), MAX_REPLY);
     assert_eq!(read_failed(error).to_string(), "reply longer than 256 KiB");
 }
+
+// ---------------------------------------------------------------- TLS
+
+/// An HTTPS endpoint with a certificate for `name`, signed by a fresh CA whose PEM is
+/// returned; it answers every request with `answer`.
+async fn https(name: &str, answer: &'static [u8]) -> (SocketAddr, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut session) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match session.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = session.write_all(answer).await;
+                let _ = session.shutdown().await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+#[tokio::test]
+async fn http_runs_over_the_pools_tls_with_its_ca_and_server_name() {
+    let (addr, ca) = https("patroni.test", b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-check-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let tls = |name: &str| {
+        format!(
+            "{HTTP}\n[pools.p.tls]\nca = {:?}\nserver_name = \"{name}\"",
+            ca_file.display().to_string()
+        )
+    };
+    // The status proves the request went through the TLS session.
+    assert_eq!(
+        reason(checked(addr, &tls("patroni.test")).await),
+        "http 503"
+    );
+    // The pool's verification holds for checks too.
+    assert_eq!(
+        checked(addr, &tls("other.test")).await,
+        Err(CheckFailure::Connect(ConnectFailure::Tls))
+    );
+    // Plain HTTP against the TLS port gets no HTTP answer.
+    assert!(checked(addr, HTTP).await.is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}
