@@ -333,3 +333,52 @@ async fn redis_check_authenticates_with_a_password_file() {
     let proxy = start_proxy(&config(&[("redis", redis.addr, 0)], &with_password));
     wait_first_checks(&proxy).await;
 }
+
+/// A real crash: the server is killed (immediate shutdown) after writing tens of MB of
+/// WAL and restarted on its port. While it replays the WAL it answers startups with
+/// "the database system is not yet accepting connections" (or "starting up"): the check
+/// fails with those words, and its first pass comes only when a login works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_check_fails_through_crash_recovery_and_passes_when_logins_work() {
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let mut server = cluster.start("crashing").await;
+    psql(
+        &cluster.tools,
+        server.addr,
+        "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 300000) g",
+    )
+    .await;
+    let text = config(&[("pg", server.addr, 0)], "kind = \"postgres\"");
+    let checked = switchyard::config::Config::parse(&text, std::path::Path::new("t.toml"))
+        .expect("a valid config");
+    let pool = checked.pools[0].clone();
+
+    server.crash_and_restart();
+    let mut refusals = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match switchyard::health::check(&pool.upstreams[0], &pool).await {
+            switchyard::health::Checked::Tested(Ok(())) => break,
+            switchyard::health::Checked::Tested(Err(failure)) => refusals.push(failure.to_string()),
+            switchyard::health::Checked::NotRun(e) => panic!("check not run: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no passing check after the restart: {refusals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let port = pg_port(server.addr, Duration::from_secs(2))
+        .await
+        .expect("a login works once the check passes");
+    assert_eq!(port, server.addr.port());
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.starts_with("postgres: the database system is")),
+        "the check saw the recovery: {refusals:?}"
+    );
+}

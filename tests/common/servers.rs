@@ -228,52 +228,75 @@ impl PgCluster {
 
     /// Starts a postmaster on `data` with `settings` on a free loopback port.
     fn run(&self, data: PathBuf, name: &str, settings: &[&str]) -> PgServer {
-        let port = closed_port().port();
-        let log = self.dir.0.join(format!("{name}.log"));
-        let (stdout, stderr) = log_file(&log);
-        let mut command = self
-            .tools
-            .command(&self.tools.bin.join("postgres"), &self.dir.0);
-        command
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "unix_socket_directories="])
-            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
-            .args(["-c", "max_connections=50"]);
-        for setting in settings {
-            command.args(["-c", setting]);
-        }
-        let child = command
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start postgres");
-        PgServer {
-            child,
-            addr: loopback(port),
-            log,
+        let mut server = PgServer {
+            child: None,
+            addr: loopback(closed_port().port()),
+            log: self.dir.0.join(format!("{name}.log")),
             data,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
             bin: self.tools.bin.clone(),
             run_as: self.tools.run_as,
             _dir: self.dir.clone(),
-        }
+        };
+        server.spawn();
+        server
     }
 }
 
 /// A postmaster we started; stopped (immediate shutdown) on drop.
 pub struct PgServer {
-    pub child: Child,
+    child: Option<Child>,
     pub addr: SocketAddr,
     pub log: PathBuf,
     pub data: PathBuf,
+    settings: Vec<String>,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
     _dir: Arc<TempDir>,
 }
 
 impl PgServer {
+    /// Starts the postmaster on its data folder and port; its output goes to `log`.
+    fn spawn(&mut self) {
+        let (stdout, stderr) = log_file(&self.log);
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .current_dir(self.data.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::null())
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.addr.port().to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
+            .args(["-c", "max_connections=50"]);
+        for setting in &self.settings {
+            command.args(["-c", setting]);
+        }
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        let child = command
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+    }
+
+    fn child(&self) -> &Child {
+        self.child.as_ref().expect("the postmaster runs")
+    }
+
+    /// Crashes the server (immediate shutdown: no checkpoint) and starts it again on
+    /// the same port: it replays its WAL (crash recovery) before it takes logins.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, libc::SIGQUIT, Duration::from_secs(10));
+        }
+        self.spawn();
+    }
+
     /// Waits until it answers a query on its port (30 s at most).
     pub async fn wait_for_queries(&self) {
         let port = self.addr.port();
@@ -311,18 +334,20 @@ impl PgServer {
     /// Freezes the postmaster: the kernel still completes connects to its port, but
     /// nothing accepts them, like a server that is stopped, deadlocked or swapped out.
     pub fn freeze(&self) {
-        signal(&self.child, libc::SIGSTOP);
+        signal(self.child(), libc::SIGSTOP);
     }
 
     pub fn thaw(&self) {
-        signal(&self.child, libc::SIGCONT);
+        signal(self.child(), libc::SIGCONT);
     }
 }
 
 impl Drop for PgServer {
     fn drop(&mut self) {
         // SIGQUIT: immediate shutdown, the postmaster takes its backends down with it.
-        stop_child(&mut self.child, libc::SIGQUIT, Duration::from_secs(10));
+        if let Some(child) = &mut self.child {
+            stop_child(child, libc::SIGQUIT, Duration::from_secs(10));
+        }
     }
 }
 
