@@ -8,9 +8,6 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-
 use common::*;
 
 /// Checks that decide within a few hundred milliseconds.
@@ -141,45 +138,14 @@ async fn postgres_role_picks_the_primary_or_the_standby_of_a_streaming_pair() {
 
 // ---------------------------------------------------------------- Redis
 
-async fn redis_command(addr: SocketAddr, command: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to redis");
-    stream
-        .write_all(format!("{command}\r\n").as_bytes())
-        .await
-        .expect("send");
-    tokio::time::timeout(SOON, redis_line(&mut stream))
-        .await
-        .expect("an answer in time")
-        .expect("an answer")
-}
-
-/// The Redis node (its port) a new client through `front` lands on.
-async fn redis_node(front: SocketAddr) -> u16 {
-    let mut stream = TcpStream::connect(front).await.expect("connect");
-    tokio::time::timeout(SOON, redis_port(&mut stream))
-        .await
-        .expect("an answer in time")
-        .expect("an answer")
-}
-
 /// `role = "master"`: a real replica (`--replicaof`) is marked down with `redis
 /// role:slave` and gets no client; when the two swap roles, so does routing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_role_master_never_routes_to_a_replica() {
-    let Some(program) = find_program("redis-server") else {
-        skip("redis-server is not installed (Debian package redis-server)");
+    let dir = TempDir::new();
+    let Some((master, replica)) = redis_pair(&dir).await else {
         return;
     };
-    let dir = TempDir::new();
-    let master = Redis::start(&program, &dir, closed_port().port()).await;
-    let master_port = master.addr.port().to_string();
-    let replica = Redis::start_with(
-        &program,
-        &dir,
-        closed_port().port(),
-        &["--replicaof", "127.0.0.1", &master_port],
-    )
-    .await;
     let proxy = start_proxy(&config(
         &[("one", master.addr, 0), ("two", replica.addr, 0)],
         "kind = \"redis\"\nrole = \"master\"",
@@ -189,10 +155,7 @@ async fn redis_role_master_never_routes_to_a_replica() {
         assert_eq!(redis_node(proxy.addr("front")).await, master.addr.port());
     }
 
-    // Swap: the replica is promoted, the old master follows it.
-    assert_eq!(redis_command(replica.addr, "REPLICAOF NO ONE").await, "+OK");
-    let follow = format!("REPLICAOF 127.0.0.1 {}", replica.addr.port());
-    assert_eq!(redis_command(master.addr, &follow).await, "+OK");
+    redis_swap(&master, &replica).await;
     assert_eq!(became(&proxy, "one", "down").await, "redis role:slave");
     became(&proxy, "two", "up").await;
     for _ in 0..8 {

@@ -1052,20 +1052,10 @@ async fn patroni_example_follows_the_leader_by_its_rest_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_master_example_routes_only_to_the_master() {
     let file = "config/examples/redis-master.toml";
-    let Some(program) = find_program("redis-server") else {
-        skip("redis-server is not installed (Debian package redis-server)");
+    let dir = TempDir::new();
+    let Some((a, b)) = redis_pair(&dir).await else {
         return;
     };
-    let dir = TempDir::new();
-    let a = Redis::start(&program, &dir, closed_port().port()).await;
-    let a_port = a.addr.port().to_string();
-    let b = Redis::start_with(
-        &program,
-        &dir,
-        closed_port().port(),
-        &["--replicaof", "127.0.0.1", &a_port],
-    )
-    .await;
     let text = rewrite(
         file,
         &shipped(file),
@@ -1082,38 +1072,25 @@ async fn redis_master_example_routes_only_to_the_master() {
         "redis role:slave"
     );
     for _ in 0..6 {
-        let mut stream = TcpStream::connect(front).await.expect("connect");
-        let port = tokio::time::timeout(SOON, redis_port(&mut stream))
-            .await
-            .expect("an answer in time")
-            .expect("an answer");
-        assert_eq!(port, a.addr.port(), "only the master serves");
+        assert_eq!(
+            redis_node(front).await,
+            a.addr.port(),
+            "only the master serves"
+        );
     }
 
     let mark = last_event_id(&proxy);
-    let mut promote = TcpStream::connect(b.addr).await.expect("connect");
-    promote
-        .write_all(b"REPLICAOF NO ONE\r\n")
-        .await
-        .expect("send");
-    assert_eq!(redis_line(&mut promote).await.expect("answer"), "+OK");
-    let mut demote = TcpStream::connect(a.addr).await.expect("connect");
-    demote
-        .write_all(format!("REPLICAOF 127.0.0.1 {}\r\n", b.addr.port()).as_bytes())
-        .await
-        .expect("send");
-    assert_eq!(redis_line(&mut demote).await.expect("answer"), "+OK");
+    redis_swap(&a, &b).await;
     assert_eq!(
         became_after(&proxy, mark, "redis-a", "down").await,
         "redis role:slave"
     );
     became_after(&proxy, mark, "redis-b", "up").await;
-    let mut stream = TcpStream::connect(front).await.expect("connect");
-    let port = tokio::time::timeout(SOON, redis_port(&mut stream))
-        .await
-        .expect("an answer in time")
-        .expect("an answer");
-    assert_eq!(port, b.addr.port(), "clients follow the new master");
+    assert_eq!(
+        redis_node(front).await,
+        b.addr.port(),
+        "clients follow the new master"
+    );
 }
 
 /// config/examples/mysql.toml against a real MariaDB and a dead backup: clients get the

@@ -573,6 +573,54 @@ pub async fn redis_ping(stream: &mut TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// A master and its replica (`--replicaof`), or `None` (after [`skip`]) when
+/// redis-server is not installed.
+pub async fn redis_pair(dir: &Arc<TempDir>) -> Option<(Redis, Redis)> {
+    let Some(program) = find_program("redis-server") else {
+        skip("redis-server is not installed (Debian package redis-server)");
+        return None;
+    };
+    let master = Redis::start(&program, dir, closed_port().port()).await;
+    let master_port = master.addr.port().to_string();
+    let replica = Redis::start_with(
+        &program,
+        dir,
+        closed_port().port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    )
+    .await;
+    Some((master, replica))
+}
+
+/// One inline command on a new connection to `addr`; the reply's first line.
+pub async fn redis_command(addr: SocketAddr, command: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to redis");
+    stream
+        .write_all(format!("{command}\r\n").as_bytes())
+        .await
+        .expect("send");
+    tokio::time::timeout(SOON, redis_line(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
+}
+
+/// A failover by hand: `replica` becomes the master and `master` follows it.
+pub async fn redis_swap(master: &Redis, replica: &Redis) {
+    assert_eq!(redis_command(replica.addr, "REPLICAOF NO ONE").await, "+OK");
+    let follow = format!("REPLICAOF 127.0.0.1 {}", replica.addr.port());
+    assert_eq!(redis_command(master.addr, &follow).await, "+OK");
+}
+
+/// The Redis node (its port) a new client through `front` lands on.
+pub async fn redis_node(front: SocketAddr) -> u16 {
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    tokio::time::timeout(SOON, redis_port(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
+}
+
 // ---------------------------------------------------------------- MariaDB
 
 /// A MariaDB server of its own (mariadb-install-db into a temp dir, run as the `mysql`
