@@ -76,6 +76,21 @@ pub fn log_file(path: &Path) -> (Stdio, Stdio) {
     (Stdio::from(file), Stdio::from(copy))
 }
 
+/// Runs `command` to its end with its output in `log`; a failure panics with the log.
+pub fn run_logged(mut command: Command, log: &Path, what: &str) {
+    let (stdout, stderr) = log_file(log);
+    let status = command
+        .stdout(stdout)
+        .stderr(stderr)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        status.success(),
+        "{what} failed: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -110,17 +125,7 @@ impl PgTools {
             skip("PostgreSQL is not installed (Debian package postgresql)");
             return None;
         };
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let run_as = if root {
-            let Some(ids) = passwd_ids("postgres") else {
-                skip("running as root, and there is no postgres user to run PostgreSQL as");
-                return None;
-            };
-            Some(ids)
-        } else {
-            None
-        };
+        let run_as = unprivileged("postgres", "PostgreSQL")?;
         Some(Self { bin, run_as })
     }
 
@@ -133,6 +138,22 @@ impl PgTools {
         }
         command
     }
+}
+
+/// Who to run `server` as: as root, `user` from /etc/passwd (`Some(None)`: not root,
+/// run as ourselves); `None` (after [`skip`]) when root and there is no such user.
+fn unprivileged(user: &str, server: &str) -> Option<Option<(u32, u32)>> {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(None);
+    }
+    let ids = passwd_ids(user);
+    if ids.is_none() {
+        skip(&format!(
+            "running as root, and there is no {user} user to run {server} as"
+        ));
+    }
+    ids.map(Some)
 }
 
 /// (uid, gid) of `user` from /etc/passwd.
@@ -162,22 +183,13 @@ impl PgCluster {
         }
         let template = dir.0.join("template");
         let log = dir.0.join("initdb.log");
-        let (stdout, stderr) = log_file(&log);
-        let status = tools
-            .command(&tools.bin.join("initdb"), &dir.0)
+        let mut initdb = tools.command(&tools.bin.join("initdb"), &dir.0);
+        initdb
             .arg("-D")
             .arg(&template)
             .args(["-U", "postgres", "--auth=trust", "--no-sync", "--no-locale"])
-            .args(["-E", "UTF8"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .status()
-            .expect("run initdb");
-        assert!(
-            status.success(),
-            "initdb failed: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+            .args(["-E", "UTF8"]);
+        run_logged(initdb, &log, "initdb");
         Self {
             tools,
             dir,
@@ -207,22 +219,14 @@ impl PgCluster {
     pub fn standby_of(&self, primary: &PgServer, name: &str, settings: &[&str]) -> PgServer {
         let data = self.dir.0.join(name);
         let log = self.dir.0.join(format!("{name}-basebackup.log"));
-        let (stdout, stderr) = log_file(&log);
-        let status = self
+        let mut basebackup = self
             .tools
-            .command(&self.tools.bin.join("pg_basebackup"), &self.dir.0)
+            .command(&self.tools.bin.join("pg_basebackup"), &self.dir.0);
+        basebackup
             .args(["-h", "127.0.0.1", "-p", &primary.addr.port().to_string()])
             .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"])
-            .arg(&data)
-            .stdout(stdout)
-            .stderr(stderr)
-            .status()
-            .expect("run pg_basebackup");
-        assert!(
-            status.success(),
-            "pg_basebackup failed: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+            .arg(&data);
+        run_logged(basebackup, &log, "pg_basebackup");
         self.run(data, name, settings)
     }
 
@@ -641,16 +645,7 @@ impl MariaDb {
             skip("MariaDB is not installed (Debian package mariadb-server)");
             return None;
         };
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let run_as = if unsafe { libc::geteuid() } == 0 {
-            let Some(ids) = passwd_ids("mysql") else {
-                skip("running as root, and there is no mysql user to run MariaDB as");
-                return None;
-            };
-            Some(ids)
-        } else {
-            None
-        };
+        let run_as = unprivileged("mysql", "MariaDB")?;
         let dir = TempDir::new();
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).expect("chown the test dir");
@@ -665,20 +660,12 @@ impl MariaDb {
         };
         let data = dir.0.join("data");
         let log = dir.0.join("install.log");
-        let (stdout, stderr) = log_file(&log);
-        let status = command(&install)
+        let mut install_db = command(&install);
+        install_db
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .status()
-            .expect("run mariadb-install-db");
-        assert!(
-            status.success(),
-            "mariadb-install-db failed: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        run_logged(install_db, &log, "mariadb-install-db");
         let port = closed_port().port();
         let log = dir.0.join("mariadb.log");
         let (stdout, stderr) = log_file(&log);
