@@ -1,4 +1,4 @@
-//! Active health checks: one task per upstream that checks it ([`check`]: connect, then
+//! Active health checks: one task per upstream that checks it ([`check()`]: connect, then
 //! the pool's check kind) at `interval`, or `fast_interval` while the upstream's state is
 //! being decided, and reports each result ([`CheckReport`]) on a channel the controller reads.
 //!
@@ -84,7 +84,7 @@ pub trait SpawnChecker: Send + Sync {
     ) -> Checker;
 }
 
-/// Checks over the network: one task per upstream running [`check`].
+/// Checks over the network: one task per upstream running [`check()`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NetworkChecks;
 
