@@ -742,6 +742,12 @@ fn check_targets_are_a_port_or_an_address_not_both() {
     assert_eq!(target("port = 0"), CheckTarget::Upstream);
     assert_eq!(target("port = 8008"), CheckTarget::Port(8008));
     assert_eq!(target("address = \"\""), CheckTarget::Upstream);
+    // Both at their defaults, as config/switchyard.toml lists them.
+    assert_eq!(target("port = 0\naddress = \"\""), CheckTarget::Upstream);
+    assert_eq!(
+        target("port = 8008\naddress = \"\""),
+        CheckTarget::Port(8008)
+    );
     assert_eq!(
         target("address = \"127.0.0.1:8008\""),
         CheckTarget::Address {

@@ -59,7 +59,11 @@ impl Validator<'_> {
     }
 
     fn check_target(&mut self, h: &RawHealth, key: &dyn Fn(&str) -> String) -> Option<CheckTarget> {
-        match (&h.port, &h.address) {
+        // Written at their defaults (as the reference config lists every key), neither
+        // names a target.
+        let port = h.port.as_ref().filter(|p| *p.get_ref() != 0);
+        let address = h.address.as_ref().filter(|a| !a.get_ref().is_empty());
+        match (port, address) {
             (Some(port), Some(_)) => {
                 self.report(
                     port.span(),
@@ -72,7 +76,6 @@ impl Validator<'_> {
                 0 => Some(CheckTarget::Upstream),
                 port => Some(CheckTarget::Port(port as u16)),
             },
-            (None, Some(address)) if address.get_ref().is_empty() => Some(CheckTarget::Upstream),
             (None, Some(address)) => {
                 let resolved = self.upstream_addr(address, &key("address"))?;
                 Some(CheckTarget::Address {
