@@ -35,7 +35,30 @@ pub struct PoolView {
     pub failback: String,
     pub failovers: u64,
     pub failbacks: u64,
+    /// After a failback with `slow_start`: the failed-back tier's ramp.
+    #[serde(default)]
+    pub failback_ramp: Option<TierRampView>,
     pub upstreams: Vec<UpstreamView>,
+}
+
+/// A failed-back tier taking a growing share of new connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TierRampView {
+    /// The tier that served before the failback and takes the rest meanwhile.
+    pub from_tier: u32,
+    /// The failed-back tier.
+    pub to_tier: u32,
+    /// The failed-back tier's share of new connections now, 10 to 100.
+    pub share_percent: u32,
+    pub remaining_ms: u64,
+}
+
+/// An upstream taking a growing share of its tier's new connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RampView {
+    /// Its share now, as a percentage of the share it has at full weight: 10 to 100.
+    pub share_percent: u32,
+    pub remaining_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,6 +84,9 @@ pub struct UpstreamView {
     pub connections_total: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// While it ramps up after coming back (`slow_start`).
+    #[serde(default)]
+    pub slow_start: Option<RampView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +131,16 @@ impl StatusView {
                 "POOL {}  active tier {}  balance {}  failback {}  failovers {}  failbacks {}",
                 p.name, active, p.balance, p.failback, p.failovers, p.failbacks
             );
+            if let Some(ramp) = &p.failback_ramp {
+                let _ = writeln!(
+                    out,
+                    "  slow start: tier {} takes {}% of new connections, tier {} the rest; full in {}",
+                    ramp.to_tier,
+                    ramp.share_percent,
+                    ramp.from_tier,
+                    human_age(ramp.remaining_ms)
+                );
+            }
             let _ = writeln!(
                 out,
                 "  {:<4} {:<16} {:<22} {:<8} {:<9} {:>6} {:>8} {:>10} {:>10}  reason",
@@ -125,6 +161,14 @@ impl StatusView {
                     " "
                 };
                 let mut reason = u.reason.clone();
+                if let Some(ramp) = &u.slow_start {
+                    let _ = write!(
+                        reason,
+                        " (slow start: {}% of its share, full in {})",
+                        ramp.share_percent,
+                        human_age(ramp.remaining_ms)
+                    );
+                }
                 if let Some(until) = u.ejected_until_unix_ms {
                     let _ = write!(
                         reason,
