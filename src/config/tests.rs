@@ -99,7 +99,7 @@ fn defaults_follow_the_spec() {
 fn choices_and_durations_are_typed() {
     let text = MINIMAL.replace(
         "[pools.pg]",
-        "[pools.pg]\nbalance = \"source_hash\"\nfailback = \"90s\"\nhedge_after = \"50ms\"\nidle_timeout = \"off\"\ntcp_keepalive = \"off\"\nwhen_all_down = \"reject\"\non_upstream_down = \"keep\"",
+        "[pools.pg]\nbalance = \"source_hash\"\nfailback = \"90s\"\nhedge_after = \"50ms\"\nidle_timeout = \"off\"\ntcp_keepalive = \"off\"\nwhen_all_down = \"reject\"\non_upstream_down = \"keep\"\nslow_start = \"2s\"",
     );
     let config = parse(&text).unwrap();
     let p = &config.pools[0];
@@ -110,6 +110,7 @@ fn choices_and_durations_are_typed() {
     assert_eq!(p.tcp_keepalive, None);
     assert_eq!(p.when_all_down, WhenAllDown::Reject);
     assert_eq!(p.on_upstream_down, OnUpstreamDown::Keep);
+    assert_eq!(p.slow_start, Some(Duration::from_secs(2)));
 }
 
 #[test]
