@@ -5,7 +5,7 @@
 //! then only read, so `pick` takes `&self`, never locks and never allocates.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -76,21 +76,60 @@ impl Ramp {
         self.started + self.duration
     }
 
-    /// Whether one new connection goes to the ramping side. A draw per connection,
-    /// except with `source_hash`: there the client's address decides, against a
-    /// threshold that only grows, so a client that moved to the ramping side stays there
-    /// and the clients that move are only as many as the share calls for. `salt` makes
-    /// the draws of different ramps independent.
-    pub fn admits(&self, now: Instant, balance: Balance, client: IpAddr, salt: u64) -> bool {
+    /// Whether one new connection goes to the ramping side: the next of `draws`, except
+    /// with `source_hash`, where the client's address decides against a threshold that
+    /// only grows, so a client that moved to the ramping side stays there and the
+    /// clients that move are only as many as the share calls for. `salt` makes the
+    /// address draws of different ramps independent.
+    pub fn admits(
+        &self,
+        now: Instant,
+        balance: Balance,
+        client: IpAddr,
+        salt: u64,
+        draws: &Draws,
+    ) -> bool {
         let share = self.share(now);
         if share >= 1.0 {
             return true;
         }
         let draw = match balance {
             Balance::SourceHash => unit_interval(mix64(hash_ip(client) ^ salt)),
-            _ => fastrand::f64(),
+            _ => draws.next(),
         };
         draw < share
+    }
+}
+
+/// Draws in [0, 1) for one ramp's connections: multiples of the golden ratio, mod 1
+/// (a Weyl sequence), so that of any run of connections the share admitted is within a
+/// connection or two of the ramp's, without a random draw's noise. Shared by the
+/// connections of one snapshot: an atomic counter, no lock.
+#[derive(Debug)]
+pub struct Draws {
+    next: AtomicU64,
+}
+
+// === impl Draws ===
+
+impl Draws {
+    pub fn new() -> Self {
+        // A random start, so that pools rebuilt together do not draw in step.
+        Self {
+            next: AtomicU64::new(fastrand::u64(..)),
+        }
+    }
+
+    fn next(&self) -> f64 {
+        /// 2^64 divided by the golden ratio.
+        const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+        unit_interval(self.next.fetch_add(1, Relaxed).wrapping_mul(GOLDEN))
+    }
+}
+
+impl Default for Draws {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -153,9 +153,13 @@ fn candidates(route: &PoolRoute, client: IpAddr, excluded: usize) -> Vec<usize> 
     let now = route.ramping.then(Instant::now);
     let first_tier = match (route.failback_ramp, now) {
         (Some(ramp), Some(now))
-            if !ramp
-                .ramp
-                .admits(now, route.config.balance, client, FAILBACK_SALT) =>
+            if !ramp.ramp.admits(
+                now,
+                route.config.balance,
+                client,
+                FAILBACK_SALT,
+                &route.failback_draws,
+            ) =>
         {
             ramp.from
         }
@@ -205,7 +209,7 @@ fn first_choice(
         return first;
     };
     let salt = route.upstreams[upstream].id;
-    if ramp.admits(now, route.config.balance, client, salt) {
+    if ramp.admits(now, route.config.balance, client, salt, &tier.draws) {
         return first;
     }
     steady[picker.pick(client, |p| load(tier.usable[steady[p]]))]

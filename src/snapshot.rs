@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Member, Picker, Ramp, member_key};
+use crate::balance::{Draws, Member, Picker, Ramp, member_key};
 use crate::config::{ListenerConfig, PoolConfig};
 use crate::health::passive::Feedback;
 // The upstream object outlives snapshots; it lives below them.
@@ -71,6 +71,8 @@ pub struct PoolRoute {
     pub failback_ramp: Option<FailbackRamp>,
     /// Whether any ramp is on: only then does routing read the clock.
     pub ramping: bool,
+    /// The failback ramp's draws.
+    pub failback_draws: Draws,
     pub(crate) feedback: Feedback,
 }
 
@@ -95,6 +97,8 @@ pub struct Tier {
     /// those that do not, and a picker over them (its positions index this list), for
     /// the connections a ramping member does not take.
     pub steady: Option<(Box<[usize]>, Picker)>,
+    /// The draws of its ramping members.
+    pub draws: Draws,
 }
 
 // === impl RoutingSnapshot ===
@@ -239,6 +243,7 @@ impl PoolRoute {
                     picker: Picker::new(config.balance, &picker_members),
                     usable,
                     steady,
+                    draws: Draws::new(),
                 }
             })
             .collect();
@@ -261,6 +266,7 @@ impl PoolRoute {
             active_tier,
             ramps,
             failback_ramp,
+            failback_draws: Draws::new(),
             feedback,
         }
     }

@@ -196,10 +196,23 @@ async fn a_ramp_admits_its_share_of_connections_for_every_algorithm() {
     ] {
         for (secs, share) in [(0.0, 0.1), (5.0, 0.55), (10.0, 1.0)] {
             let now = ramp.started + Duration::from_secs_f64(secs);
+            let draws = Draws::new();
             let admitted = (0..20_000)
-                .filter(|&i| ramp.admits(now, balance, client(i), 7))
+                .filter(|&i| ramp.admits(now, balance, client(i), 7, &draws))
                 .count() as u32;
             assert_share(admitted, 20_000, share, 0.02);
+            if balance != Balance::SourceHash {
+                // Any run of connections gets the share within a connection or two.
+                for run in [10, 37, 100] {
+                    let admitted = (0..run)
+                        .filter(|&i| ramp.admits(now, balance, client(i), 7, &draws))
+                        .count() as f64;
+                    assert!(
+                        (admitted - share * run as f64).abs() <= 2.0,
+                        "{balance}: {admitted} of {run} at share {share}"
+                    );
+                }
+            }
         }
     }
 }
@@ -210,10 +223,11 @@ async fn a_source_hash_ramp_moves_each_client_once_and_only_as_many_as_its_share
         started: Instant::now(),
         duration: Duration::from_secs(10),
     };
+    let draws = Draws::new();
     let admitted_at = |secs: u64| -> Vec<bool> {
         let now = ramp.started + Duration::from_secs(secs);
         (0..10_000)
-            .map(|i| ramp.admits(now, Balance::SourceHash, client(i), 7))
+            .map(|i| ramp.admits(now, Balance::SourceHash, client(i), 7, &draws))
             .collect()
     };
     let mut before = admitted_at(0);
@@ -231,8 +245,8 @@ async fn a_source_hash_ramp_moves_each_client_once_and_only_as_many_as_its_share
     let now = ramp.started + Duration::from_secs(5);
     let both = (0..10_000)
         .filter(|&i| {
-            ramp.admits(now, Balance::SourceHash, client(i), 7)
-                && ramp.admits(now, Balance::SourceHash, client(i), 8)
+            ramp.admits(now, Balance::SourceHash, client(i), 7, &draws)
+                && ramp.admits(now, Balance::SourceHash, client(i), 8, &draws)
         })
         .count() as u32;
     assert_share(both, 10_000, 0.55 * 0.55, 0.03);

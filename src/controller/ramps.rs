@@ -43,12 +43,9 @@ impl Controller {
         let pool = &mut self.pools[p];
         let name = pool.config.name.clone();
         let slow_start = pool.config.slow_start;
-        let usable_per_priority = |slots: &[super::Slot], priority: u32| {
-            slots
-                .iter()
-                .filter(|s| s.upstream.config.priority == priority && s.shown.is_usable())
-                .count()
-        };
+        // Upstreams coming back together have only each other: none of them is a peer
+        // that could take the rest.
+        let coming_back: Vec<bool> = pool.slots.iter().map(|s| s.ramp_due.is_some()).collect();
         let mut changed = false;
         for u in 0..pool.slots.len() {
             let slot = &pool.slots[u];
@@ -82,7 +79,14 @@ impl Controller {
             };
             // Alone in its tier, an upstream has nobody to leave the rest to: a failback
             // to that tier ramps instead.
-            let peers = usable_per_priority(&pool.slots, priority).saturating_sub(1);
+            let peers = pool
+                .slots
+                .iter()
+                .zip(&coming_back)
+                .filter(|(s, back)| {
+                    !**back && s.upstream.config.priority == priority && s.shown.is_usable()
+                })
+                .count();
             let (Some(duration), true, true) =
                 (slow_start, pool.slots[u].shown.is_usable(), peers > 0)
             else {
@@ -113,7 +117,7 @@ impl Controller {
         };
         let priorities = pool.config.priorities();
         let to = pool.active_tier.map(|t| priorities[t]);
-        let from_usable = pool.usable_counts_by_priority(ramp.from) > 0;
+        let from_usable = pool.usable_in_priority(ramp.from) > 0;
         let reason = match pool.config.slow_start {
             None => "slow_start turned off by reload".to_string(),
             Some(_) if !from_usable => format!(
@@ -242,7 +246,7 @@ impl PoolState {
             .map(move |started| started + duration)
     }
 
-    fn usable_counts_by_priority(&self, priority: u32) -> usize {
+    fn usable_in_priority(&self, priority: u32) -> usize {
         self.slots
             .iter()
             .filter(|s| s.upstream.config.priority == priority && s.shown.is_usable())
