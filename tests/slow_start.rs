@@ -341,3 +341,65 @@ async fn one_upstream_rejoining_a_tier_of_three_ramps_up_within_it() {
         "after the ramp, a third: {after_share:.3}"
     );
 }
+
+#[test]
+fn the_demo_shows_a_slow_start_failback_quarter_by_quarter() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["demo", "--slow-start", "1s"])
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "failback immediate, with a slow start of 1s",
+        "slow start: failback to tier 0: its share of new connections grows from 10% to 100% over 1s",
+        "slow start over: tier 0 takes every new connection",
+        "slow start 1/4",
+        "slow start 4/4",
+        "after the ramp",
+        "client-visible failures: 0 of",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
+    }
+    let share = |phase: &str| -> u32 {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(phase))
+            .and_then(|l| l.split('%').next())
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no share for {phase:?} in:\n{stdout}"))
+    };
+    assert!(
+        share("slow start 1/4") < share("slow start 4/4"),
+        "{stdout}"
+    );
+    assert_eq!(share("after the ramp"), 100, "{stdout}");
+}
+
+#[test]
+fn the_demo_refuses_a_slow_start_it_cannot_show() {
+    let demo = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["demo", "--slow-start", value])
+            .output()
+            .expect("run the demo")
+    };
+    let out = demo("soon");
+    assert_eq!(out.status.code(), Some(2), "not a duration: bad usage");
+    let out = demo("0s");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the demo's slow start must be above 0 and at most 30s, not 0s"),
+        "{stderr}"
+    );
+    assert_eq!(demo("31s").status.code(), Some(1));
+}
