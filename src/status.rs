@@ -227,3 +227,85 @@ fn human_bytes(bytes: u64) -> String {
         format!("{value:.1}{}", UNITS[unit])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(name: &str, priority: u32, slow_start: Option<RampView>) -> UpstreamView {
+        UpstreamView {
+            name: name.to_string(),
+            address: format!("127.0.0.1:1{priority}"),
+            priority,
+            weight: 1,
+            state: "up".to_string(),
+            reason: "check passed".to_string(),
+            since_unix_ms: 0,
+            last_check: None,
+            check_passes: 2,
+            check_failures: 0,
+            connect_failures_in_a_row: 0,
+            ejected_until_unix_ms: None,
+            connections_active: 0,
+            connections_total: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            slow_start,
+        }
+    }
+
+    #[test]
+    fn the_table_shows_ramps_and_their_shares() {
+        let view = StatusView {
+            listeners: Vec::new(),
+            pools: vec![PoolView {
+                name: "p".to_string(),
+                balance: "round_robin".to_string(),
+                active_tier: Some(0),
+                failback: "immediate".to_string(),
+                failovers: 1,
+                failbacks: 1,
+                failback_ramp: Some(TierRampView {
+                    from_tier: 1,
+                    to_tier: 0,
+                    share_percent: 43,
+                    remaining_ms: 1_270,
+                }),
+                upstreams: vec![
+                    upstream(
+                        "a",
+                        0,
+                        Some(RampView {
+                            share_percent: 55,
+                            remaining_ms: 900,
+                        }),
+                    ),
+                    upstream("c", 1, None),
+                ],
+            }],
+        };
+        let table = view.render(5_000);
+        assert!(
+            table.contains(
+                "  slow start: tier 0 takes 43% of new connections, tier 1 the rest; full in 1.3s\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("check passed (slow start: 55% of its share, full in 900ms)"),
+            "{table}"
+        );
+        assert_eq!(table.matches("slow start").count(), 2, "{table}");
+    }
+
+    #[test]
+    fn a_status_without_the_slow_start_fields_still_reads() {
+        // What an instance from before slow start answers.
+        let json = r#"{"name":"a","address":"x","priority":0,"weight":1,"state":"up",
+            "reason":"","since_unix_ms":0,"last_check":null,"check_passes":0,
+            "check_failures":0,"connect_failures_in_a_row":0,"ejected_until_unix_ms":null,
+            "connections_active":0,"connections_total":0,"bytes_sent":0,"bytes_received":0}"#;
+        let view: Result<UpstreamView, _> = serde_json::from_str(json);
+        assert_eq!(view.map(|v| v.slow_start).ok(), Some(None));
+    }
+}
