@@ -150,8 +150,9 @@ impl Controller {
         true
     }
 
-    /// On failback from tier `from` (an index) with slow start on: the failed-back tier
-    /// ramps up. Returns whether it does (a drain then waits for the ramp's end).
+    /// On failback from tier `from` (an index) with slow start on, while `from` still has
+    /// a usable upstream: the failed-back tier ramps up. Returns whether it does (a drain
+    /// then waits for the ramp's end).
     pub(super) fn start_failback_ramp(
         &mut self,
         p: usize,
@@ -160,10 +161,15 @@ impl Controller {
         now: Instant,
     ) -> bool {
         let pool = &mut self.pools[p];
+        let priorities = pool.config.priorities();
         let Some(duration) = pool.config.slow_start else {
             return false;
         };
-        let priorities = pool.config.priorities();
+        // A move off a tier that has nothing usable left is survival, whatever the
+        // direction: nothing to ramp against.
+        if pool.usable_in_priority(priorities[from]) == 0 {
+            return false;
+        }
         pool.failback_ramp = Some(TierRamp {
             from: priorities[from],
             started: now,

@@ -977,3 +977,15 @@ async fn an_upstream_a_reload_adds_ramps_up() {
     );
     assert!(!h.route().ramping);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_move_to_a_better_tier_because_the_active_one_emptied_is_not_slowed() {
+    let mut h = Harness::start(&config("slow_start = \"10s\"\nfailback = \"30s\"", TWO));
+    h.check("a", false);
+    h.check("a", true);
+    assert_eq!(h.active(), Some(1), "held back by the hold-down");
+    h.check("c", false);
+    assert_eq!(h.active(), Some(0));
+    assert!(slow_start_events(&h).is_empty(), "survival: no ramp");
+    assert_eq!(share(&first_choices(&h, 100), "a"), 1.0);
+}
