@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use crate::Proxy;
 use crate::config::Config;
 use crate::drill::upstream::GreetingUpstream;
-use crate::drill::{ClientRecord, ClientStream, Stop};
+use crate::drill::{ClientRecord, ClientStream, Probe, Stop};
 use crate::events::{Event, EventKind};
 use crate::shutdown::Shutdown;
 
@@ -152,7 +152,9 @@ base_ejection = "5s"
             every: CLIENT_EVERY,
             limit: end_at,
             client_timeout: CLIENT_TIMEOUT,
-            speaks_first: false,
+            probe: Probe::Greeting {
+                speaks_first: false,
+            },
         }
         .run(Stop::AtLimit),
     );

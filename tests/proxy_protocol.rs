@@ -1,6 +1,7 @@
-//! PROXY protocol (SPEC §8): headers sent to upstreams are read by an independent
-//! parser (the `ppp` crate), headers from clients are checked and their trailing bytes
-//! forwarded, and bad, slow or untrusted headers close that client only.
+//! PROXY protocol (SPEC §8): headers sent to upstreams hold the bytes the protocol text
+//! prescribes and read back with the `ppp` crate, headers from clients are checked and
+//! their trailing bytes forwarded, and bad, slow or untrusted headers close that client
+//! only.
 
 mod common;
 
@@ -95,6 +96,12 @@ async fn headers_sent_to_upstreams_are_accepted_by_an_independent_parser() {
             .await
             .unwrap()
             .unwrap();
+        let expected = header_bytes(version, client_addr, front);
+        assert_eq!(
+            got.get(..expected.len()),
+            Some(&expected[..]),
+            "{version}: the header's exact bytes"
+        );
         let (addresses, local, payload) = parse_with_ppp(&got);
         assert!(!local);
         assert_eq!(
@@ -141,6 +148,25 @@ async fn a_client_header_is_consumed_its_trailing_bytes_forwarded_and_its_addres
         assert_eq!(destination, "198.51.100.1:443".parse().unwrap());
         assert_eq!(payload, b"early bytes and later ones");
     }
+}
+
+/// A TCP-over-IPv4 header written out by hand from the protocol text (sections 2.1 and 2.2),
+/// not by the encoder under test.
+fn header_bytes(version: &str, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (source, destination) else {
+        panic!("loopback test addresses are IPv4");
+    };
+    if version == "v1" {
+        let (sp, dp) = (s.port(), d.port());
+        return format!("PROXY TCP4 {} {} {sp} {dp}\r\n", s.ip(), d.ip()).into_bytes();
+    }
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&s.ip().octets());
+    h.extend_from_slice(&d.ip().octets());
+    h.extend_from_slice(&s.port().to_be_bytes());
+    h.extend_from_slice(&d.port().to_be_bytes());
+    h
 }
 
 /// A v2 PROXY TCP4 header for 203.0.113.7:4242 -> 198.51.100.1:443.

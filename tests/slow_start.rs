@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
-use switchyard::drill::{ClientRecord, ClientStream, Stop, Timeline};
+use switchyard::drill::{ClientRecord, ClientStream, Probe, Stop, Timeline};
 use switchyard::events::{Event, EventKind};
 
 /// One new client this often: ~500 over a 2 s ramp when the machine keeps up.
@@ -27,7 +27,9 @@ fn stream(addr: SocketAddr, stop: CancellationToken) -> tokio::task::JoinHandle<
         every: EVERY,
         limit: 6 * SOON,
         client_timeout: SOON,
-        speaks_first: false,
+        probe: Probe::Greeting {
+            speaks_first: false,
+        },
     };
     tokio::spawn(clients.run(Stop::On(stop)))
 }

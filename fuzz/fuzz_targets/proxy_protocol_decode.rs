@@ -1,8 +1,9 @@
-//! Feeds arbitrary bytes to the PROXY protocol decoder under every accept mode and checks
-//! the promises the listener relies on: no panic, `consumed` within the input and the cap,
-//! a header is decided by its own bytes (shorter is incomplete, longer changes nothing),
-//! "incomplete" never outlasts the cap, an error stays an error whatever follows, and a
-//! decoded header re-encodes to bytes that decode to an equal header.
+//! Feeds arbitrary bytes to the PROXY protocol decoder (the `ppp` crate and the checks
+//! around it) under every accept mode and checks the promises the listener relies on: no
+//! panic, `consumed` within the input and the cap, a header is decided by its own bytes
+//! (shorter is incomplete, longer changes nothing), "incomplete" never outlasts the cap, an
+//! error stays an error whatever follows, and a decoded header re-encodes to bytes that
+//! decode to an equal header.
 //!
 //! Run: `cargo fuzz run proxy_protocol_decode` from the repository root (nightly, or
 //! `RUSTC_BOOTSTRAP=1` on stable).
@@ -10,7 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::wire::proxy_protocol::{Accept, DecodeError, MAX_HEADER_LEN, decode};
+use switchyard::wire::proxy_protocol::{Accept, MAX_HEADER_LEN, decode};
 
 fuzz_target!(|input: &[u8]| {
     for accept in [Accept::V1, Accept::V2, Accept::Any] {
@@ -30,7 +31,6 @@ fuzz_target!(|input: &[u8]| {
             }
             Ok(None) => assert!(input.len() < MAX_HEADER_LEN),
             Err(error) => {
-                assert!(DecodeError::REASONS.contains(&error.reason()));
                 assert!(!error.to_string().is_empty());
                 for suffix in [&b"\r\n"[..], b" ", b"\0"] {
                     let longer = [input, suffix].concat();

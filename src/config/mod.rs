@@ -229,6 +229,7 @@ struct Problems<'a>(&'a [Problem]);
 // === impl Config ===
 
 pub use crate::files::{MAX_CONFIG_FILE, MAX_SECRET_FILE, read_bounded};
+pub(crate) use validate::unescape;
 
 impl Config {
     /// Reads and validates `path`.
