@@ -111,6 +111,7 @@ fn choices_and_durations_are_typed() {
     assert_eq!(p.when_all_down, WhenAllDown::Reject);
     assert_eq!(p.on_upstream_down, OnUpstreamDown::Keep);
     assert_eq!(p.slow_start, Some(Duration::from_secs(2)));
+    assert!(config.summary().contains("\n  slow_start 2s\n"));
 }
 
 #[test]
