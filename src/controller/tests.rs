@@ -989,3 +989,33 @@ async fn a_move_to_a_better_tier_because_the_active_one_emptied_is_not_slowed() 
     assert!(slow_start_events(&h).is_empty(), "survival: no ramp");
     assert_eq!(share(&first_choices(&h, 100), "a"), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_second_failback_mid_ramp_ramps_from_the_tier_that_served_last() {
+    let mut h = Harness::start(&config(SLOW_START, FOUR));
+    for label in ["a", "b", "c"] {
+        h.check(label, false);
+    }
+    assert_eq!(h.active(), Some(2));
+    h.check("c", true);
+    assert_eq!(h.active(), Some(1));
+    h.advance(Duration::from_secs(5)).await;
+    h.check("a", true);
+    assert_eq!(h.active(), Some(0));
+    assert_eq!(
+        slow_start_events(&h),
+        vec![
+            upstream_event("tier", "full", "ramp"),
+            upstream_event("tier", "ramp", "stopped"),
+            upstream_event("tier", "full", "ramp"),
+        ]
+    );
+    let counts = first_choices(&h, 4_000);
+    assert_near(share(&counts, "a"), 0.1, "tier 0 starts over at a tenth");
+    assert_near(
+        share(&counts, "c"),
+        0.9,
+        "the rest to tier 1, which served last",
+    );
+    assert_eq!(counts.get("d"), None);
+}

@@ -93,7 +93,7 @@ impl Controller {
             (Some(from), Some(to)) if to < from => {
                 self.pools[p].stats.failbacks.fetch_add(1, Relaxed);
                 // A ramp that was running gives way to the new one.
-                self.pools[p].failback_ramp = None;
+                self.stop_failback_ramp(p, "a failback to a better tier");
                 let ramping = self.start_failback_ramp(p, from, to, now);
                 let pool = &mut self.pools[p];
                 // With slow start, the drain waits for the ramp's end: until then the
