@@ -33,7 +33,7 @@ use crate::Proxy;
 use crate::config::AdminConfig;
 use crate::controller::ControlError;
 use crate::error::StartError;
-use crate::events::{Event, EventKind};
+use crate::events::Event;
 use crate::health::state::AdminOverride;
 use crate::reload::{ReloadError, Reloader};
 use crate::shutdown::Shutdown;
@@ -362,10 +362,7 @@ impl<'a> From<&'a Event> for EventView<'a> {
         Self {
             id: e.id,
             at_unix_ms: e.at_unix_ms,
-            kind: match e.kind {
-                EventKind::Upstream => "upstream",
-                EventKind::Tier => "tier",
-            },
+            kind: e.kind.as_str(),
             pool: &e.pool,
             upstream: e.upstream.as_deref(),
             old: &e.old,

@@ -5,7 +5,10 @@
 //! then only read, so `pick` takes `&self`, never locks and never allocates.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::Balance;
 
@@ -40,6 +43,99 @@ pub enum Picker {
     SourceHash {
         table: Box<[u32]>,
     },
+}
+
+/// Slow start: the share of new connections that something coming back (an upstream
+/// within its tier, or a tier failed back to) takes, growing linearly from
+/// [`Ramp::FLOOR`] of what it would get at full weight to all of it over `duration`.
+///
+/// The share is computed from the clock where a connection is routed, so the snapshot
+/// that carries a ramp stays valid for its whole length: nothing is republished while
+/// it grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ramp {
+    pub started: Instant,
+    pub duration: Duration,
+}
+
+// === impl Ramp ===
+
+impl Ramp {
+    /// Where the share starts: small enough to spare a cold server, large enough that
+    /// its first clients warm it up.
+    pub const FLOOR: f64 = 0.1;
+
+    /// The fraction of its full share, from `FLOOR` at the start to 1 at the end.
+    pub fn share(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.started).as_secs_f64();
+        let progress = elapsed / self.duration.as_secs_f64().max(f64::MIN_POSITIVE);
+        (Self::FLOOR + (1.0 - Self::FLOOR) * progress).min(1.0)
+    }
+
+    pub fn ends(&self) -> Instant {
+        self.started + self.duration
+    }
+
+    /// Whether one new connection goes to the ramping side: the next of `draws`, except
+    /// with `source_hash`, where the client's address decides against a threshold that
+    /// only grows, so a client that moved to the ramping side stays there and the
+    /// clients that move are only as many as the share calls for. `salt` makes the
+    /// address draws of different ramps independent.
+    pub fn admits(
+        &self,
+        now: Instant,
+        balance: Balance,
+        client: IpAddr,
+        salt: u64,
+        draws: &Draws,
+    ) -> bool {
+        let share = self.share(now);
+        if share >= 1.0 {
+            return true;
+        }
+        let draw = match balance {
+            Balance::SourceHash => unit_interval(mix64(hash_ip(client) ^ salt)),
+            _ => draws.next(),
+        };
+        draw < share
+    }
+}
+
+/// Draws in [0, 1) for one ramp's connections: multiples of the golden ratio, mod 1
+/// (a Weyl sequence), so that of any run of connections the share admitted is within a
+/// connection or two of the ramp's, without a random draw's noise. Shared by the
+/// connections of one snapshot: an atomic counter, no lock.
+#[derive(Debug)]
+pub struct Draws {
+    next: AtomicU64,
+}
+
+// === impl Draws ===
+
+impl Draws {
+    pub fn new() -> Self {
+        // A random start, so that pools rebuilt together do not draw in step.
+        Self {
+            next: AtomicU64::new(fastrand::u64(..)),
+        }
+    }
+
+    fn next(&self) -> f64 {
+        /// 2^64 divided by the golden ratio.
+        const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+        unit_interval(self.next.fetch_add(1, Relaxed).wrapping_mul(GOLDEN))
+    }
+}
+
+impl Default for Draws {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `x` mapped onto [0, 1) by its top 53 bits.
+fn unit_interval(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 // === impl Picker ===

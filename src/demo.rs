@@ -2,8 +2,9 @@
 //!
 //! Starts a primary and a backup upstream of its own, a proxy in front of them and a
 //! steady stream of client connections; kills the primary, brings it back, and prints
-//! what clients experienced. Everything it reports is measured from real sockets and
-//! the proxy's own counters; nothing is simulated.
+//! what clients experienced. With a slow start, the failback is a ramp and the demo
+//! prints the primary's share of new clients through it. Everything it reports is
+//! measured from real sockets and the proxy's own counters; nothing is simulated.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,13 +15,18 @@ use crate::Proxy;
 use crate::config::Config;
 use crate::drill::upstream::GreetingUpstream;
 use crate::drill::{ClientRecord, ClientStream, Probe, Stop};
-use crate::events::Event;
+use crate::events::{Event, EventKind};
 use crate::shutdown::Shutdown;
 
 const CLIENT_EVERY: Duration = Duration::from_millis(5);
 const KILL_AT: Duration = Duration::from_millis(1000);
 const RESTART_AT: Duration = Duration::from_millis(2500);
+/// Without a slow start: the failback is immediate, 1.5 s is plenty to see it.
 const END_AT: Duration = Duration::from_millis(4000);
+/// With one: the primary takes about 0.5 s to be up again, then the ramp, then this.
+const AFTER_RAMP: Duration = Duration::from_millis(1000);
+/// Longer would only make the demo slow.
+pub const MAX_SLOW_START: Duration = Duration::from_secs(30);
 /// A client that is not served within this counts as failed.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -33,15 +39,29 @@ struct PhaseStats {
     latencies: Vec<Duration>,
 }
 
-pub fn main() -> Result<(), String> {
+/// Runs the demo; with `slow_start`, the failback ramps up over that long.
+pub fn main(slow_start: Option<Duration>) -> Result<(), String> {
+    if let Some(d) = slow_start.filter(|&d| d.is_zero() || d > MAX_SLOW_START) {
+        return Err(format!(
+            "the demo's slow start must be above 0 and at most {}, not {}",
+            humantime::format_duration(MAX_SLOW_START),
+            humantime::format_duration(d)
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(run())
+    runtime.block_on(run(slow_start))
 }
 
-async fn run() -> Result<(), String> {
+async fn run(slow_start: Option<Duration>) -> Result<(), String> {
+    let end_at = slow_start.map_or(END_AT, |d| {
+        RESTART_AT + Duration::from_millis(500) + d + AFTER_RAMP
+    });
+    let slow_start_line = slow_start.map_or(String::new(), |d| {
+        format!("slow_start = \"{}\"\n", humantime::format_duration(d))
+    });
     let upstream = |name: &'static str| async move {
         GreetingUpstream::start(name)
             .await
@@ -59,7 +79,7 @@ pool = "demo"
 [pools.demo]
 connect_timeout = "300ms"
 failback = "immediate"
-upstreams = [
+{slow_start_line}upstreams = [
   {{ address = "{}", priority = 0, name = "primary" }},
   {{ address = "{}", priority = 1, name = "backup" }},
 ]
@@ -99,7 +119,13 @@ base_ejection = "5s"
     println!(
         "  health checks every 200 ms (100 ms while deciding), timeout 100 ms, rise 2, fall 2;"
     );
-    println!("  2 failed connects in a row eject an upstream; failback immediate");
+    match slow_start {
+        None => println!("  2 failed connects in a row eject an upstream; failback immediate"),
+        Some(d) => println!(
+            "  2 failed connects in a row eject an upstream; failback immediate, with a slow start of {}",
+            humantime::format_duration(d)
+        ),
+    }
     println!();
 
     // Let the first health checks settle before the clock starts.
@@ -124,7 +150,7 @@ base_ejection = "5s"
         ClientStream {
             addr: front,
             every: CLIENT_EVERY,
-            limit: END_AT,
+            limit: end_at,
             client_timeout: CLIENT_TIMEOUT,
             probe: Probe::Greeting {
                 speaks_first: false,
@@ -159,19 +185,28 @@ base_ejection = "5s"
         &timeline.records,
         &events,
         start_unix_ms,
-        killed_at,
-        restarted_at,
+        Moments {
+            killed_at,
+            restarted_at,
+            end_at,
+        },
     );
     Ok(())
 }
 
-fn print_timeline(
-    records: &[ClientRecord],
-    events: &[Event],
-    start_unix_ms: u64,
+/// When the demo did what, after the client stream's start.
+struct Moments {
     killed_at: Duration,
     restarted_at: Duration,
-) {
+    end_at: Duration,
+}
+
+fn print_timeline(records: &[ClientRecord], events: &[Event], start_unix_ms: u64, at: Moments) {
+    let Moments {
+        killed_at,
+        restarted_at,
+        end_at,
+    } = at;
     let ms = |d: Duration| format!("{:>7.1} ms", d.as_secs_f64() * 1000.0);
     let since_start = |e: &Event| Duration::from_millis(e.at_unix_ms.saturating_sub(start_unix_ms));
     let first_served = |after: Duration, by: &str| {
@@ -226,7 +261,7 @@ fn print_timeline(
             ),
         ));
     }
-    if let Some(e) = first_event(killed_at, &|e| e.upstream.is_none() && e.new != "0") {
+    if let Some(e) = first_event(killed_at, &|e| e.kind == EventKind::Tier && e.new != "0") {
         lines.push((
             since_start(e),
             format!("switch: active tier {} -> {} ({})", e.old, e.new, e.reason),
@@ -245,7 +280,7 @@ fn print_timeline(
             ),
         ));
     }
-    if let Some(e) = first_event(restarted_at, &|e| e.upstream.is_none() && e.new == "0") {
+    if let Some(e) = first_event(restarted_at, &|e| e.kind == EventKind::Tier && e.new == "0") {
         lines.push((
             since_start(e),
             format!(
@@ -263,7 +298,21 @@ fn print_timeline(
             ),
         ));
     }
-    lines.push((END_AT, "end".to_string()));
+    let ramp = first_event(restarted_at, &|e| {
+        e.kind == EventKind::SlowStart && e.upstream.is_none() && e.new == "ramp"
+    });
+    let ramp_end = ramp.and_then(|started| {
+        events
+            .iter()
+            .find(|e| e.kind == EventKind::SlowStart && e.upstream.is_none() && e.id > started.id)
+    });
+    if let Some(e) = ramp {
+        lines.push((since_start(e), format!("slow start: {}", e.reason)));
+    }
+    if let Some(e) = ramp_end {
+        lines.push((since_start(e), e.reason.clone()));
+    }
+    lines.push((end_at, "end".to_string()));
     lines.sort_by_key(|(at, _)| *at);
     println!("timeline");
     for (at, what) in &lines {
@@ -271,17 +320,36 @@ fn print_timeline(
     }
     println!();
 
-    let phases = [
-        ("before the kill", Duration::ZERO, killed_at),
-        ("primary down", killed_at, restarted_at),
-        ("after the restart", restarted_at, END_AT + CLIENT_TIMEOUT),
+    let mut phases: Vec<(String, Duration, Duration)> = vec![
+        ("before the kill".to_string(), Duration::ZERO, killed_at),
+        ("primary down".to_string(), killed_at, restarted_at),
     ];
+    match (ramp, ramp_end) {
+        (Some(started), Some(ended)) => {
+            let (from, to) = (since_start(started), since_start(ended));
+            phases.push(("until the failback".to_string(), restarted_at, from));
+            // The ramp in quarters: the primary's share of new clients grows.
+            let quarter = (to.saturating_sub(from)) / 4;
+            for q in 0..4u32 {
+                let start = from + quarter * q;
+                let end = if q == 3 { to } else { start + quarter };
+                phases.push((format!("slow start {}/4", q + 1), start, end));
+            }
+            phases.push(("after the ramp".to_string(), to, end_at + CLIENT_TIMEOUT));
+        }
+        _ => phases.push((
+            "after the restart".to_string(),
+            restarted_at,
+            end_at + CLIENT_TIMEOUT,
+        )),
+    }
     println!(
-        "  {:<18} {:>7} {:>8} {:>7} {:>7}   connect+greeting latency p50 / p99 / max",
-        "phase", "clients", "primary", "backup", "failed"
+        "  {:<18} {:>7} {:>8} {:>7} {:>7} {:>9}   connect+greeting latency p50 / p99 / max",
+        "phase", "clients", "primary", "backup", "failed", "% primary"
     );
     let mut total = PhaseStats::default();
-    for (name, from, to) in phases {
+    for (name, from, to) in &phases {
+        let (from, to) = (*from, *to);
         let mut phase = PhaseStats::default();
         for r in records
             .iter()
@@ -299,12 +367,13 @@ fn print_timeline(
         total.failed += phase.failed;
         phase.latencies.sort();
         println!(
-            "  {:<18} {:>7} {:>8} {:>7} {:>7}   {} / {} / {}",
+            "  {:<18} {:>7} {:>8} {:>7} {:>7} {:>9}   {} / {} / {}",
             name,
             phase.clients,
             phase.primary,
             phase.backup,
             phase.failed,
+            percent(phase.primary, phase.clients),
             percentile(&phase.latencies, 0.50),
             percentile(&phase.latencies, 0.99),
             percentile(&phase.latencies, 1.0),
@@ -318,9 +387,11 @@ fn print_timeline(
     println!();
     println!("the proxy's event ring (what GET /events shows)");
     for e in events {
-        let subject = match &e.upstream {
-            Some(upstream) => format!("upstream {upstream}"),
-            None => "active tier".to_string(),
+        let subject = match (&e.upstream, e.kind) {
+            (Some(upstream), EventKind::SlowStart) => format!("slow start of {upstream}"),
+            (Some(upstream), _) => format!("upstream {upstream}"),
+            (None, EventKind::SlowStart) => "slow start of the active tier".to_string(),
+            (None, _) => "active tier".to_string(),
         };
         println!(
             "  {}  #{} pool {} {subject}: {} -> {} ({})",
@@ -338,6 +409,13 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn percent(part: usize, whole: usize) -> String {
+    if whole == 0 {
+        return "-".to_string();
+    }
+    format!("{:.0} %", part as f64 * 100.0 / whole as f64)
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> String {

@@ -1,4 +1,5 @@
-//! Failover events: every change of an upstream's state and of a pool's active tier.
+//! Failover events: every change of an upstream's state and of a pool's active tier,
+//! and the start and end of every slow start.
 //!
 //! The controller is the only writer. Each event is logged once (tracing, structured
 //! fields) and kept in a bounded ring of the last [`RING_CAPACITY`] for the admin API,
@@ -18,6 +19,23 @@ pub enum EventKind {
     Upstream,
     /// A pool's active tier changed (`old`/`new` are priorities, or "none").
     Tier,
+    /// A slow start began (`full` -> `ramp`), reached full weight (`ramp` -> `full`) or
+    /// was cut short (`ramp` -> `stopped`): of an upstream within its tier, or of the
+    /// active tier after a failback (no upstream).
+    SlowStart,
+}
+
+// === impl EventKind ===
+
+impl EventKind {
+    /// How the admin API and the logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Upstream => "upstream",
+            EventKind::Tier => "tier",
+            EventKind::SlowStart => "slow_start",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +90,7 @@ impl EventLog {
                 warn!(pool, upstream, old, new, reason, "upstream state changed")
             }
             (EventKind::Tier, _) => warn!(pool, old, new, reason, "active tier changed"),
+            (EventKind::SlowStart, _) => info!(pool, upstream, old, new, reason, "slow start"),
         }
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -59,7 +59,12 @@ enum Command {
         json: bool,
     },
     /// Self-contained failover demonstration on loopback.
-    Demo,
+    Demo {
+        /// Fail back with a slow start of this long (e.g. "2s"): the demo then shows the
+        /// primary's share of new clients growing through the ramp.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        slow_start: Option<std::time::Duration>,
+    },
     /// Failover drill against a live instance: probe traffic through the pool's listener
     /// while its active tier is taken out, held out, restored and failed back; exit 1
     /// when an objective is missed.
@@ -145,9 +150,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { ref config } => check(config),
         Command::Run { ref config } => run(&cli, config),
-        Command::Demo => {
+        Command::Demo { slow_start } => {
             init_logging(&cli, "error", LogFormat::Text);
-            exit_code(switchyard::demo::main())
+            exit_code(switchyard::demo::main(slow_start))
         }
         Command::Status { ref admin, json } => status(admin, json),
         Command::Drill(ref args) => drill(args),

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::config::{Failback, PoolConfig, WhenAllDown};
 use crate::health::passive::Feedback;
 use crate::health::state::State;
-use crate::snapshot::{PoolRoute, RouteParts, Upstream};
+use crate::snapshot::{PoolRoute, RouteParts, Tier, Upstream};
 
 /// The controller's choice of active tier and the failback hold clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,16 +149,34 @@ fn candidates(route: &PoolRoute, client: IpAddr, excluded: usize) -> Vec<usize> 
         return order;
     };
     let load = |i: usize| route.upstreams[i].stats.connections_active.load(Relaxed);
-    let tiers_in_order = std::iter::once(active)
+    // The clock is read only while something ramps up (slow start).
+    let now = route.ramping.then(Instant::now);
+    let first_tier = match (route.failback_ramp, now) {
+        (Some(ramp), Some(now))
+            if !ramp.ramp.admits(
+                now,
+                route.config.balance,
+                client,
+                FAILBACK_SALT,
+                &route.failback_draws,
+            ) =>
+        {
+            ramp.from
+        }
+        _ => active,
+    };
+    let usual_order = std::iter::once(active)
         .chain(active + 1..route.tiers.len())
         .chain(0..active);
+    let tiers_in_order =
+        std::iter::once(first_tier).chain(usual_order.filter(move |&t| t != first_tier));
     for t in tiers_in_order {
         let tier = &route.tiers[t];
         let n = tier.usable.len();
         if n == 0 {
             continue;
         }
-        let first = tier.picker.pick(client, |p| load(tier.usable[p]));
+        let first = first_choice(route, tier, client, now, load);
         for k in 0..n {
             if order.len() == limit {
                 return order;
@@ -167,6 +185,34 @@ fn candidates(route: &PoolRoute, client: IpAddr, excluded: usize) -> Vec<usize> 
         }
     }
     order
+}
+
+/// Draws on the failback ramp; any constant other than the upstreams' keys would do.
+const FAILBACK_SALT: u64 = 0x5157_5354_4152_5400;
+
+/// The balancer's choice in `tier` (a position in its usable list), slow start applied:
+/// a ramping member keeps the connection with the probability its ramp gives; else the
+/// balancer chooses again among the members that do not ramp.
+fn first_choice(
+    route: &PoolRoute,
+    tier: &Tier,
+    client: IpAddr,
+    now: Option<Instant>,
+    load: impl Fn(usize) -> u64,
+) -> usize {
+    let first = tier.picker.pick(client, |p| load(tier.usable[p]));
+    let (Some(now), Some((steady, picker))) = (now, &tier.steady) else {
+        return first;
+    };
+    let upstream = tier.usable[first];
+    let Some(ramp) = route.ramps[upstream] else {
+        return first;
+    };
+    let salt = route.upstreams[upstream].id;
+    if ramp.admits(now, route.config.balance, client, salt, &tier.draws) {
+        return first;
+    }
+    steady[picker.pick(client, |p| load(tier.usable[steady[p]]))]
 }
 
 /// A route for `config` with the given states, fresh counters and closers, no
@@ -191,6 +237,8 @@ pub fn standalone_route(config: Arc<PoolConfig>, states: Vec<State>) -> PoolRout
         upstreams,
         states,
         active_tier: preferred_tier(&counts, config.min_usable),
+        ramps: Vec::new(),
+        failback_ramp: None,
         feedback: Feedback::detached(),
         config,
     })

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Member, Picker, member_key};
+use crate::balance::{Draws, Member, Picker, Ramp, member_key};
 use crate::config::{ListenerConfig, PoolConfig};
 use crate::health::passive::Feedback;
 // The upstream object outlives snapshots; it lives below them.
@@ -65,7 +65,24 @@ pub struct PoolRoute {
     pub tiers: Box<[Tier]>,
     /// Index into `tiers`; `None` when no upstream is usable.
     pub active_tier: Option<usize>,
+    /// Slow start of each upstream, in config order: `Some` while it ramps up.
+    pub ramps: Box<[Option<Ramp>]>,
+    /// Slow start of the active tier after a failback.
+    pub failback_ramp: Option<FailbackRamp>,
+    /// Whether any ramp is on: only then does routing read the clock.
+    pub ramping: bool,
+    /// The failback ramp's draws.
+    pub failback_draws: Draws,
     pub(crate) feedback: Feedback,
+}
+
+/// After a failback, the active tier takes a growing share of new connections and the
+/// tier that served until then the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailbackRamp {
+    /// Index into `tiers` of the tier that served before the failback.
+    pub from: usize,
+    pub ramp: Ramp,
 }
 
 #[derive(Debug)]
@@ -76,6 +93,12 @@ pub struct Tier {
     /// The usable ones; the picker's positions index this list.
     pub usable: Box<[usize]>,
     pub picker: Picker,
+    /// While some usable members ramp up and others do not: positions in `usable` of
+    /// those that do not, and a picker over them (its positions index this list), for
+    /// the connections a ramping member does not take.
+    pub steady: Option<(Box<[usize]>, Picker)>,
+    /// The draws of its ramping members.
+    pub draws: Draws,
 }
 
 // === impl RoutingSnapshot ===
@@ -168,6 +191,9 @@ pub struct RouteParts {
     pub states: Vec<State>,
     pub closers: Vec<Arc<Closer>>,
     pub active_tier: Option<usize>,
+    /// In config order, as `upstreams`.
+    pub ramps: Vec<Option<Ramp>>,
+    pub failback_ramp: Option<FailbackRamp>,
     pub feedback: Feedback,
 }
 
@@ -180,9 +206,16 @@ impl PoolRoute {
             states,
             closers,
             active_tier,
+            ramps,
+            failback_ramp,
             feedback,
         } = parts;
-        let tiers = config
+        let ramp_of = |i: usize| ramps.get(i).copied().flatten();
+        let member = |i: usize| Member {
+            key: member_key(&config.name, &upstreams[i].config.address),
+            weight: upstreams[i].config.weight,
+        };
+        let tiers: Box<[Tier]> = config
             .priorities()
             .into_iter()
             .map(|priority| {
@@ -194,22 +227,36 @@ impl PoolRoute {
                     .copied()
                     .filter(|&i| states[i].is_usable())
                     .collect();
-                let picker_members: Vec<Member> = usable
-                    .iter()
-                    .map(|&i| Member {
-                        key: member_key(&config.name, &upstreams[i].config.address),
-                        weight: upstreams[i].config.weight,
-                    })
+                let picker_members: Vec<Member> = usable.iter().map(|&i| member(i)).collect();
+                let steady: Box<[usize]> = (0..usable.len())
+                    .filter(|&k| ramp_of(usable[k]).is_none())
                     .collect();
+                let steady = (!steady.is_empty() && steady.len() < usable.len()).then(|| {
+                    let steady_members: Vec<Member> =
+                        steady.iter().map(|&k| member(usable[k])).collect();
+                    let picker = Picker::new(config.balance, &steady_members);
+                    (steady, picker)
+                });
                 Tier {
                     priority,
                     members,
                     picker: Picker::new(config.balance, &picker_members),
                     usable,
+                    steady,
+                    draws: Draws::new(),
                 }
             })
             .collect();
+        let ramps: Box<[Option<Ramp>]> = (0..upstreams.len()).map(ramp_of).collect();
+        // A tier ramp with nowhere for the rest to go would only be shown, never applied.
+        let failback_ramp = failback_ramp.filter(|r| {
+            Some(r.from) != active_tier
+                && tiers
+                    .get(r.from)
+                    .is_some_and(|t: &Tier| !t.usable.is_empty())
+        });
         Self {
+            ramping: failback_ramp.is_some() || ramps.iter().any(Option::is_some),
             config,
             stats,
             upstreams: upstreams.into_boxed_slice(),
@@ -217,6 +264,9 @@ impl PoolRoute {
             closers: closers.into_boxed_slice(),
             tiers,
             active_tier,
+            ramps,
+            failback_ramp,
+            failback_draws: Draws::new(),
             feedback,
         }
     }

@@ -35,7 +35,30 @@ pub struct PoolView {
     pub failback: String,
     pub failovers: u64,
     pub failbacks: u64,
+    /// After a failback with `slow_start`: the failed-back tier's ramp.
+    #[serde(default)]
+    pub failback_ramp: Option<TierRampView>,
     pub upstreams: Vec<UpstreamView>,
+}
+
+/// A failed-back tier taking a growing share of new connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TierRampView {
+    /// The tier that served before the failback and takes the rest meanwhile.
+    pub from_tier: u32,
+    /// The failed-back tier.
+    pub to_tier: u32,
+    /// The failed-back tier's share of new connections now, 10 to 100.
+    pub share_percent: u32,
+    pub remaining_ms: u64,
+}
+
+/// An upstream taking a growing share of its tier's new connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RampView {
+    /// Its share now, as a percentage of the share it has at full weight: 10 to 100.
+    pub share_percent: u32,
+    pub remaining_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,6 +84,9 @@ pub struct UpstreamView {
     pub connections_total: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// While it ramps up after coming back (`slow_start`).
+    #[serde(default)]
+    pub slow_start: Option<RampView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +131,16 @@ impl StatusView {
                 "POOL {}  active tier {}  balance {}  failback {}  failovers {}  failbacks {}",
                 p.name, active, p.balance, p.failback, p.failovers, p.failbacks
             );
+            if let Some(ramp) = &p.failback_ramp {
+                let _ = writeln!(
+                    out,
+                    "  slow start: tier {} takes {}% of new connections, tier {} the rest; full in {}",
+                    ramp.to_tier,
+                    ramp.share_percent,
+                    ramp.from_tier,
+                    human_age(ramp.remaining_ms)
+                );
+            }
             let _ = writeln!(
                 out,
                 "  {:<4} {:<16} {:<22} {:<8} {:<9} {:>6} {:>8} {:>10} {:>10}  reason",
@@ -125,6 +161,14 @@ impl StatusView {
                     " "
                 };
                 let mut reason = u.reason.clone();
+                if let Some(ramp) = &u.slow_start {
+                    let _ = write!(
+                        reason,
+                        " (slow start: {}% of its share, full in {})",
+                        ramp.share_percent,
+                        human_age(ramp.remaining_ms)
+                    );
+                }
                 if let Some(until) = u.ejected_until_unix_ms {
                     let _ = write!(
                         reason,
@@ -181,5 +225,87 @@ fn human_bytes(bytes: u64) -> String {
         format!("{bytes}B")
     } else {
         format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(name: &str, priority: u32, slow_start: Option<RampView>) -> UpstreamView {
+        UpstreamView {
+            name: name.to_string(),
+            address: format!("127.0.0.1:1{priority}"),
+            priority,
+            weight: 1,
+            state: "up".to_string(),
+            reason: "check passed".to_string(),
+            since_unix_ms: 0,
+            last_check: None,
+            check_passes: 2,
+            check_failures: 0,
+            connect_failures_in_a_row: 0,
+            ejected_until_unix_ms: None,
+            connections_active: 0,
+            connections_total: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            slow_start,
+        }
+    }
+
+    #[test]
+    fn the_table_shows_ramps_and_their_shares() {
+        let view = StatusView {
+            listeners: Vec::new(),
+            pools: vec![PoolView {
+                name: "p".to_string(),
+                balance: "round_robin".to_string(),
+                active_tier: Some(0),
+                failback: "immediate".to_string(),
+                failovers: 1,
+                failbacks: 1,
+                failback_ramp: Some(TierRampView {
+                    from_tier: 1,
+                    to_tier: 0,
+                    share_percent: 43,
+                    remaining_ms: 1_270,
+                }),
+                upstreams: vec![
+                    upstream(
+                        "a",
+                        0,
+                        Some(RampView {
+                            share_percent: 55,
+                            remaining_ms: 900,
+                        }),
+                    ),
+                    upstream("c", 1, None),
+                ],
+            }],
+        };
+        let table = view.render(5_000);
+        assert!(
+            table.contains(
+                "  slow start: tier 0 takes 43% of new connections, tier 1 the rest; full in 1.3s\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("check passed (slow start: 55% of its share, full in 900ms)"),
+            "{table}"
+        );
+        assert_eq!(table.matches("slow start").count(), 2, "{table}");
+    }
+
+    #[test]
+    fn a_status_without_the_slow_start_fields_still_reads() {
+        // What an instance from before slow start answers.
+        let json = r#"{"name":"a","address":"x","priority":0,"weight":1,"state":"up",
+            "reason":"","since_unix_ms":0,"last_check":null,"check_passes":0,
+            "check_failures":0,"connect_failures_in_a_row":0,"ejected_until_unix_ms":null,
+            "connections_active":0,"connections_total":0,"bytes_sent":0,"bytes_received":0}"#;
+        let view: Result<UpstreamView, _> = serde_json::from_str(json);
+        assert_eq!(view.map(|v| v.slow_start).ok(), Some(None));
     }
 }

@@ -151,3 +151,103 @@ fn source_hash_moves_few_clients_when_an_upstream_leaves_or_returns() {
         "same membership gives the same table"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_grows_linearly_from_a_tenth_to_full_and_stays_full() {
+    let ramp = Ramp {
+        started: Instant::now(),
+        duration: Duration::from_secs(10),
+    };
+    let at = |secs: f64| ramp.started + Duration::from_secs_f64(secs);
+    let cases = [
+        (0.0, 0.1),
+        (2.5, 0.325),
+        (5.0, 0.55),
+        (9.0, 0.91),
+        (10.0, 1.0),
+        (60.0, 1.0),
+    ];
+    for (secs, share) in cases {
+        assert!(
+            (ramp.share(at(secs)) - share).abs() < 1e-9,
+            "at {secs}s: {} instead of {share}",
+            ramp.share(at(secs))
+        );
+    }
+    assert_eq!(ramp.ends(), at(10.0));
+    // An instant before the start (a snapshot read late) is the start, not below it.
+    assert_eq!(
+        ramp.share(ramp.started - Duration::from_secs(1)),
+        Ramp::FLOOR
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_admits_its_share_of_connections_for_every_algorithm() {
+    let ramp = Ramp {
+        started: Instant::now(),
+        duration: Duration::from_secs(10),
+    };
+    for balance in [
+        Balance::RoundRobin,
+        Balance::LeastConnections,
+        Balance::RandomTwo,
+        Balance::SourceHash,
+    ] {
+        for (secs, share) in [(0.0, 0.1), (5.0, 0.55), (10.0, 1.0)] {
+            let now = ramp.started + Duration::from_secs_f64(secs);
+            let draws = Draws::new();
+            let admitted = (0..20_000)
+                .filter(|&i| ramp.admits(now, balance, client(i), 7, &draws))
+                .count() as u32;
+            assert_share(admitted, 20_000, share, 0.02);
+            if balance != Balance::SourceHash {
+                // Any run of connections gets the share within a connection or two.
+                for run in [10, 37, 100] {
+                    let admitted = (0..run)
+                        .filter(|&i| ramp.admits(now, balance, client(i), 7, &draws))
+                        .count() as f64;
+                    assert!(
+                        (admitted - share * run as f64).abs() <= 2.0,
+                        "{balance}: {admitted} of {run} at share {share}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_hash_ramp_moves_each_client_once_and_only_as_many_as_its_share() {
+    let ramp = Ramp {
+        started: Instant::now(),
+        duration: Duration::from_secs(10),
+    };
+    let draws = Draws::new();
+    let admitted_at = |secs: u64| -> Vec<bool> {
+        let now = ramp.started + Duration::from_secs(secs);
+        (0..10_000)
+            .map(|i| ramp.admits(now, Balance::SourceHash, client(i), 7, &draws))
+            .collect()
+    };
+    let mut before = admitted_at(0);
+    for secs in 1..=10 {
+        let now = admitted_at(secs);
+        let left = before.iter().zip(&now).filter(|(b, n)| **b && !**n).count();
+        assert_eq!(left, 0, "at {secs}s a client admitted before was sent back");
+        before = now;
+    }
+    assert!(
+        before.iter().all(|&a| a),
+        "at the end every client is admitted"
+    );
+    // Another ramp (another upstream) draws independently of this one.
+    let now = ramp.started + Duration::from_secs(5);
+    let both = (0..10_000)
+        .filter(|&i| {
+            ramp.admits(now, Balance::SourceHash, client(i), 7, &draws)
+                && ramp.admits(now, Balance::SourceHash, client(i), 8, &draws)
+        })
+        .count() as u32;
+    assert_share(both, 10_000, 0.55 * 0.55, 0.03);
+}

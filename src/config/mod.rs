@@ -145,6 +145,9 @@ pub struct PoolConfig {
     pub failback: Failback,
     pub on_upstream_down: OnUpstreamDown,
     pub drain_after_failback: Option<Duration>,
+    /// A recovered upstream, and a tier failed back to, take a share of new connections
+    /// that ramps up over this long. `None` = off.
+    pub slow_start: Option<Duration>,
     /// A tier is active only with at least this many usable upstreams; at least 1.
     pub min_usable: usize,
     pub when_all_down: WhenAllDown,

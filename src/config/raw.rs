@@ -114,6 +114,8 @@ pub struct RawPool {
     pub on_upstream_down: S<String>,
     #[serde(default = "default_off")]
     pub drain_after_failback: S<String>,
+    #[serde(default = "default_off")]
+    pub slow_start: S<String>,
     #[serde(default = "default_min_usable")]
     pub min_usable: S<i64>,
     #[serde(default = "default_when_all_down")]

@@ -149,6 +149,7 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
         "  first_byte_timeout {}, replay_unanswered {replay}",
         off_or(pool.first_byte_timeout),
     );
+    let _ = writeln!(out, "  slow_start {}", off_or(pool.slow_start));
     for (rank, priority) in pool.priorities().into_iter().enumerate() {
         let role = if rank == 0 {
             "primary".to_string()

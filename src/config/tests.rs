@@ -67,6 +67,7 @@ fn defaults_follow_the_spec() {
     assert_eq!(p.failback, Failback::Immediate);
     assert_eq!(p.on_upstream_down, OnUpstreamDown::Close);
     assert_eq!(p.drain_after_failback, None);
+    assert_eq!(p.slow_start, None);
     assert_eq!(p.min_usable, 1);
     assert_eq!(p.when_all_down, WhenAllDown::TryAll);
     assert_eq!(p.tcp_keepalive, Some(Duration::from_secs(60)));
@@ -101,7 +102,7 @@ fn defaults_follow_the_spec() {
 fn choices_and_durations_are_typed() {
     let text = MINIMAL.replace(
         "[pools.pg]",
-        "[pools.pg]\nbalance = \"source_hash\"\nfailback = \"90s\"\nhedge_after = \"50ms\"\nidle_timeout = \"off\"\ntcp_keepalive = \"off\"\nwhen_all_down = \"reject\"\non_upstream_down = \"keep\"",
+        "[pools.pg]\nbalance = \"source_hash\"\nfailback = \"90s\"\nhedge_after = \"50ms\"\nidle_timeout = \"off\"\ntcp_keepalive = \"off\"\nwhen_all_down = \"reject\"\non_upstream_down = \"keep\"\nslow_start = \"2s\"",
     );
     let config = parse(&text).unwrap();
     let p = &config.pools[0];
@@ -112,6 +113,8 @@ fn choices_and_durations_are_typed() {
     assert_eq!(p.tcp_keepalive, None);
     assert_eq!(p.when_all_down, WhenAllDown::Reject);
     assert_eq!(p.on_upstream_down, OnUpstreamDown::Keep);
+    assert_eq!(p.slow_start, Some(Duration::from_secs(2)));
+    assert!(config.summary().contains("\n  slow_start 2s\n"));
 }
 
 #[test]
@@ -341,6 +344,7 @@ const DURATION_BOUNDS: &[(&str, &str, &str, &str, &str, &str)] = &[
         "24h",
         "86401s",
     ),
+    ("slow_start", "[pools.pg]", "1ms", "999us", "24h", "86401s"),
     (
         "tcp_keepalive",
         "[pools.pg]",
@@ -435,7 +439,11 @@ fn every_duration_key_is_accepted_at_its_bounds_and_rejected_beyond() {
 fn alternatives(key: &str) -> &'static str {
     match key {
         "failback" => "\"immediate\", \"manual\" or ",
-        "hedge_after" | "idle_timeout" | "drain_after_failback" | "tcp_keepalive" => "\"off\" or ",
+        "hedge_after"
+        | "idle_timeout"
+        | "drain_after_failback"
+        | "tcp_keepalive"
+        | "slow_start" => "\"off\" or ",
         _ => "",
     }
 }

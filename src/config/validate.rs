@@ -499,6 +499,7 @@ impl Validator<'_> {
         );
         let drain_after_failback =
             self.optional_duration(&p.drain_after_failback, &key("drain_after_failback"), SPAN);
+        let slow_start = self.optional_duration(&p.slow_start, &key("slow_start"), SPAN);
         let min_usable = self.int(&p.min_usable, &key("min_usable"), 1, 1024);
         let when_all_down = self.word(&p.when_all_down, &key("when_all_down"), WhenAllDown::WORDS);
         let tcp_keepalive =
@@ -534,6 +535,7 @@ impl Validator<'_> {
             failback: failback?,
             on_upstream_down: on_upstream_down?,
             drain_after_failback: drain_after_failback?,
+            slow_start: slow_start?,
             min_usable: min_usable? as usize,
             when_all_down: when_all_down?,
             tcp_keepalive: tcp_keepalive?,

@@ -13,6 +13,7 @@
 //! message loop and the upstream transitions; `reconcile` applies a reload, `tiers`
 //! switches tiers and drains, `view` renders the status.
 
+mod ramps;
 mod reconcile;
 mod tiers;
 mod view;
@@ -164,6 +165,8 @@ struct PoolState {
     active_tier: Option<usize>,
     better_since: Option<Instant>,
     drains: Vec<GradualClose>,
+    /// Slow start of the active tier after a failback.
+    failback_ramp: Option<ramps::TierRamp>,
 }
 
 struct Slot {
@@ -180,6 +183,11 @@ struct Slot {
     since_unix_ms: u64,
     /// When the last active check finished, and its result.
     last_check: Option<(u64, Result<(), CheckFailure>)>,
+    /// Since when it ramps up (slow start).
+    ramp: Option<Instant>,
+    /// Why a ramp should start at the next refresh: it became usable again, or a reload
+    /// added it.
+    ramp_due: Option<String>,
 }
 
 // === impl ControllerHandle ===
@@ -497,6 +505,7 @@ impl Controller {
         let now = Instant::now();
         let mut changed = self.announce_transitions(p, now);
         changed |= self.decide_tier(p, now);
+        changed |= self.advance_ramps(p, now);
         self.advance_gradual_closes(p, now);
         changed
     }
@@ -523,6 +532,11 @@ impl Controller {
                 ));
                 slot.shown_reason = reason;
                 slot.since_unix_ms = unix_ms();
+                if new.is_usable()
+                    && matches!(slot.shown, State::Down | State::Ejected | State::Maint)
+                {
+                    slot.ramp_due = Some(format!("{} -> {new}", slot.shown));
+                }
                 if new == State::Up {
                     // Usable again: failures counted before (some land long after an
                     // ejection, from attempts that were still in flight) must not keep
@@ -574,12 +588,14 @@ impl Controller {
             states: pool.slots.iter().map(|s| s.shown).collect(),
             closers: pool.slots.iter().map(|s| s.closer.clone()).collect(),
             active_tier: pool.active_tier,
+            ramps: pool.upstream_ramps(),
+            failback_ramp: pool.failback_ramp_route(),
             feedback: self.feedback.clone(),
         })
     }
 
     /// The earliest moment something changes without a message: an ejection ends, a
-    /// failback hold elapses, or a gradual close is due.
+    /// failback hold elapses, a gradual close is due or a slow start is over.
     fn next_deadline(&self) -> Option<Instant> {
         let mut deadlines = Vec::new();
         for pool in &self.pools {
@@ -598,6 +614,7 @@ impl Controller {
                     .filter(|d| d.next_bucket < CLOSE_BUCKETS)
                     .map(|d| d.due(d.next_bucket)),
             );
+            deadlines.extend(pool.ramp_ends());
         }
         deadlines.into_iter().min()
     }
@@ -647,6 +664,8 @@ impl Slot {
             shown_reason: "starting: up until the first check".to_string(),
             since_unix_ms: unix_ms(),
             last_check: None,
+            ramp: None,
+            ramp_due: None,
         }
     }
 }
@@ -683,6 +702,7 @@ impl PoolState {
             active_tier: None,
             better_since: None,
             drains: Vec::new(),
+            failback_ramp: None,
         }
     }
 

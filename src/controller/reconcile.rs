@@ -89,6 +89,7 @@ impl Controller {
                     let mut slot =
                         Slot::new(Arc::new(Upstream::new(&config.name, upstream.clone())));
                     slot.apply_first_check(&config, first_checks, now);
+                    slot.ramp_due = Some("added by reload".to_string());
                     carried.push(slot);
                 }
             }
@@ -112,6 +113,7 @@ impl Controller {
         pool.active_tier = pool.initial_tier(kept_priority);
         pool.better_since = previous.better_since;
         pool.drains = std::mem::take(&mut previous.drains);
+        pool.failback_ramp = previous.failback_ramp;
         pool
     }
 }

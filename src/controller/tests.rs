@@ -2,6 +2,7 @@
 //! straight in, no checker touches the network, and every assertion reads what the
 //! hot path and operators would see, the published snapshot and the event ring.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -640,4 +641,381 @@ async fn a_reload_that_disables_checks_does_not_leave_an_upstream_down_for_ever(
         h.upstream_events().last(),
         Some(&upstream_event("a", "down", "up"))
     );
+}
+
+/// Slow-start events as (upstream, or "tier" for the failback ramp, old, new).
+fn slow_start_events(h: &Harness) -> Vec<(String, String, String)> {
+    h.events_of(EventKind::SlowStart)
+        .into_iter()
+        .map(|e| {
+            (
+                e.upstream.unwrap_or_else(|| "tier".to_string()),
+                e.old,
+                e.new,
+            )
+        })
+        .collect()
+}
+
+/// Of `clients` new connections routed by the published snapshot now, how many go
+/// first to each upstream.
+fn first_choices(h: &Harness, clients: u32) -> HashMap<String, u32> {
+    let route = h.route();
+    let mut counts = HashMap::new();
+    for i in 0..clients {
+        let client = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let first = crate::pool::attempt_order(&route, client, &[])[0];
+        *counts
+            .entry(route.upstreams[first].label().to_string())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+fn share(counts: &HashMap<String, u32>, label: &str) -> f64 {
+    let total: u32 = counts.values().sum();
+    f64::from(counts.get(label).copied().unwrap_or(0)) / f64::from(total.max(1))
+}
+
+fn assert_near(actual: f64, expected: f64, what: &str) {
+    assert!(
+        (actual - expected).abs() < 0.04,
+        "{what}: {actual:.3}, expected {expected:.3}"
+    );
+}
+
+const SLOW_START: &str = "slow_start = \"10s\"";
+
+/// a, b and c on priority 0, d on 1.
+const THREE_AND_ONE: &str = r#"
+  { address = "127.0.0.1:10", name = "a" },
+  { address = "127.0.0.1:11", name = "b" },
+  { address = "127.0.0.1:12", name = "c" },
+  { address = "127.0.0.1:13", name = "d", priority = 1 },
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_rejoining_a_tier_of_three_ramps_to_its_full_share() {
+    let mut h = Harness::start(&config(SLOW_START, THREE_AND_ONE));
+    h.check("a", false);
+    h.advance(Duration::from_secs(60)).await;
+    h.check("a", true);
+    assert_eq!(h.state("a"), State::Up);
+    assert_eq!(
+        slow_start_events(&h),
+        vec![upstream_event("a", "full", "ramp")]
+    );
+    let started = h.events_of(EventKind::SlowStart)[0].reason.clone();
+    assert_eq!(
+        started,
+        "down -> up: its share of tier 0's new connections grows from 10% to full over 10s"
+    );
+    // A third of tier 0 at full weight: a tenth of that at first, then linearly more.
+    for (secs, expected) in [(0.0, 0.1 / 3.0), (5.0, 0.55 / 3.0), (9.0, 0.91 / 3.0)] {
+        let status = h.controller.status();
+        let ramp = status[0].upstreams[0].slow_start.clone();
+        assert_eq!(
+            ramp.map(|r| r.share_percent),
+            Some(super::ramps::percent(0.1 + 0.09 * secs)),
+            "/status at {secs}s"
+        );
+        assert_near(share(&first_choices(&h, 6_000), "a"), expected, "a's share");
+        assert_eq!(
+            first_choices(&h, 100).get("d"),
+            None,
+            "the rest stays in tier 0"
+        );
+        let next = if secs == 0.0 { 5.0 } else { 4.0 };
+        h.advance(Duration::from_secs_f64(next)).await;
+    }
+    h.advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        slow_start_events(&h).last(),
+        Some(&upstream_event("a", "ramp", "full")),
+        "ended by the controller's own deadline, with no message"
+    );
+    assert!(!h.route().ramping);
+    assert_eq!(h.controller.status()[0].upstreams[0].slow_start, None);
+    assert_near(
+        share(&first_choices(&h, 6_000), "a"),
+        1.0 / 3.0,
+        "a at full weight",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_is_cut_short_when_its_upstream_fails_again_and_restarts_after() {
+    let mut h = Harness::start(&config(SLOW_START, THREE_AND_ONE));
+    h.connects_fail("a", 5);
+    assert_eq!(h.state("a"), State::Ejected);
+    h.check("a", true);
+    h.advance(Duration::from_secs(5)).await;
+    h.check("a", false);
+    assert_eq!(
+        slow_start_events(&h),
+        vec![
+            upstream_event("a", "full", "ramp"),
+            upstream_event("a", "ramp", "stopped"),
+        ]
+    );
+    assert!(!h.route().ramping);
+    h.check("a", true);
+    let status = h.controller.status();
+    assert_eq!(
+        status[0].upstreams[0]
+            .slow_start
+            .as_ref()
+            .map(|r| r.share_percent),
+        Some(10),
+        "back again: from the start"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_ramp_without_slow_start_or_for_an_upstream_alone_in_its_tier() {
+    let mut h = Harness::start(&config("", THREE_AND_ONE));
+    h.check("a", false);
+    h.check("a", true);
+    assert!(slow_start_events(&h).is_empty());
+    assert!(!h.route().ramping);
+
+    let mut h = Harness::start(&config(SLOW_START, THREE_AND_ONE));
+    h.check("d", false);
+    h.check("d", true);
+    assert!(
+        slow_start_events(&h).is_empty(),
+        "d has nobody in its tier to leave the rest to"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failback_moves_new_connections_over_in_the_same_ramp() {
+    let mut h = Harness::start(&config(SLOW_START, TWO));
+    h.check("a", false);
+    assert_eq!(h.active(), Some(1));
+    assert!(
+        slow_start_events(&h).is_empty(),
+        "failover for survival is never slowed"
+    );
+    assert_eq!(share(&first_choices(&h, 100), "c"), 1.0);
+
+    h.check("a", true);
+    assert_eq!(h.active(), Some(0));
+    assert_eq!(
+        slow_start_events(&h),
+        vec![upstream_event("tier", "full", "ramp")]
+    );
+    assert_eq!(
+        h.events_of(EventKind::SlowStart)[0].reason,
+        "failback to tier 0: its share of new connections grows from 10% to 100% over 10s, the rest stay on tier 1"
+    );
+    for (secs, expected) in [(0, 0.1), (5, 0.55), (9, 0.91)] {
+        let status = h.controller.status();
+        let ramp = status[0].failback_ramp.clone();
+        assert_eq!(
+            ramp.map(|r| (r.from_tier, r.to_tier, r.share_percent, r.remaining_ms)),
+            Some((1, 0, super::ramps::percent(expected), 10_000 - secs * 1000)),
+            "/status at {secs}s"
+        );
+        let counts = first_choices(&h, 4_000);
+        assert_near(share(&counts, "a"), expected, &format!("tier 0 at {secs}s"));
+        assert_near(
+            share(&counts, "c"),
+            1.0 - expected,
+            &format!("tier 1 at {secs}s"),
+        );
+        h.advance(Duration::from_secs(if secs == 0 { 5 } else { 4 }))
+            .await;
+    }
+    h.advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        slow_start_events(&h).last(),
+        Some(&upstream_event("tier", "ramp", "full"))
+    );
+    assert_eq!(share(&first_choices(&h, 100), "a"), 1.0);
+    assert_eq!(h.controller.status()[0].failback_ramp, None);
+    assert_eq!(h.route().stats.failbacks.load(Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failover_mid_ramp_is_immediate() {
+    let mut h = Harness::start(&config(SLOW_START, TWO));
+    h.check("a", false);
+    h.check("a", true);
+    h.advance(Duration::from_secs(3)).await;
+    h.check("a", false);
+    assert_eq!(h.active(), Some(1));
+    assert_eq!(
+        slow_start_events(&h),
+        vec![
+            upstream_event("tier", "full", "ramp"),
+            upstream_event("tier", "ramp", "stopped"),
+        ]
+    );
+    assert_eq!(share(&first_choices(&h, 100), "c"), 1.0);
+    // The next failback ramps from the start again.
+    h.check("a", true);
+    let ramp = h.controller.status()[0].failback_ramp.clone();
+    assert_eq!(ramp.map(|r| r.share_percent), Some(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_old_tier_losing_its_last_upstream_mid_ramp_sends_everything_to_the_new() {
+    let mut h = Harness::start(&config(SLOW_START, TWO));
+    h.check("a", false);
+    h.check("a", true);
+    h.advance(Duration::from_secs(2)).await;
+    assert!(share(&first_choices(&h, 1_000), "c") > 0.5);
+    h.check("c", false);
+    assert_eq!(h.active(), Some(0));
+    assert_eq!(share(&first_choices(&h, 1_000), "a"), 1.0, "at once");
+    let ended = h.events_of(EventKind::SlowStart).pop();
+    assert_eq!(
+        ended.map(|e| (e.old, e.new, e.reason)),
+        Some((
+            "ramp".to_string(),
+            "full".to_string(),
+            "tier 1 has no usable upstream left: every new connection goes to tier 0 at once"
+                .to_string()
+        ))
+    );
+    assert_eq!(h.controller.status()[0].failback_ramp, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failback_hold_down_ramps_from_when_the_hold_ends() {
+    let mut h = Harness::start(&config("slow_start = \"10s\"\nfailback = \"30s\"", TWO));
+    h.check("a", false);
+    h.check("a", true);
+    h.advance(Duration::from_secs(29)).await;
+    assert_eq!(h.active(), Some(1));
+    assert!(slow_start_events(&h).is_empty());
+    h.advance(Duration::from_secs(1)).await;
+    assert_eq!(h.active(), Some(0));
+    let ramp = h.controller.status()[0].failback_ramp.clone();
+    assert_eq!(
+        ramp.map(|r| (r.share_percent, r.remaining_ms)),
+        Some((10, 10_000)),
+        "the ramp starts when the hold-down ends, not when a came back"
+    );
+    assert_near(share(&first_choices(&h, 4_000), "a"), 0.1, "tier 0");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_failback_ramps_too() {
+    let mut h = Harness::start(&config("slow_start = \"10s\"\nfailback = \"manual\"", TWO));
+    h.check("a", false);
+    h.check("a", true);
+    assert_eq!(h.failback(), Ok(0));
+    assert_eq!(
+        slow_start_events(&h),
+        vec![upstream_event("tier", "full", "ramp")]
+    );
+    assert_near(share(&first_choices(&h, 4_000), "a"), 0.1, "tier 0");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_after_failback_waits_for_the_ramp_to_reach_full_weight() {
+    let mut h = Harness::start(&config(
+        "slow_start = \"10s\"\ndrain_after_failback = \"3200ms\"",
+        TWO,
+    ));
+    h.check("a", false);
+    // Connections on c before the failback, one per close bucket and more.
+    let route = h.route();
+    let c = route.upstream_index("c").unwrap_or(1);
+    let tokens: Vec<_> = (0..400).map(|_| route.closers[c].token()).collect();
+    h.check("a", true);
+    h.advance(Duration::from_millis(9_999)).await;
+    assert!(
+        tokens.iter().all(|t| !t.is_cancelled()),
+        "tier 1 still takes new connections: its old ones stay"
+    );
+    h.advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        slow_start_events(&h).last(),
+        Some(&upstream_event("tier", "ramp", "full"))
+    );
+    h.advance(Duration::from_millis(1_600)).await;
+    let closed = tokens.iter().filter(|t| t.is_cancelled()).count();
+    assert!(
+        (100..300).contains(&closed),
+        "half way through the drain, about half closed: {closed}"
+    );
+    h.advance(Duration::from_millis(1_600)).await;
+    assert!(tokens.iter().all(|t| t.is_cancelled()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_a_reload_adds_ramps_up() {
+    let mut h = Harness::start(&config(SLOW_START, THREE_AND_ONE));
+    let with_e = format!("{THREE_AND_ONE}  {{ address = \"127.0.0.1:14\", name = \"e\" }},\n");
+    let e: SocketAddr = "127.0.0.1:14".parse().unwrap_or_else(|_| unreachable!());
+    h.reload(
+        config(SLOW_START, &with_e),
+        FirstChecks::from([(("p".to_string(), e), Ok(()))]),
+    );
+    assert_eq!(
+        slow_start_events(&h),
+        vec![upstream_event("e", "full", "ramp")]
+    );
+    assert_eq!(
+        h.events_of(EventKind::SlowStart)[0].reason,
+        "added by reload: its share of tier 0's new connections grows from 10% to full over 10s"
+    );
+    assert_near(
+        share(&first_choices(&h, 8_000), "e"),
+        0.1 / 4.0,
+        "e's share",
+    );
+
+    // A reload that turns slow start off ends the ramp at once.
+    h.reload(config("", &with_e), FirstChecks::default());
+    assert_eq!(
+        slow_start_events(&h).last(),
+        Some(&upstream_event("e", "ramp", "stopped"))
+    );
+    assert!(!h.route().ramping);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_move_to_a_better_tier_because_the_active_one_emptied_is_not_slowed() {
+    let mut h = Harness::start(&config("slow_start = \"10s\"\nfailback = \"30s\"", TWO));
+    h.check("a", false);
+    h.check("a", true);
+    assert_eq!(h.active(), Some(1), "held back by the hold-down");
+    h.check("c", false);
+    assert_eq!(h.active(), Some(0));
+    assert!(slow_start_events(&h).is_empty(), "survival: no ramp");
+    assert_eq!(share(&first_choices(&h, 100), "a"), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_failback_mid_ramp_ramps_from_the_tier_that_served_last() {
+    let mut h = Harness::start(&config(SLOW_START, FOUR));
+    for label in ["a", "b", "c"] {
+        h.check(label, false);
+    }
+    assert_eq!(h.active(), Some(2));
+    h.check("c", true);
+    assert_eq!(h.active(), Some(1));
+    h.advance(Duration::from_secs(5)).await;
+    h.check("a", true);
+    assert_eq!(h.active(), Some(0));
+    assert_eq!(
+        slow_start_events(&h),
+        vec![
+            upstream_event("tier", "full", "ramp"),
+            upstream_event("tier", "ramp", "stopped"),
+            upstream_event("tier", "full", "ramp"),
+        ]
+    );
+    let counts = first_choices(&h, 4_000);
+    assert_near(share(&counts, "a"), 0.1, "tier 0 starts over at a tenth");
+    assert_near(
+        share(&counts, "c"),
+        0.9,
+        "the rest to tier 1, which served last",
+    );
+    assert_eq!(counts.get("d"), None);
 }

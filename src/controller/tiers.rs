@@ -86,23 +86,28 @@ impl Controller {
             &name(to),
             &reason,
         ));
-        match (pool.active_tier, to) {
+        let from = pool.active_tier;
+        pool.active_tier = to;
+        pool.better_since = None;
+        match (from, to) {
             (Some(from), Some(to)) if to < from => {
-                pool.stats.failbacks.fetch_add(1, Relaxed);
-                if let Some(duration) = pool.config.drain_after_failback {
+                self.pools[p].stats.failbacks.fetch_add(1, Relaxed);
+                // A ramp that was running gives way to the new one.
+                self.stop_failback_ramp(p, "a failback to a better tier");
+                let ramping = self.start_failback_ramp(p, from, to, now);
+                let pool = &mut self.pools[p];
+                // With slow start, the drain waits for the ramp's end: until then the
+                // tier left behind still takes new connections.
+                if let (false, Some(duration)) = (ramping, pool.config.drain_after_failback) {
                     pool.start_gradual_close(to, duration, now);
                 }
             }
-            (Some(from), Some(to)) if to > from => {
-                pool.stats.failovers.fetch_add(1, Relaxed);
+            (Some(from), to) if to.is_none_or(|to| to > from) => {
+                self.pools[p].stats.failovers.fetch_add(1, Relaxed);
+                self.stop_failback_ramp(p, &format!("failover to tier {}", name(to)));
             }
-            (Some(_), None) => {
-                pool.stats.failovers.fetch_add(1, Relaxed);
-            }
-            _ => {}
+            _ => self.stop_failback_ramp(p, "the active tier changed"),
         }
-        pool.active_tier = to;
-        pool.better_since = None;
     }
 
     pub(super) fn advance_gradual_closes(&mut self, p: usize, now: Instant) {
@@ -154,7 +159,7 @@ fn tier_reason(pool: &PoolState, to: Option<usize>, counts: &[usize]) -> String 
 impl PoolState {
     /// After failing back to tier `to`: connections on every worse tier close gradually;
     /// new connections to those upstreams get fresh closers and are not affected.
-    fn start_gradual_close(&mut self, to: usize, duration: Duration, now: Instant) {
+    pub(super) fn start_gradual_close(&mut self, to: usize, duration: Duration, now: Instant) {
         let priorities = self.config.priorities();
         let mut closers = Vec::new();
         for slot in &mut self.slots {

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::time::Instant;
 
+use super::ramps::percent;
 use super::{Controller, unix_ms};
-use crate::status::{CheckView, PoolView, UpstreamView};
+use crate::status::{CheckView, PoolView, RampView, TierRampView, UpstreamView};
 
 // === impl Controller ===
 
@@ -18,6 +19,17 @@ impl Controller {
             .iter()
             .map(|pool| {
                 let priorities = pool.config.priorities();
+                let ramps = pool.upstream_ramps();
+                let remaining_ms =
+                    |ends: Instant| ends.saturating_duration_since(now).as_millis() as u64;
+                let failback_ramp = pool.failback_ramp_route().and_then(|r| {
+                    Some(TierRampView {
+                        from_tier: priorities[r.from],
+                        to_tier: priorities[pool.active_tier?],
+                        share_percent: percent(r.ramp.share(now)),
+                        remaining_ms: remaining_ms(r.ramp.ends()),
+                    })
+                });
                 PoolView {
                     name: pool.config.name.clone(),
                     balance: pool.config.balance.to_string(),
@@ -25,10 +37,12 @@ impl Controller {
                     failback: pool.config.failback.to_string(),
                     failovers: pool.stats.failovers.load(Relaxed),
                     failbacks: pool.stats.failbacks.load(Relaxed),
+                    failback_ramp,
                     upstreams: pool
                         .slots
                         .iter()
-                        .map(|slot| {
+                        .zip(ramps)
+                        .map(|(slot, ramp)| {
                             let u = &slot.upstream;
                             let (passes, failures) = slot.state.counts();
                             UpstreamView {
@@ -66,6 +80,10 @@ impl Controller {
                                 connections_total: u.stats.connections_total.load(Relaxed),
                                 bytes_sent: u.stats.bytes_sent.load(Relaxed),
                                 bytes_received: u.stats.bytes_received.load(Relaxed),
+                                slow_start: ramp.map(|r| RampView {
+                                    share_percent: percent(r.share(now)),
+                                    remaining_ms: remaining_ms(r.ends()),
+                                }),
                             }
                         })
                         .collect(),

@@ -199,3 +199,205 @@ upstreams = [
     // Nothing usable: checks may be wrong about a and d, the operator is not about b, c.
     assert_eq!(names(&route), vec!["a", "d"]);
 }
+
+/// Tier 0: a, b; tier 1: c; tier 2: d, all usable; the ramps given, active tier 0.
+fn ramped_route(
+    balance: &str,
+    ramps: Vec<Option<crate::balance::Ramp>>,
+    failback_ramp: Option<crate::snapshot::FailbackRamp>,
+    states: [State; 4],
+) -> PoolRoute {
+    let config = route([true; 4], Some(0), &format!("balance = \"{balance}\""))
+        .config
+        .clone();
+    let upstreams: Vec<_> = config
+        .upstreams
+        .iter()
+        .map(|u| std::sync::Arc::new(Upstream::new(&config.name, u.clone())))
+        .collect();
+    PoolRoute::new(RouteParts {
+        closers: upstreams.iter().map(|_| Default::default()).collect(),
+        stats: Default::default(),
+        upstreams,
+        states: states.to_vec(),
+        active_tier: Some(0),
+        ramps,
+        failback_ramp,
+        feedback: Feedback::detached(),
+        config,
+    })
+}
+
+const BALANCES: [&str; 4] = [
+    "round_robin",
+    "least_connections",
+    "random_two",
+    "source_hash",
+];
+
+/// How many of `clients` distinct clients get each upstream as their first choice.
+fn first_choices(route: &PoolRoute, clients: u32) -> std::collections::HashMap<String, u32> {
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..clients {
+        let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        let first = attempt_order(route, client, &[])[0];
+        *counts
+            .entry(route.upstreams[first].label().to_string())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+fn share_of(counts: &std::collections::HashMap<String, u32>, label: &str, total: u32) -> f64 {
+    f64::from(counts.get(label).copied().unwrap_or(0)) / f64::from(total)
+}
+
+/// A ramp of 10 seconds starting now.
+fn ramp_from_now() -> crate::balance::Ramp {
+    crate::balance::Ramp {
+        started: tokio::time::Instant::now(),
+        duration: std::time::Duration::from_secs(10),
+    }
+}
+
+/// Lets the paused clock reach `secs` after `ramp` started.
+async fn at(ramp: crate::balance::Ramp, secs: u64) {
+    let due = ramp.started + std::time::Duration::from_secs(secs);
+    tokio::time::advance(due.saturating_duration_since(tokio::time::Instant::now())).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramping_upstream_takes_its_growing_share_of_its_tier_for_every_algorithm() {
+    for balance in BALANCES {
+        let ramp = ramp_from_now();
+        let route = ramped_route(
+            balance,
+            vec![Some(ramp), None, None, None],
+            None,
+            [State::Up; 4],
+        );
+        assert!(route.ramping);
+        // a's full share of tier 0 is a half; it starts at a tenth of that.
+        for (secs, expected) in [(0, 0.05), (5, 0.275), (10, 0.5)] {
+            at(ramp, secs).await;
+            let counts = first_choices(&route, 10_000);
+            let a = share_of(&counts, "a", 10_000);
+            assert!(
+                (a - expected).abs() < 0.03,
+                "{balance} at {secs}s: a has {a:.3} of new connections, expected {expected}"
+            );
+            assert_eq!(counts.get("c"), None, "{balance}: the rest stays in tier 0");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_hash_ramp_moves_only_the_clients_it_takes() {
+    let ramp = ramp_from_now();
+    let steady = ramped_route("source_hash", vec![None; 4], None, [State::Up; 4]);
+    let without_a = ramped_route(
+        "source_hash",
+        vec![None; 4],
+        None,
+        [State::Down, State::Up, State::Up, State::Up],
+    );
+    let ramped = ramped_route(
+        "source_hash",
+        vec![Some(ramp), None, None, None],
+        None,
+        [State::Up; 4],
+    );
+    let first = |route: &PoolRoute, i: u32| {
+        let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        route.upstreams[attempt_order(route, client, &[])[0]]
+            .label()
+            .to_string()
+    };
+    // Before a came back, every client was on b; halfway through, only the clients a
+    // takes have moved, and each of them is one a takes at full weight.
+    at(ramp, 5).await;
+    let mut moved = 0;
+    for i in 0..10_000 {
+        assert_eq!(first(&without_a, i), "b");
+        let now = first(&ramped, i);
+        if now == "a" {
+            moved += 1;
+            assert_eq!(
+                first(&steady, i),
+                "a",
+                "client {i} moved to a before its turn"
+            );
+        }
+    }
+    let share = f64::from(moved) / 10_000.0;
+    assert!((share - 0.275).abs() < 0.03, "{share}");
+    // Sticky: asked again, every client goes where it went.
+    for i in 0..1_000 {
+        assert_eq!(first(&ramped, i), first(&ramped, i));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_back_tier_takes_a_growing_share_and_the_rest_stays_on_the_tier_before() {
+    use crate::snapshot::FailbackRamp;
+    for balance in BALANCES {
+        let ramp = ramp_from_now();
+        let failback = Some(FailbackRamp { from: 1, ramp });
+        let route = ramped_route(balance, vec![None; 4], failback, [State::Up; 4]);
+        for (secs, expected) in [(0, 0.1), (5, 0.55), (10, 1.0)] {
+            at(ramp, secs).await;
+            let counts = first_choices(&route, 10_000);
+            let tier0 = share_of(&counts, "a", 10_000) + share_of(&counts, "b", 10_000);
+            assert!(
+                (tier0 - expected).abs() < 0.03,
+                "{balance} at {secs}s: tier 0 has {tier0:.3}, expected {expected}"
+            );
+            assert!(
+                (share_of(&counts, "c", 10_000) - (1.0 - tier0)).abs() < 1e-9,
+                "{balance}: the rest goes to tier 1, nothing to tier 2"
+            );
+        }
+        // A client sent to tier 1 still has tier 0 next: a failed attempt there is not
+        // the end.
+        let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let order = attempt_order(&route, client, &[]);
+        assert_eq!(order.len(), 4, "{balance}: every usable upstream, once");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failback_ramp_whose_old_tier_is_empty_sends_everything_to_the_new_tier() {
+    use crate::snapshot::FailbackRamp;
+    let ramp = ramp_from_now();
+    let route = ramped_route(
+        "round_robin",
+        vec![None; 4],
+        Some(FailbackRamp { from: 1, ramp }),
+        [State::Up, State::Up, State::Down, State::Up],
+    );
+    assert!(route.failback_ramp.is_none(), "nowhere for the rest to go");
+    let counts = first_choices(&route, 1_000);
+    assert_eq!(counts.get("c"), None);
+    assert_eq!(counts.get("d"), None, "never to the tier after it either");
+}
+
+#[test]
+fn a_tier_whose_members_all_ramp_keeps_every_connection() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+    let ramp = crate::balance::Ramp {
+        started: Instant::now(),
+        duration: Duration::from_secs(3600),
+    };
+    let route = ramped_route(
+        "round_robin",
+        vec![Some(ramp), Some(ramp), None, None],
+        None,
+        [State::Up; 4],
+    );
+    let counts = first_choices(&route, 1_000);
+    assert_eq!(
+        share_of(&counts, "a", 1_000) + share_of(&counts, "b", 1_000),
+        1.0
+    );
+}
