@@ -546,6 +546,7 @@ impl Plan {
                 .iter()
                 .find(|e| {
                     e.at_unix_ms >= f
+                        && e.kind == "upstream"
                         && e.upstream
                             .as_deref()
                             .is_some_and(|u| self.targets.iter().any(|t| t == u))
