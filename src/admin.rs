@@ -516,7 +516,10 @@ fn set_event_stream_headers(headers: &mut HeaderMap) {
         (CONTENT_TYPE, "text/event-stream"),
         (CACHE_CONTROL, "no-store"),
         // Tells nginx-like reverse proxies not to hold the frames back.
-        (hyper::header::HeaderName::from_static("x-accel-buffering"), "no"),
+        (
+            hyper::header::HeaderName::from_static("x-accel-buffering"),
+            "no",
+        ),
     ] {
         if let Ok(value) = value.parse() {
             headers.insert(name, value);

@@ -186,9 +186,11 @@ impl PageView {
                             .collect(),
                     })
                     .collect();
-                let connect = snapshot.pool(&pool.name).map_or_else(LatencyView::none, |r| {
-                    latency.last_minute(&pool.name, &r.stats.connect_seconds.read().0, now)
-                });
+                let connect = snapshot
+                    .pool(&pool.name)
+                    .map_or_else(LatencyView::none, |r| {
+                        latency.last_minute(&pool.name, &r.stats.connect_seconds.read().0, now)
+                    });
                 PoolCard {
                     connections_active: pool.upstreams.iter().map(|u| u.connections_active).sum(),
                     name: pool.name,
@@ -250,15 +252,17 @@ impl PageView {
     fn render_pools(&self) -> String {
         let mut out = String::new();
         for p in &self.pools {
-            let active = p
-                .active_tier
-                .map_or("none".to_string(), |t| t.to_string());
+            let active = p.active_tier.map_or("none".to_string(), |t| t.to_string());
             let _ = write!(
                 out,
                 "<article class=\"pool{}\" data-pool=\"{}\" data-active-tier=\"{active}\">\
                  <h2>{} <span class=\"badge\">active tier {active}</span></h2>\
                  <p class=\"meta\">failback {} · failovers {} · failbacks {} · {} open · connect {}</p>",
-                if p.active_tier.is_none() { " unusable" } else { "" },
+                if p.active_tier.is_none() {
+                    " unusable"
+                } else {
+                    ""
+                },
                 escape(&p.name),
                 escape(&p.name),
                 escape(&p.failback),
@@ -274,7 +278,11 @@ impl PageView {
                     if t.active { " active" } else { "" },
                     t.priority,
                     t.priority,
-                    if t.active { " <span class=\"mark\">active</span>" } else { "" },
+                    if t.active {
+                        " <span class=\"mark\">active</span>"
+                    } else {
+                        ""
+                    },
                 );
                 for u in &t.upstreams {
                     let _ = write!(
@@ -497,10 +505,13 @@ impl Body for EventStream {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if let Some(start) = this.start.take() {
-            this.frames = Some(Box::pin(futures_util::stream::unfold(start, |mut s| async {
-                let frame = s.next_frame().await?;
-                Some((frame, s))
-            })));
+            this.frames = Some(Box::pin(futures_util::stream::unfold(
+                start,
+                |mut s| async {
+                    let frame = s.next_frame().await?;
+                    Some((frame, s))
+                },
+            )));
         }
         match &mut this.frames {
             Some(frames) => frames
@@ -576,15 +587,20 @@ impl Streaming {
     /// Appends the view when it changed since the last one sent, or when `always`.
     async fn add_view(&mut self, out: &mut String, always: bool) {
         self.next_status = Instant::now() + STATUS_INTERVAL;
-        let Ok(mut view) = PageView::take(&self.proxy, &self.latency).await else {
+        let Ok(view) = PageView::take(&self.proxy, &self.latency).await else {
             return;
         };
-        let now_unix_ms = std::mem::take(&mut view.now_unix_ms);
-        if !always && self.last_view.as_ref() == Some(&view) {
+        // The clock and the latency window move every second; alone, they are no
+        // change worth a frame.
+        let mut comparable = view.clone();
+        comparable.now_unix_ms = 0;
+        for pool in &mut comparable.pools {
+            pool.connect.window_seconds = 0;
+        }
+        if !always && self.last_view.as_ref() == Some(&comparable) {
             return;
         }
-        self.last_view = Some(view.clone());
-        view.now_unix_ms = now_unix_ms;
+        self.last_view = Some(comparable);
         let data = serde_json::to_string(&view).unwrap_or_default();
         let _ = write!(out, "event: status\ndata: {data}\n\n");
     }
@@ -598,10 +614,12 @@ fn fill(template: &str, values: &[(&str, &str)]) -> String {
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        match after
-            .find("}}")
-            .and_then(|close| values.iter().find(|(k, _)| *k == &after[..close]).map(|(_, v)| (close, v)))
-        {
+        match after.find("}}").and_then(|close| {
+            values
+                .iter()
+                .find(|(k, _)| *k == &after[..close])
+                .map(|(_, v)| (close, v))
+        }) {
             Some((close, value)) => {
                 out.push_str(value);
                 rest = &after[close + 2..];
@@ -712,7 +730,10 @@ mod tests {
 
         let reset = cumulative(&[(0, 3)]);
         let view = history.last_minute("p", &reset, start + Duration::from_secs(30));
-        assert_eq!(view.count, 3, "counts below the base: the pool started over");
+        assert_eq!(
+            view.count, 3,
+            "counts below the base: the pool started over"
+        );
     }
 
     #[test]
@@ -734,7 +755,11 @@ mod tests {
     #[test]
     fn ages_read_naturally() {
         assert_eq!(ago(10_000, 10_000), "0 s ago");
-        assert_eq!(ago(10_000, 20_000), "0 s ago", "a clock step back is no panic");
+        assert_eq!(
+            ago(10_000, 20_000),
+            "0 s ago",
+            "a clock step back is no panic"
+        );
         assert_eq!(ago(130_000, 10_000), "2 min ago");
         assert_eq!(ago(4 * 3_600_000, 0), "4 h ago");
     }
