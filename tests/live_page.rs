@@ -62,6 +62,14 @@ async fn the_page_shows_a_failover_in_a_real_browser_within_two_seconds() {
     let before = browser.eval(PAGE_STATE);
     assert_eq!(before["tier"], "1", "{before}");
     assert_eq!(before["primary"], "up", "{before}");
+    // Some traffic, for the latency and the connection counts.
+    let front = proxy.addr("front");
+    for _ in 0..20 {
+        assert_eq!(
+            greeted_by(front).await.expect("through the proxy"),
+            "primary"
+        );
+    }
 
     let killed = Instant::now();
     primary.kill().await;
@@ -100,9 +108,40 @@ async fn the_page_shows_a_failover_in_a_real_browser_within_two_seconds() {
         "the backup tier is marked active: {after}"
     );
 
+    // Clients on the backup show as open connections, and the latency counts them all.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(front).await.expect("connect");
+        assert_eq!(
+            read_line(&mut client).await.expect("greeting"),
+            "hello backup"
+        );
+        clients.push(client);
+    }
+    assert!(
+        browser
+            .wait_for(SOON, "document.querySelector('li[data-upstream=\"backup\"] .conns').textContent === '3 open' && /p50 .* \\(23 in /.test(document.querySelector('article[data-pool=\"p\"] .meta').textContent)")
+            .await,
+        "the page never showed 3 connections on the backup and 23 connects: {}",
+        browser.dom_summary()
+    );
+
     if let Ok(path) = std::env::var("SWITCHYARD_PAGE_SCREENSHOT") {
         browser.screenshot(&PathBuf::from(path));
     }
+
+    // On a phone's width nothing sticks out sideways: pools stack, lines wrap.
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({ "width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": true }),
+    );
+    assert!(
+        browser
+            .wait_for(SOON, "document.documentElement.scrollWidth <= 360")
+            .await,
+        "the page is wider than a phone: {}",
+        browser.eval("document.documentElement.scrollWidth")
+    );
 }
 
 /// The page state the tests look at, as one JSON object.
@@ -630,11 +669,13 @@ impl Browser {
         format!("{text}\nchromium log:\n{}", self.log())
     }
 
+    /// A PNG of the page's top, at the width of a laptop's browser window.
     fn screenshot(&mut self, path: &std::path::Path) {
-        let shot = self.call(
-            "Page.captureScreenshot",
-            json!({ "format": "png", "captureBeyondViewport": true }),
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 960, "height": 540, "deviceScaleFactor": 1, "mobile": false }),
         );
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }));
         let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
         std::fs::write(path, png).expect("write screenshot");
         eprintln!("screenshot saved to {}", path.display());
