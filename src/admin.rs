@@ -520,6 +520,9 @@ fn set_event_stream_headers(headers: &mut HeaderMap) {
             hyper::header::HeaderName::from_static("x-accel-buffering"),
             "no",
         ),
+        // A browser opens a new connection for its next stream anyway: closing this
+        // one when the stream ends gives its slot back at once.
+        (hyper::header::CONNECTION, "close"),
     ] {
         if let Ok(value) = value.parse() {
             headers.insert(name, value);

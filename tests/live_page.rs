@@ -312,6 +312,7 @@ async fn the_stream_delivers_each_event_as_it_happens_and_resumes_after_last_eve
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("content-type: text/event-stream"), "{head}");
     assert!(head.contains("retry: 1000"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
 
     let drained = Instant::now();
     let (status, body, _) = http("POST", admin, "/pools/p/upstreams/backup/drain", None).await;
@@ -370,15 +371,60 @@ async fn the_stream_ends_when_shutdown_begins() {
     let mut reader = StreamReader::open(proxy.admin.expect("admin API"), "").await;
     reader.until("event: status", SOON).await;
     proxy.shutdown.begin();
+    // Sooner than the 5 s a kept-alive connection would wait for another request.
     assert!(
-        reader.ends_within(SOON).await,
-        "the stream goes on after shutdown"
+        reader.ends_within(Duration::from_secs(2)).await,
+        "the stream or its connection goes on after shutdown"
     );
     assert!(
         reader.seen.ends_with("0\r\n\r\n"),
         "a clean end of the chunked body: {:?}",
         &reader.seen[reader.seen.len().saturating_sub(40)..]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_ends_cleanly_after_its_lifetime_with_a_word_why() {
+    let backend = Backend::start("a").await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        one_pool_config(&[(backend.addr, 1)], "")
+    );
+    let proxy = start_proxy(&toml);
+    let mut reader = StreamReader::open(proxy.admin.expect("admin API"), "").await;
+    reader.until("event: status", SOON).await;
+    let opened = Instant::now();
+    assert!(
+        !reader
+            .ends_within(switchyard::admin::STREAM_LIFETIME - Duration::from_secs(1))
+            .await,
+        "not before its time"
+    );
+    assert!(
+        reader.seen.contains(": keep-alive\n\n"),
+        "kept alive while quiet"
+    );
+    // The last second in real time: with the clock paused, the runtime would skip to
+    // the reader's deadline before handing it the bytes already there.
+    tokio::time::resume();
+    assert!(
+        reader.ends_within(SOON).await,
+        "{}",
+        &reader.seen[reader.seen.len().saturating_sub(300)..]
+    );
+    let lasted = opened.elapsed();
+    assert!(
+        lasted < switchyard::admin::STREAM_LIFETIME + switchyard::admin::STREAM_CLOSE_GRACE,
+        "ended by itself, not cut: {lasted:?}"
+    );
+    assert!(
+        reader
+            .seen
+            .contains(": this stream has run its time; reconnect\n\n"),
+        "{}",
+        &reader.seen[reader.seen.len().saturating_sub(200)..]
+    );
+    assert!(reader.seen.ends_with("0\r\n\r\n"), "a clean end");
 }
 
 #[tokio::test]

@@ -253,16 +253,6 @@ fn serve(
             .header_read_timeout(HEADER_TIMEOUT)
             .max_header_size(MAX_HEADER_BYTES)
             .serve_connection(TokioIo::new(stream), service);
-        let stream_overdue = async {
-            let ends = match stream_ends.wait_for(Option::is_some).await {
-                Ok(ends) => *ends,
-                Err(_) => None,
-            };
-            match ends {
-                Some(ends) => tokio::time::sleep_until(ends + STREAM_CLOSE_GRACE).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             result = connection => {
                 if let Err(e) = result {
@@ -270,10 +260,23 @@ fn serve(
                 }
             }
             _ = closed => debug!(%peer, "admin connection closed to make room for a new one"),
-            _ = stream_overdue => debug!(%peer, "admin event stream cut: its reader stopped reading"),
+            _ = stream_overdue(&mut stream_ends) => debug!(%peer, "admin event stream cut: its reader stopped reading"),
         }
         drop(registered);
     });
+}
+
+/// Resolves [`STREAM_CLOSE_GRACE`] after the end set in `stream_ends`, for a stream
+/// that could not end by itself because its reader stopped reading; never without one.
+async fn stream_overdue(stream_ends: &mut watch::Receiver<Option<Instant>>) {
+    let ends = match stream_ends.wait_for(Option::is_some).await {
+        Ok(ends) => *ends,
+        Err(_) => None,
+    };
+    match ends {
+        Some(ends) => tokio::time::sleep_until(ends + STREAM_CLOSE_GRACE).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The open admin connections, oldest first, with their requests in flight.
@@ -501,6 +504,31 @@ mod tests {
         assert_eq!(connection_cap_for(1 << 20), MAX_CONNECTIONS);
         assert_eq!(connection_cap_for(16), MIN_CONNECTIONS);
         assert_eq!(connection_cap_for(u64::MAX), MAX_CONNECTIONS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_is_cut_only_after_its_end_and_the_grace() {
+        let (set, mut ends) = watch::channel(None);
+        let unarmed = tokio::time::timeout(STREAM_LIFETIME * 10, stream_overdue(&mut ends));
+        assert!(
+            unarmed.await.is_err(),
+            "a connection without a stream stays"
+        );
+        let start = Instant::now();
+        set.send_replace(Some(start + STREAM_LIFETIME));
+        stream_overdue(&mut ends).await;
+        assert_eq!(
+            Instant::now().duration_since(start),
+            STREAM_LIFETIME + STREAM_CLOSE_GRACE
+        );
+        drop(set);
+        let (set, mut ends) = watch::channel(None);
+        drop(set);
+        let gone = tokio::time::timeout(STREAM_LIFETIME * 10, stream_overdue(&mut ends));
+        assert!(
+            gone.await.is_err(),
+            "a connection whose service is gone is not cut here"
+        );
     }
 
     fn admitted(admission: Admission) -> (u64, oneshot::Receiver<()>) {
