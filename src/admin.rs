@@ -316,7 +316,10 @@ impl Admin {
             Ok(view) => view,
             Err(e) => return control_error(&e),
         };
-        let html = view.render_page(&self.proxy.events.all());
+        // Newer events than the view reach the page through its stream.
+        let mut events = self.proxy.events.all();
+        events.retain(|e| e.id <= view.last_event_id);
+        let html = view.render_page(&events);
         let mut response = Response::new(Full::new(Bytes::from(html)));
         let headers = response.headers_mut();
         if let Ok(value) = "text/html; charset=utf-8".parse() {

@@ -218,7 +218,7 @@ async fn the_page_holds_a_hundred_pools_of_ten_upstreams() {
     assert!(shown_after < Duration::from_secs(2), "{shown_after:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_javascript_the_served_page_carries_the_state() {
     let (proxy, mut primary, _backup) = two_tiers().await;
     let admin = proxy.admin.expect("admin API");
@@ -248,6 +248,34 @@ async fn without_javascript_the_served_page_carries_the_state() {
         );
     }
     assert!(html.len() < 32 * 1024, "small: {} bytes", html.len());
+    assert_eq!(http("HEAD", admin, "/", None).await.0, 200);
+    let (status, _, allow) = http("POST", admin, "/", None).await;
+    assert_eq!((status, allow.as_deref()), (405, Some("GET, HEAD")));
+
+    // What a browser with JavaScript off makes of it.
+    let Some(chromium) = chromium() else { return };
+    let mut browser = Browser::launch(&chromium);
+    browser.open_without_scripts(&format!("http://{admin}/"));
+    let deadline = Instant::now() + SOON;
+    let dom = loop {
+        let dom = tokio::task::block_in_place(|| browser.outer_html());
+        if dom.contains("id=\"events\"") || Instant::now() >= deadline {
+            break dom;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        dom.contains("data-pool=\"p\" data-active-tier=\"2\""),
+        "the browser shows the backup tier active:\n{dom}"
+    );
+    assert!(dom.contains("data-upstream=\"primary\" data-state=\"down\""));
+    // With scripts on, the page would have drawn from its stream by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = tokio::task::block_in_place(|| browser.outer_html());
+    assert!(
+        later.contains("id=\"events\"") && !later.contains("data-rendered-by"),
+        "the script did not run, so this is the server's drawing:\n{later}"
+    );
 }
 
 /// Reads the event stream on a raw socket.
@@ -636,6 +664,12 @@ impl Browser {
 
     /// One DevTools call; its result. Panics on an error answer or silence.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .unwrap_or_else(|error| panic!("{method} failed: {error}"))
+    }
+
+    /// One DevTools call; its result, or the error it answered. Panics on silence.
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({ "id": id, "method": method, "params": params });
@@ -657,12 +691,10 @@ impl Browser {
                 )
             });
             if reply["id"] == json!(id) {
-                assert!(
-                    reply.get("error").is_none(),
-                    "{method} failed: {}",
-                    reply["error"]
-                );
-                return reply["result"].clone();
+                return match reply.get("error") {
+                    Some(error) => Err(error.clone()),
+                    None => Ok(reply["result"].clone()),
+                };
             }
         }
     }
@@ -677,6 +709,28 @@ impl Browser {
         );
         self.session = attached["sessionId"].as_str().map(str::to_string);
         self.call("Page.navigate", json!({ "url": url }));
+    }
+
+    /// Like [`open`](Self::open), with JavaScript off in that tab.
+    fn open_without_scripts(&mut self, url: &str) {
+        self.open("about:blank");
+        self.call(
+            "Emulation.setScriptExecutionDisabled",
+            json!({ "value": true }),
+        );
+        self.call("Page.navigate", json!({ "url": url }));
+    }
+
+    /// The document as it stands, without running a script in it; empty while a
+    /// navigation replaces it.
+    fn outer_html(&mut self) -> String {
+        let document = self.call("DOM.getDocument", json!({ "depth": 0 }));
+        self.try_call(
+            "DOM.getOuterHTML",
+            json!({ "nodeId": document["root"]["nodeId"] }),
+        )
+        .map(|html| html["outerHTML"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
     }
 
     /// `expression`'s value; a string that is JSON comes back parsed.
