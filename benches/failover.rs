@@ -62,7 +62,9 @@ use tokio_util::sync::CancellationToken;
 use switchyard::Proxy;
 use switchyard::config::Config;
 use switchyard::drill::upstream::GreetingUpstream;
-use switchyard::drill::{ClientError, ClientRecord, ClientStream, Stop, Timeline, ask_greeting};
+use switchyard::drill::{
+    ClientError, ClientRecord, ClientStream, Probe, Stop, Timeline, ask_greeting,
+};
 use switchyard::shutdown::Shutdown;
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -539,7 +541,7 @@ fn client_stream(addr: SocketAddr, limit: Duration, speaks_first: bool) -> Clien
         every: CLIENT_EVERY,
         limit,
         client_timeout: CLIENT_TIMEOUT,
-        speaks_first,
+        probe: Probe::Greeting { speaks_first },
     }
 }
 

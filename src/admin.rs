@@ -457,6 +457,17 @@ impl<'a> From<&'a Event> for EventView<'a> {
 /// A GET against a running instance's admin API (for `switchyard status`). `addr` is
 /// `host:port`, optionally with a leading `http://`. Returns the status code and body.
 pub async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    request(addr, Method::GET, path, None).await
+}
+
+/// Sends a request without a body to the admin API at `addr`, with the bearer `token`
+/// when given; returns the status code and the body. Each step is bounded in time.
+pub async fn request(
+    addr: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
     use http_body_util::{BodyExt, Empty};
     let authority = addr.trim_start_matches("http://").trim_end_matches('/');
     let stream = tokio::time::timeout(
@@ -470,21 +481,26 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .await
         .map_err(|e| format!("admin API at {authority}: {e}"))?;
     tokio::spawn(connection);
-    let request = Request::get(path)
-        .header(hyper::header::HOST, authority)
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, authority);
+    if let Some(token) = token {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = builder
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("bad request: {e}"))?;
-    let response = sender
-        .send_request(request)
+    let exchange = async {
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
         .await
+        .map_err(|_| format!("admin API at {authority}: no answer within 10s"))?
         .map_err(|e| format!("admin API at {authority}: {e}"))?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("admin API at {authority}: {e}"))?
-        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -565,7 +581,8 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
     response
 }
 
-fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+/// A token file's token: bounded in size, trimmed, not empty.
+pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
     let bytes = crate::files::read_bounded(path, crate::files::MAX_SECRET_FILE)?;
     let token = String::from_utf8_lossy(&bytes).trim().to_string();
     if token.is_empty() {

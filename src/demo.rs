@@ -13,7 +13,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use crate::Proxy;
 use crate::config::Config;
 use crate::drill::upstream::GreetingUpstream;
-use crate::drill::{ClientRecord, ClientStream, Stop};
+use crate::drill::{ClientRecord, ClientStream, Probe, Stop};
 use crate::events::Event;
 use crate::shutdown::Shutdown;
 
@@ -126,7 +126,9 @@ base_ejection = "5s"
             every: CLIENT_EVERY,
             limit: END_AT,
             client_timeout: CLIENT_TIMEOUT,
-            speaks_first: false,
+            probe: Probe::Greeting {
+                speaks_first: false,
+            },
         }
         .run(Stop::AtLimit),
     );

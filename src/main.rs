@@ -60,6 +60,80 @@ enum Command {
     },
     /// Self-contained failover demonstration on loopback.
     Demo,
+    /// Failover drill against a live instance: probe traffic through the pool's listener
+    /// while its active tier is taken out, held out, restored and failed back; exit 1
+    /// when an objective is missed.
+    Drill(Box<DrillArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct DrillArgs {
+    /// The admin API's address (host:port).
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    admin: String,
+    /// The pool to drill.
+    #[arg(long)]
+    pool: String,
+    /// A file holding the admin API's bearer token (needed for its writes).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where probes connect; default: the first listener of the pool.
+    #[arg(long)]
+    through: Option<std::net::SocketAddr>,
+    /// How the active tier is taken out: maint or drain on its upstreams through the
+    /// admin API, or --fault-cmd (undone by --restore-cmd).
+    #[arg(long, value_enum, default_value = "maint")]
+    fault: FaultArg,
+    /// The fault command (run with sh -c), e.g. "systemctl stop postgresql".
+    #[arg(long)]
+    fault_cmd: Option<String>,
+    /// The command that undoes --fault-cmd.
+    #[arg(long)]
+    restore_cmd: Option<String>,
+    /// New probe connections per second, e.g. 200/s.
+    #[arg(long, default_value = "200/s", value_parser = parse_rate)]
+    rate: u32,
+    /// tcp: served when the proxy keeps the connection open; send_expect: --send, and
+    /// the reply must start with --expect.
+    #[arg(long, value_enum, default_value = "tcp")]
+    probe: ProbeArg,
+    /// Bytes a send_expect probe sends (escapes \r \n \t \\ \xNN).
+    #[arg(long, default_value = "")]
+    send: String,
+    /// What the reply must start with (same escapes; empty: any byte).
+    #[arg(long, default_value = "")]
+    expect: String,
+    /// How long the tier stays out.
+    #[arg(long, default_value = "10s", value_parser = parse_drill_duration)]
+    hold: std::time::Duration,
+    /// How long to wait for the failback after the restore.
+    #[arg(long, default_value = "60s", value_parser = parse_drill_duration)]
+    failback_limit: std::time::Duration,
+    /// Objective: at most this many failed probes.
+    #[arg(long)]
+    max_failed: Option<usize>,
+    /// Objective: the active tier switches within this, e.g. 1s.
+    #[arg(long, value_parser = parse_drill_duration)]
+    max_switch: Option<std::time::Duration>,
+    /// Objective: the failback completes within this after the restore, e.g. 5s.
+    #[arg(long, value_parser = parse_drill_duration)]
+    max_failback: Option<std::time::Duration>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FaultArg {
+    Maint,
+    Drain,
+    Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProbeArg {
+    Tcp,
+    SendExpect,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +150,153 @@ fn main() -> ExitCode {
             exit_code(switchyard::demo::main())
         }
         Command::Status { ref admin, json } => status(admin, json),
+        Command::Drill(ref args) => drill(args),
+    }
+}
+
+/// How long a `tcp` probe must stay open to count as served.
+const TCP_PROBE_SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn drill(args: &DrillArgs) -> ExitCode {
+    use switchyard::drill::Probe;
+    use switchyard::drill::exercise::{self, DrillError, Fault, Objectives, Options};
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    };
+    let fault = match (args.fault, &args.fault_cmd, &args.restore_cmd) {
+        (FaultArg::Command, Some(fault), Some(restore)) => Fault::Command {
+            fault: fault.clone(),
+            restore: restore.clone(),
+        },
+        (FaultArg::Command, _, _) => {
+            return usage(
+                "--fault command needs --fault-cmd and --restore-cmd (the drill must be able to undo its fault)".to_string(),
+            );
+        }
+        (_, Some(_), _) | (_, _, Some(_)) => {
+            return usage("--fault-cmd and --restore-cmd go with --fault command".to_string());
+        }
+        (FaultArg::Maint, None, None) => Fault::Maint,
+        (FaultArg::Drain, None, None) => Fault::Drain,
+    };
+    let probe = match args.probe {
+        ProbeArg::Tcp if !args.send.is_empty() || !args.expect.is_empty() => {
+            return usage("--send and --expect go with --probe send_expect".to_string());
+        }
+        ProbeArg::Tcp => Probe::Tcp {
+            settle: TCP_PROBE_SETTLE,
+        },
+        ProbeArg::SendExpect => match Probe::send_expect(&args.send, &args.expect) {
+            Ok(probe) => probe,
+            Err(e) => return usage(e),
+        },
+    };
+    let token = match &args.token_file {
+        None => None,
+        Some(path) => match switchyard::admin::read_token(path) {
+            Ok(token) => Some(token),
+            Err(e) => return usage(format!("--token-file {}: {e}", path.display())),
+        },
+    };
+    let options = Options {
+        admin: args.admin.clone(),
+        pool: args.pool.clone(),
+        token,
+        through: args.through,
+        fault,
+        rate: args.rate,
+        probe,
+        hold: args.hold,
+        failback_limit: args.failback_limit,
+        objectives: Objectives {
+            max_failed: args.max_failed,
+            max_switch: args.max_switch,
+            max_failback: args.max_failback,
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(exercise::run(&options, interrupted()));
+    let report = match outcome {
+        Ok(report) => report,
+        Err(DrillError::Refused(why)) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(1);
+        }
+        Err(DrillError::Failed { message, report }) => {
+            print_out(report.render().trim_end());
+            write_drill_json(args, &report);
+            eprintln!("error: the drill did not complete: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    print_out(report.render().trim_end());
+    write_drill_json(args, &report);
+    let missed = report.missed();
+    if missed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for o in missed {
+        eprintln!(
+            "objective {} missed: limit {}, measured {}",
+            o.name, o.limit, o.measured
+        );
+    }
+    ExitCode::from(1)
+}
+
+fn write_drill_json(args: &DrillArgs, report: &switchyard::drill::exercise::Report) {
+    if let Some(path) = &args.json
+        && let Err(e) = switchyard::drill::exercise::write_json(report, path)
+    {
+        eprintln!("error: {e}");
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn parse_rate(text: &str) -> Result<u32, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<u32>() {
+        Ok(rate @ 1..=10_000) => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate; use new connections per second from 1 to 10000, e.g. 200/s"
+        )),
+    }
+}
+
+fn parse_drill_duration(text: &str) -> Result<std::time::Duration, String> {
+    let limit = std::time::Duration::from_secs(24 * 3600);
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d <= limit => Ok(d),
+        Ok(_) => Err(format!("{text:?} is longer than 24h")),
+        Err(_) => Err(format!(
+            "{text:?} is not a duration; use a number with a unit, e.g. 500ms, 10s, 1m"
+        )),
     }
 }
 

@@ -4,31 +4,28 @@
 //! of server the example names: real PostgreSQL and Redis servers on loopback ports, real
 //! TLS clients and servers, real SIGSTOP, SIGCONT and SIGKILL.
 //!
-//! PostgreSQL and Redis come from Debian's `postgresql` and `redis-server` packages, which
-//! `.ci/run` installs. Without them a test prints SKIPPED and passes, unless
-//! `SWITCHYARD_EXAMPLE_SERVERS=required` (set by `.ci/run`) makes it fail instead.
+//! PostgreSQL, Redis and MariaDB come from Debian's packages, which `.ci/run` installs,
+//! started by tests/common/servers.rs. Without them a test prints SKIPPED and passes,
+//! unless `SWITCHYARD_EXAMPLE_SERVERS=required` (set by `.ci/run`) makes it fail instead.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use common::*;
-use switchyard::config::Config;
-use switchyard::events::{Event, EventKind};
+use switchyard::config::{CheckKind, Config};
+use switchyard::events::EventKind;
 use switchyard::metrics::RejectReason;
 use switchyard::shutdown::Shutdown;
 
@@ -70,533 +67,6 @@ fn start_example(dir: PathBuf, file_name: &str, text: &str) -> TestProxy {
         reloader: running.reloader,
         admin: running.admin_addr,
         config_path,
-    }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn quoted(addr: SocketAddr) -> String {
-    format!("\"{addr}\"")
-}
-
-// ---------------------------------------------------------------- events and state
-
-fn last_event_id(proxy: &TestProxy) -> u64 {
-    proxy.proxy.events.all().last().map_or(0, |e| e.id)
-}
-
-/// The first event newer than `after` that `matches`, waiting up to `limit` for it.
-async fn event_after(
-    proxy: &TestProxy,
-    after: u64,
-    limit: Duration,
-    what: &str,
-    matches: impl Fn(&Event) -> bool,
-) -> Event {
-    let deadline = Instant::now() + limit;
-    loop {
-        let events = proxy.proxy.events.all();
-        if let Some(event) = events.iter().find(|e| e.id > after && matches(e)) {
-            return event.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no event {what} within {limit:?}: {events:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn upstream_became<'a>(label: &'a str, state: &'a str) -> impl Fn(&Event) -> bool + 'a {
-    move |e| e.kind == EventKind::Upstream && e.upstream.as_deref() == Some(label) && e.new == state
-}
-
-fn tier_became(priority: &str) -> impl Fn(&Event) -> bool + '_ {
-    move |e| e.kind == EventKind::Tier && e.new == priority
-}
-
-fn checks_passed(proxy: &TestProxy, pool: &str, label: &str) -> u64 {
-    let snapshot = proxy.proxy.snapshot.load();
-    let route = snapshot.pool(pool).expect("pool exists");
-    route
-        .upstreams
-        .iter()
-        .find(|u| u.label() == label)
-        .expect("upstream exists")
-        .stats
-        .checks_passed
-        .load(Relaxed)
-}
-
-/// Waits until every upstream of `pool` has passed an active check.
-async fn wait_all_checked(proxy: &TestProxy, pool: &str) {
-    let route = proxy
-        .proxy
-        .snapshot
-        .load()
-        .pool(pool)
-        .expect("pool exists")
-        .clone();
-    wait_until(
-        Duration::from_secs(20),
-        "every upstream passed a check",
-        || {
-            route
-                .upstreams
-                .iter()
-                .all(|u| u.stats.checks_passed.load(Relaxed) > 0)
-        },
-    )
-    .await;
-}
-
-// ---------------------------------------------------------------- processes
-
-/// Without the servers an example names its test cannot run: a skip on a developer's
-/// machine, a failure where `.ci/run` installed them and set the variable.
-fn skip(why: &str) {
-    let required = std::env::var("SWITCHYARD_EXAMPLE_SERVERS").is_ok_and(|v| v == "required");
-    assert!(!required, "{why} (SWITCHYARD_EXAMPLE_SERVERS=required)");
-    eprintln!("SKIPPED: {why}");
-}
-
-fn signal(child: &Child, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers; `pid` is our own child and not yet reaped
-    // (only its owner's Drop reaps it), so it cannot name another process.
-    let result = unsafe { libc::kill(pid, signal) };
-    assert_eq!(
-        result,
-        0,
-        "kill failed: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Resumes `child` if stopped, asks it to exit with `request`, and kills it if it is
-/// still running after `grace`; reaps it.
-fn stop_child(child: &mut Child, request: libc::c_int, grace: Duration) {
-    if matches!(child.try_wait(), Ok(None)) {
-        signal(child, libc::SIGCONT);
-        signal(child, request);
-        let deadline = std::time::Instant::now() + grace;
-        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A private folder, removed on drop (after the processes that use it have stopped:
-/// they hold an `Arc` of it).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Arc<Self> {
-        Arc::new(Self(test_dir()))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn log_file(path: &Path) -> (Stdio, Stdio) {
-    let file = std::fs::File::create(path).expect("create a log file");
-    let copy = file.try_clone().expect("clone the log file");
-    (Stdio::from(file), Stdio::from(copy))
-}
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-// ---------------------------------------------------------------- PostgreSQL
-
-/// PostgreSQL's programs, and the user to run the server as: it refuses to run as root.
-struct PgTools {
-    bin: PathBuf,
-    run_as: Option<(u32, u32)>,
-}
-
-impl PgTools {
-    fn find() -> Option<Self> {
-        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .filter_map(|entry| {
-                let entry = entry.ok()?;
-                let version = entry.file_name().to_str()?.parse().ok()?;
-                let bin = entry.path().join("bin");
-                (bin.join("postgres").is_file() && bin.join("initdb").is_file())
-                    .then_some((version, bin))
-            })
-            .collect();
-        versions.sort();
-        let Some((_, bin)) = versions.pop() else {
-            skip("PostgreSQL is not installed (Debian package postgresql)");
-            return None;
-        };
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let run_as = if root {
-            let Some(ids) = passwd_ids("postgres") else {
-                skip("running as root, and there is no postgres user to run PostgreSQL as");
-                return None;
-            };
-            Some(ids)
-        } else {
-            None
-        };
-        Some(Self { bin, run_as })
-    }
-
-    /// `program`, run in `dir` as the PostgreSQL user.
-    fn command(&self, program: &Path, dir: &Path) -> Command {
-        let mut command = Command::new(program);
-        command.current_dir(dir).stdin(Stdio::null());
-        if let Some((uid, gid)) = self.run_as {
-            command.uid(uid).gid(gid);
-        }
-        command
-    }
-}
-
-/// (uid, gid) of `user` from /etc/passwd.
-fn passwd_ids(user: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.len() < 4 || fields[0] != user {
-            return None;
-        }
-        Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
-    })
-}
-
-/// One `initdb`, copied for every server (much faster than one `initdb` each).
-struct PgCluster {
-    tools: PgTools,
-    dir: Arc<TempDir>,
-    template: PathBuf,
-}
-
-impl PgCluster {
-    fn init(tools: PgTools) -> Self {
-        let dir = TempDir::new();
-        if let Some((uid, gid)) = tools.run_as {
-            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid)).expect("chown the test dir");
-        }
-        let template = dir.0.join("template");
-        let log = dir.0.join("initdb.log");
-        let (stdout, stderr) = log_file(&log);
-        let status = tools
-            .command(&tools.bin.join("initdb"), &dir.0)
-            .arg("-D")
-            .arg(&template)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "--no-locale"])
-            .args(["-E", "UTF8"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .status()
-            .expect("run initdb");
-        assert!(
-            status.success(),
-            "initdb failed: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        Self {
-            tools,
-            dir,
-            template,
-        }
-    }
-
-    /// A server of its own on a free loopback port, answering queries when this returns.
-    async fn start(&self, name: &str) -> PgServer {
-        let data = self.dir.0.join(name);
-        let status = self
-            .tools
-            .command(Path::new("cp"), &self.dir.0)
-            .arg("-a")
-            .arg(&self.template)
-            .arg(&data)
-            .status()
-            .expect("run cp");
-        assert!(status.success(), "copying the PostgreSQL template failed");
-        let port = closed_port().port();
-        let log = self.dir.0.join(format!("{name}.log"));
-        let (stdout, stderr) = log_file(&log);
-        let child = self
-            .tools
-            .command(&self.tools.bin.join("postgres"), &self.dir.0)
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "unix_socket_directories="])
-            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB"])
-            .args(["-c", "max_connections=50"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start postgres");
-        let server = PgServer {
-            child,
-            addr: loopback(port),
-            log,
-            _dir: self.dir.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match pg_port(server.addr, Duration::from_secs(2)).await {
-                Ok(answered) if answered == port => break,
-                Ok(other) => panic!("{name}: port {port} answered as port {other}"),
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "{name} did not start: {e}\n{}",
-                    std::fs::read_to_string(&server.log).unwrap_or_default()
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        server
-    }
-}
-
-/// A postmaster we started; stopped (immediate shutdown) on drop.
-struct PgServer {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    _dir: Arc<TempDir>,
-}
-
-impl PgServer {
-    /// Freezes the postmaster: the kernel still completes connects to its port, but
-    /// nothing accepts them, like a server that is stopped, deadlocked or swapped out.
-    fn freeze(&self) {
-        signal(&self.child, libc::SIGSTOP);
-    }
-
-    fn thaw(&self) {
-        signal(&self.child, libc::SIGCONT);
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        // SIGQUIT: immediate shutdown, the postmaster takes its backends down with it.
-        stop_child(&mut self.child, libc::SIGQUIT, Duration::from_secs(10));
-    }
-}
-
-/// Reads one message: a type byte and a length-prefixed body.
-async fn pg_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=1 << 20).contains(&len) {
-        return Err(std::io::Error::other(format!("bad message length {len}")));
-    }
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await?;
-    Ok((header[0], body))
-}
-
-fn pg_error(body: &[u8]) -> std::io::Error {
-    let message = body
-        .split(|&b| b == 0)
-        .find(|field| field.first() == Some(&b'M'))
-        .map(|field| String::from_utf8_lossy(&field[1..]).into_owned())
-        .unwrap_or_default();
-    std::io::Error::other(format!("server error: {message}"))
-}
-
-/// The port of the PostgreSQL server on the other end of `stream`, asked over the wire
-/// protocol: startup as `postgres` with trust authentication, then `SHOW port`.
-async fn pg_ask_port(stream: &mut TcpStream) -> std::io::Result<u16> {
-    let params = b"user\0postgres\0database\0postgres\0\0";
-    let mut startup = Vec::new();
-    startup.extend_from_slice(&((8 + params.len()) as u32).to_be_bytes());
-    startup.extend_from_slice(&0x0003_0000u32.to_be_bytes());
-    startup.extend_from_slice(params);
-    stream.write_all(&startup).await?;
-    loop {
-        match pg_message(stream).await? {
-            (b'R', body) if body.starts_with(&[0, 0, 0, 0]) => {}
-            (b'R', _) => return Err(std::io::Error::other("asks for a password")),
-            (b'E', body) => return Err(pg_error(&body)),
-            (b'Z', _) => break,
-            _ => {}
-        }
-    }
-    let query = b"SHOW port\0";
-    let mut message = vec![b'Q'];
-    message.extend_from_slice(&((4 + query.len()) as u32).to_be_bytes());
-    message.extend_from_slice(query);
-    stream.write_all(&message).await?;
-    let mut port = None;
-    loop {
-        match pg_message(stream).await? {
-            // DataRow: column count (2 bytes), then the value's length (4) and bytes.
-            (b'D', body) if body.len() > 6 => {
-                port = std::str::from_utf8(&body[6..])
-                    .ok()
-                    .and_then(|p| p.parse().ok());
-            }
-            (b'E', body) => return Err(pg_error(&body)),
-            (b'Z', _) => break,
-            _ => {}
-        }
-    }
-    port.ok_or_else(|| std::io::Error::other("no port in the answer"))
-}
-
-/// [`pg_ask_port`] on a new connection to `addr`, closed after; an error after `limit`.
-async fn pg_port(addr: SocketAddr, limit: Duration) -> std::io::Result<u16> {
-    let session = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let port = pg_ask_port(&mut stream).await?;
-        let _ = stream.write_all(b"X\0\0\0\x04").await;
-        Ok(port)
-    };
-    tokio::time::timeout(limit, session)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
-}
-
-/// The same question asked by `psql`, the client operators use.
-async fn psql_port(tools: &PgTools, addr: SocketAddr) -> u16 {
-    let mut command = tokio::process::Command::new(tools.bin.join("psql"));
-    command
-        .args(["-X", "-A", "-t", "-c", "SHOW port"])
-        .arg(format!(
-            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
-            addr.ip(),
-            addr.port()
-        ))
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(SOON, command.output())
-        .await
-        .expect("psql through the proxy hung")
-        .expect("run psql");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "psql failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("psql printed {stdout:?}"))
-}
-
-// ---------------------------------------------------------------- Redis
-
-/// A redis-server we started, without persistence; killed on drop, like a crash.
-struct Redis {
-    child: Child,
-    addr: SocketAddr,
-    _dir: Arc<TempDir>,
-}
-
-impl Redis {
-    async fn start(program: &Path, dir: &Arc<TempDir>, port: u16) -> Self {
-        let log = dir.0.join(format!("redis-{port}.log"));
-        let (stdout, stderr) = log_file(&log);
-        let child = Command::new(program)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir.0)
-            .current_dir(&dir.0)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start redis-server");
-        let redis = Self {
-            child,
-            addr: loopback(port),
-            _dir: dir.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let answered = match TcpStream::connect(redis.addr).await {
-                Ok(mut stream) => {
-                    tokio::time::timeout(Duration::from_secs(2), redis_port(&mut stream)).await
-                }
-                Err(e) => Ok(Err(e)),
-            };
-            if let Ok(Ok(answered)) = answered {
-                assert_eq!(answered, port);
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        redis
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One CRLF-terminated line of a reply.
-async fn redis_line(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        if stream.read(&mut byte).await? == 0 || line.len() > 512 {
-            return Err(std::io::Error::other("closed or overlong reply"));
-        }
-        line.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&line).trim_end().to_string())
-}
-
-/// The port of the Redis node that serves `stream`, from `INFO server`.
-async fn redis_port(stream: &mut TcpStream) -> std::io::Result<u16> {
-    stream.write_all(b"INFO server\r\n").await?;
-    let header = redis_line(stream).await?;
-    let len: usize = header
-        .strip_prefix('$')
-        .and_then(|n| n.parse().ok())
-        .filter(|&n| n < 1 << 20)
-        .ok_or_else(|| std::io::Error::other(format!("unexpected reply {header:?}")))?;
-    let mut body = vec![0u8; len + 2];
-    stream.read_exact(&mut body).await?;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix("tcp_port:")?.trim().parse().ok())
-        .ok_or_else(|| std::io::Error::other("no tcp_port in INFO"))
-}
-
-async fn redis_ping(stream: &mut TcpStream) -> std::io::Result<()> {
-    stream.write_all(b"PING\r\n").await?;
-    match redis_line(stream).await?.as_str() {
-        "+PONG" => Ok(()),
-        other => Err(std::io::Error::other(format!("PING answered {other:?}"))),
     }
 }
 
@@ -883,7 +353,10 @@ async fn default_config_connect_check_misses_a_frozen_postgres_and_the_commented
     let plain = start_example(test_dir(), "switchyard.toml", &connect_only);
     let checked = start_example(test_dir(), "switchyard.toml", &protocol);
     assert!(
-        checked.config.pool("postgres").expect("pool").health.expect == b"N",
+        matches!(
+            &checked.config.pool("postgres").expect("pool").health.kind,
+            CheckKind::SendExpect { expect, .. } if expect == b"N"
+        ),
         "the commented check is in force"
     );
     for proxy in [&plain, &checked] {
@@ -1467,4 +940,194 @@ fn tls_sni_example_trial_certificates_from_its_comment_pass_check() {
         "check: {}",
         String::from_utf8_lossy(&check.stderr)
     );
+}
+
+/// The reason of the first event after `mark` that took `upstream` to `state`.
+async fn became_after(proxy: &TestProxy, mark: u64, upstream: &str, state: &str) -> String {
+    event_after(
+        proxy,
+        mark,
+        Duration::from_secs(30),
+        &format!("{upstream} {state}"),
+        upstream_became(upstream, state),
+    )
+    .await
+    .reason
+}
+
+/// config/examples/postgres-primary.toml against a real streaming pair (pg_basebackup
+/// -R) and a dead third server: the standby fails with "in recovery", every client gets
+/// the primary; when the primary is gone and the standby promoted, clients follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_primary_sends_clients_only_to_the_primary_and_follows_a_promotion() {
+    let file = "config/examples/postgres-primary.toml";
+    let Some(tools) = PgTools::find() else {
+        return;
+    };
+    let cluster = PgCluster::init(tools);
+    let primary = cluster.start("primary").await;
+    // The login the example's comment says to create; the standby replicates it.
+    psql(&cluster.tools, primary.addr, "CREATE ROLE switchyard LOGIN").await;
+    let standby = cluster.standby_of(&primary, "standby", &[]);
+    standby.wait_for_queries().await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:5432\"", quoted(loopback(0))),
+            ("\"10.0.0.1:5432\"", quoted(standby.addr)),
+            ("\"10.0.0.2:5432\"", quoted(primary.addr)),
+            ("\"10.0.0.3:5432\"", quoted(closed_port())),
+        ],
+    );
+    let proxy = start_example(test_dir(), "postgres-primary.toml", &text);
+    let front = proxy.addr("postgres");
+    assert_eq!(
+        became_after(&proxy, 0, "pg-1", "down").await,
+        "postgres: in recovery (a standby)"
+    );
+    became_after(&proxy, 0, "pg-3", "down").await;
+    for _ in 0..4 {
+        let port = pg_port(front, SOON).await.expect("a session");
+        assert_eq!(port, primary.addr.port(), "only the primary serves");
+    }
+    assert_eq!(psql_port(&cluster.tools, front).await, primary.addr.port());
+
+    let mark = last_event_id(&proxy);
+    drop(primary);
+    standby.promote();
+    became_after(&proxy, mark, "pg-2", "down").await;
+    became_after(&proxy, mark, "pg-1", "up").await;
+    let port = pg_port(front, SOON).await.expect("a session");
+    assert_eq!(port, standby.addr.port(), "clients follow the promotion");
+}
+
+/// config/examples/patroni.toml against three Patroni-style nodes (a REST API on one
+/// port of each node's own address): only the leader's database port gets clients;
+/// when the leader moves, so do clients; with no leader, clients are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_example_follows_the_leader_by_its_rest_api() {
+    let file = "config/examples/patroni.toml";
+    let (nodes, rest_port) = patroni_nodes(&["node-1", "node-2", "node-3"]).await;
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:5000\"", quoted(loopback(0))),
+            ("\"10.0.0.1:5432\"", quoted(nodes[0].addr)),
+            ("\"10.0.0.2:5432\"", quoted(nodes[1].addr)),
+            ("\"10.0.0.3:5432\"", quoted(nodes[2].addr)),
+            ("port = 8008", format!("port = {rest_port}")),
+        ],
+    );
+    let proxy = start_example(test_dir(), "patroni.toml", &text);
+    let front = proxy.addr("postgres");
+    assert_eq!(became_after(&proxy, 0, "node-2", "down").await, "http 503");
+    assert_eq!(became_after(&proxy, 0, "node-3", "down").await, "http 503");
+    for _ in 0..4 {
+        assert_eq!(greeted_by(front).await.expect("greeting"), "node-1");
+    }
+
+    let mark = last_event_id(&proxy);
+    fail_over(&nodes, 2);
+    became_after(&proxy, mark, "node-1", "down").await;
+    became_after(&proxy, mark, "node-3", "up").await;
+    for _ in 0..4 {
+        assert_eq!(greeted_by(front).await.expect("greeting"), "node-3");
+    }
+
+    // No leader at all (mid-election): new clients are closed, none reaches a replica.
+    let mark = last_event_id(&proxy);
+    fail_over(&nodes, usize::MAX);
+    became_after(&proxy, mark, "node-3", "down").await;
+    assert!(
+        greeted_by(front).await.is_err(),
+        "rejected, not sent to a replica"
+    );
+}
+
+/// config/examples/redis-master.toml against a real master and its replica
+/// (`--replicaof`): the replica is down with "redis role:slave" and gets no client;
+/// when they swap roles, clients follow the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_master_example_routes_only_to_the_master() {
+    let file = "config/examples/redis-master.toml";
+    let dir = TempDir::new();
+    let Some((a, b)) = redis_pair(&dir).await else {
+        return;
+    };
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:6379\"", quoted(loopback(0))),
+            ("\"10.0.0.1:6379\"", quoted(a.addr)),
+            ("\"10.0.0.2:6379\"", quoted(b.addr)),
+        ],
+    );
+    let proxy = start_example(test_dir(), "redis-master.toml", &text);
+    let front = proxy.addr("redis");
+    assert_eq!(
+        became_after(&proxy, 0, "redis-b", "down").await,
+        "redis role:slave"
+    );
+    for _ in 0..6 {
+        assert_eq!(
+            redis_node(front).await,
+            a.addr.port(),
+            "only the master serves"
+        );
+    }
+
+    let mark = last_event_id(&proxy);
+    redis_swap(&a, &b).await;
+    assert_eq!(
+        became_after(&proxy, mark, "redis-a", "down").await,
+        "redis role:slave"
+    );
+    became_after(&proxy, mark, "redis-b", "up").await;
+    assert_eq!(
+        redis_node(front).await,
+        b.addr.port(),
+        "clients follow the new master"
+    );
+}
+
+/// config/examples/mysql.toml against a real MariaDB and a dead backup: clients get the
+/// server's greeting through the proxy; frozen, it fails its check (timeout); thawed, it
+/// passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_example_checks_the_server_greeting() {
+    let file = "config/examples/mysql.toml";
+    let Some(mariadb) = MariaDb::start().await else {
+        return;
+    };
+    let text = rewrite(
+        file,
+        &shipped(file),
+        &[
+            ("\"127.0.0.1:3306\"", quoted(loopback(0))),
+            ("\"10.0.0.1:3306\"", quoted(mariadb.addr)),
+            ("\"10.0.0.2:3306\"", quoted(closed_port())),
+        ],
+    );
+    let proxy = start_example(test_dir(), "mysql.toml", &text);
+    let front = proxy.addr("mysql");
+    became_after(&proxy, 0, "db-2", "down").await;
+    let mut stream = TcpStream::connect(front).await.expect("connect");
+    let mut header = [0u8; 5];
+    tokio::time::timeout(SOON, stream.read_exact(&mut header))
+        .await
+        .expect("a greeting in time")
+        .expect("a greeting");
+    assert_eq!(header[4], 0x0a, "a protocol-10 greeting through the proxy");
+
+    let mark = last_event_id(&proxy);
+    mariadb.freeze();
+    assert_eq!(
+        became_after(&proxy, mark, "db-1", "down").await,
+        "check timeout"
+    );
+    mariadb.thaw();
+    became_after(&proxy, mark, "db-1", "up").await;
 }

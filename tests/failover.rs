@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
-use switchyard::drill::{ClientStream, Stop};
+use switchyard::drill::{ClientStream, Probe, Stop};
 use switchyard::health::state::AdminOverride;
 
 /// Active checks too slow to matter: only the passive path can be what reacts.
@@ -134,7 +134,9 @@ fn steady_stream(
         // Far beyond any test's stream: `stop` ends it.
         limit: 3 * SOON,
         client_timeout: SOON,
-        speaks_first: false,
+        probe: Probe::Greeting {
+            speaks_first: false,
+        },
     };
     tokio::spawn(async move {
         let timeline = stream.run(Stop::On(stop)).await;

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use common::*;
-use switchyard::drill::{ClientError, ClientStream, REQUEST, Stop};
+use switchyard::drill::{ClientError, ClientStream, Probe, REQUEST, Stop};
 use switchyard::health::state::AdminOverride;
 use switchyard::metrics::ConnectFailure;
 
@@ -65,7 +65,7 @@ async fn a_hung_primary_costs_no_client_that_speaks_first_and_is_detected_by_the
         every: Duration::from_millis(5),
         limit: Duration::from_millis(1500),
         client_timeout: SOON,
-        speaks_first: true,
+        probe: Probe::Greeting { speaks_first: true },
     };
     let clients = tokio::spawn(stream.run(Stop::AtLimit));
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,21 +1,21 @@
-//! Fuzzes the ClientHello parser used for SNI routing.
+//! Fuzzes the ClientHello reading used for SNI routing (rustls's `Acceptor` over the
+//! peeked bytes, plus the fallback that reads TLS 1.0/1.1 hellos and IP-address names).
 //!
 //! The first input byte picks how the rest is fed: as raw bytes (the client's first
 //! bytes, exactly as peeked), or as a ClientHello body wrapped in correct handshake and
 //! record framing split into records of a chosen size, so that the fuzzer spends its time
 //! inside the body rather than rediscovering the framing.
 //!
-//! Invariants the proxy relies on: no panic on any input; a complete hello's `len` lies
-//! within the input (and within `MAX_PEEK_LEN`); the answer depends only on those `len`
-//! bytes; a caller that peeks more bytes never sees an error turn into success or a
-//! complete hello change; `MAX_PEEK_LEN` bytes are always enough for an answer; and a
-//! server name is always a valid, lowercase route name.
+//! Invariants the proxy relies on: no panic on any input; a caller that peeks more bytes
+//! never sees an error turn into success or a complete hello change; `MAX_PEEK_LEN` bytes
+//! are always enough for an answer; and a server name is always a valid, lowercase route
+//! name.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use switchyard::names::validate_pattern;
-use switchyard::wire::client_hello::{MAX_CLIENT_HELLO_LEN, MAX_PEEK_LEN, parse_client_hello};
+use switchyard::wire::client_hello::{MAX_PEEK_LEN, parse_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     match data.split_first() {
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
 /// `body` as a ClientHello handshake message in records of `chunk * 16` bytes (one
 /// record when `chunk` is 0).
 fn framed(body: &[u8], chunk: u8) -> Vec<u8> {
-    let body = &body[..body.len().min(MAX_CLIENT_HELLO_LEN - 4)];
+    let body = &body[..body.len().min(0xffff)];
     let len = u32::try_from(body.len()).unwrap().to_be_bytes();
     let message = [&[1, len[1], len[2], len[3]][..], body].concat();
     let size = match chunk {
@@ -48,14 +48,6 @@ fn check(input: &[u8]) {
     let whole = parse_client_hello(input);
     match &whole {
         Ok(Some(info)) => {
-            assert!(
-                info.len <= input.len(),
-                "len {} > input {}",
-                info.len,
-                input.len()
-            );
-            assert!(info.len <= MAX_PEEK_LEN);
-            assert_eq!(parse_client_hello(&input[..info.len]), whole);
             if let Some(name) = &info.server_name {
                 assert_eq!(validate_pattern(name), Ok(()), "{name:?}");
                 assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name:?}");
@@ -66,10 +58,7 @@ fn check(input: &[u8]) {
             "no answer after {}",
             input.len()
         ),
-        Err(e) => {
-            assert!(!e.reason().is_empty());
-            assert!(!e.to_string().is_empty());
-        }
+        Err(e) => assert!(!e.to_string().is_empty()),
     }
     // What a caller peeking fewer bytes saw must agree with the longer peek.
     for cut in [input.len() / 2, input.len().saturating_sub(1)] {

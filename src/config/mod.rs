@@ -4,6 +4,7 @@
 //! [`validate`] (collects every problem, each with file, line and column) → [`Config`],
 //! whose types cannot hold an invalid value. Nothing outside this module sees raw types.
 
+mod health;
 pub mod raw;
 mod summary;
 mod validate;
@@ -15,6 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use health::{
+    CheckKind, CheckTarget, HealthConfig, HttpCheck, HttpMethod, Password, PostgresCheck,
+    PostgresRole, RedisCheck, RedisRole,
+};
 pub use ipnet::IpNet;
 
 /// A validated configuration.
@@ -175,20 +180,6 @@ pub struct UpstreamConfig {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
-    pub enabled: bool,
-    pub interval: Duration,
-    pub fast_interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-    /// Bytes sent after connect (escapes already decoded).
-    pub send: Vec<u8>,
-    /// The reply must start with these bytes; empty = connect alone is enough.
-    pub expect: Vec<u8>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub struct OutlierConfig {
     pub consecutive_failures: u32,
     pub base_ejection: Duration,
@@ -226,6 +217,7 @@ struct Problems<'a>(&'a [Problem]);
 // === impl Config ===
 
 pub use crate::files::{MAX_CONFIG_FILE, MAX_SECRET_FILE, read_bounded};
+pub(crate) use validate::unescape;
 
 impl Config {
     /// Reads and validates `path`.
@@ -345,6 +337,21 @@ vocabulary!(OnUpstreamDown { Close = "close", Keep = "keep" });
 vocabulary!(WhenAllDown { TryAll = "try_all", Reject = "reject" });
 vocabulary!(ProxyProtocolAccept { V1 = "v1", V2 = "v2", Any = "any" });
 vocabulary!(ProxyProtocolVersion { V1 = "v1", V2 = "v2" });
+vocabulary!(HttpMethod {
+    Get = "GET",
+    Head = "HEAD",
+    Options = "OPTIONS",
+});
+vocabulary!(PostgresRole {
+    Any = "any",
+    Primary = "primary",
+    Standby = "standby",
+});
+vocabulary!(RedisRole {
+    Any = "any",
+    Master = "master",
+    Replica = "replica",
+});
 
 #[cfg(test)]
 mod tests;

@@ -198,10 +198,23 @@ pub struct RawHealth {
     pub rise: S<i64>,
     #[serde(default = "default_fall")]
     pub fall: S<i64>,
-    #[serde(default = "default_empty")]
-    pub send: S<String>,
-    #[serde(default = "default_empty")]
-    pub expect: S<String>,
+    /// Absent: `send_expect` when `send` or `expect` is given, else `tcp`.
+    pub kind: Option<S<String>>,
+    pub port: Option<S<i64>>,
+    pub address: Option<S<String>>,
+    // Each kind's own keys: absent ones take the kind's defaults, and a key given to
+    // another kind is an error, so they stay optional here.
+    pub send: Option<S<String>>,
+    pub expect: Option<S<String>>,
+    pub method: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub host: Option<S<String>>,
+    pub status: Option<S<Vec<S<String>>>>,
+    pub body_contains: Option<S<String>>,
+    pub user: Option<S<String>>,
+    pub database: Option<S<String>>,
+    pub role: Option<S<String>>,
+    pub password_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,8 +352,20 @@ impl Default for RawHealth {
             timeout: default_check_timeout(),
             rise: default_rise(),
             fall: default_fall(),
-            send: default_empty(),
-            expect: default_empty(),
+            kind: None,
+            port: None,
+            address: None,
+            send: None,
+            expect: None,
+            method: None,
+            path: None,
+            host: None,
+            status: None,
+            body_contains: None,
+            user: None,
+            database: None,
+            role: None,
+            password_file: None,
         }
     }
 }

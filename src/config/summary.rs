@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use super::{Config, PoolConfig};
+use super::{CheckKind, Config, Password, PoolConfig};
 
 pub(super) fn render(config: &Config) -> String {
     let mut out = String::new();
@@ -179,14 +179,19 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
     if h.enabled {
         let _ = writeln!(
             out,
-            "  health: interval {}, fast_interval {}, timeout {}, rise {}, fall {}, send \"{}\", expect \"{}\"",
+            "  health: interval {}, fast_interval {}, timeout {}, rise {}, fall {}",
             human(h.interval),
             human(h.fast_interval),
             human(h.timeout),
             h.rise,
             h.fall,
-            escape(&h.send),
-            escape(&h.expect),
+        );
+        let over = if pool.tls.is_some() { ", over TLS" } else { "" };
+        let _ = writeln!(
+            out,
+            "  check: {}, at {}{over}",
+            check_kind(&h.kind),
+            h.target
         );
     } else {
         let _ = writeln!(out, "  health: disabled (upstreams count as up)");
@@ -199,6 +204,53 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
         human(o.base_ejection),
         human(o.max_ejection),
     );
+}
+
+/// A check kind with its effective settings, defaults filled in.
+fn check_kind(kind: &CheckKind) -> String {
+    let password = |p: &Option<Password>| {
+        p.as_ref()
+            .map_or("none".to_string(), |p| p.file.display().to_string())
+    };
+    match kind {
+        CheckKind::Tcp => "tcp (the connect alone)".to_string(),
+        CheckKind::SendExpect { send, expect } => format!(
+            "send_expect, send \"{}\", expect \"{}\"",
+            escape(send),
+            escape(expect)
+        ),
+        CheckKind::Http(http) => {
+            let status: Vec<String> = http
+                .status
+                .iter()
+                .map(|r| match (r.start(), r.end()) {
+                    (low, high) if low == high => low.to_string(),
+                    (low, high) => format!("{low}-{high}"),
+                })
+                .collect();
+            format!(
+                "http, {} {}, host {}, status [{}], body_contains \"{}\"",
+                http.method,
+                http.path,
+                http.host.as_deref().unwrap_or("(the check target)"),
+                status.join(", "),
+                escape(&http.body_contains),
+            )
+        }
+        CheckKind::Postgres(pg) => format!(
+            "postgres, user {}, database {}, role {}, password_file {}",
+            pg.user,
+            pg.database,
+            pg.role,
+            password(&pg.password)
+        ),
+        CheckKind::Redis(redis) => format!(
+            "redis, role {}, password_file {}",
+            redis.role,
+            password(&redis.password)
+        ),
+        CheckKind::Mysql => "mysql (server greeting)".to_string(),
+    }
 }
 
 fn human(d: Duration) -> String {

@@ -82,7 +82,10 @@ fn defaults_follow_the_spec() {
             3
         )
     );
-    assert!(h.send.is_empty() && h.expect.is_empty());
+    assert_eq!(
+        (&h.kind, &h.target),
+        (&CheckKind::Tcp, &CheckTarget::Upstream)
+    );
     let o = &p.outlier;
     assert_eq!(
         (o.consecutive_failures, o.base_ejection, o.max_ejection),
@@ -653,6 +656,223 @@ fn a_high_hex_escape_in_a_double_quoted_check_string_is_an_error() {
     assert!(found[0].message.contains("single quotes"), "{}", found[0]);
     // Single quotes keep the escape for the check; low escapes are one byte either way.
     let config = parse(&with_send(r"'\x00\x04\xd2\x16'")).unwrap();
-    assert_eq!(config.pools[0].health.send, vec![0x00, 0x04, 0xd2, 0x16]);
+    assert!(matches!(
+        &config.pools[0].health.kind,
+        CheckKind::SendExpect { send, .. } if send == &[0x00, 0x04, 0xd2, 0x16]
+    ));
     assert!(parse(&with_send(r#""PING\r\n\x00""#)).is_ok());
+}
+
+fn with_health(lines: &str) -> String {
+    MINIMAL.to_string() + "\n[pools.pg.health]\n" + lines + "\n"
+}
+
+/// The one problem of `text`, as `line:column key: message`.
+fn only_problem(text: &str) -> String {
+    let found = problems(text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let p = &found[0];
+    format!("{}:{} {}: {}", p.line, p.column, p.key, p.message)
+}
+
+#[test]
+fn check_kinds_take_their_defaults() {
+    let kind = |lines: &str| {
+        parse(&with_health(lines)).unwrap().pools[0]
+            .health
+            .kind
+            .clone()
+    };
+    assert_eq!(kind(""), CheckKind::Tcp);
+    assert_eq!(kind("send = \"\"\nexpect = \"\""), CheckKind::Tcp);
+    assert_eq!(
+        kind("expect = \"+OK\""),
+        CheckKind::SendExpect {
+            send: Vec::new(),
+            expect: b"+OK".to_vec()
+        }
+    );
+    assert_eq!(
+        kind("kind = \"http\""),
+        CheckKind::Http(HttpCheck {
+            method: HttpMethod::Get,
+            path: "/".to_string(),
+            host: None,
+            status: vec![200..=299],
+            body_contains: Vec::new(),
+        })
+    );
+    assert_eq!(
+        kind("kind = \"postgres\""),
+        CheckKind::Postgres(PostgresCheck {
+            user: "switchyard".to_string(),
+            database: "postgres".to_string(),
+            role: PostgresRole::Any,
+            password: None,
+        })
+    );
+    assert_eq!(
+        kind("kind = \"redis\""),
+        CheckKind::Redis(RedisCheck {
+            password: None,
+            role: RedisRole::Any
+        })
+    );
+    assert_eq!(kind("kind = \"mysql\""), CheckKind::Mysql);
+    let http = kind(
+        "kind = \"http\"\nmethod = \"HEAD\"\npath = \"/primary\"\nstatus = [\"200\", \"301-302\"]",
+    );
+    let CheckKind::Http(http) = http else {
+        panic!("{http:?}")
+    };
+    assert_eq!(
+        (http.method, http.path.as_str(), http.status),
+        (HttpMethod::Head, "/primary", vec![200..=200, 301..=302])
+    );
+}
+
+#[test]
+fn check_targets_are_a_port_or_an_address_not_both() {
+    let target = |lines: &str| {
+        parse(&with_health(lines)).unwrap().pools[0]
+            .health
+            .target
+            .clone()
+    };
+    assert_eq!(target("port = 0"), CheckTarget::Upstream);
+    assert_eq!(target("port = 8008"), CheckTarget::Port(8008));
+    assert_eq!(target("address = \"\""), CheckTarget::Upstream);
+    assert_eq!(
+        target("address = \"127.0.0.1:8008\""),
+        CheckTarget::Address {
+            address: "127.0.0.1:8008".parse().unwrap(),
+            target: "127.0.0.1:8008".to_string()
+        }
+    );
+    let resolved = CheckTarget::Port(8008).resolve("10.0.0.1:5432".parse().unwrap(), "db1:5432");
+    assert_eq!(
+        resolved,
+        ("10.0.0.1:8008".parse().unwrap(), "db1:8008".to_string())
+    );
+    assert_eq!(
+        only_problem(&with_health("port = 8008\naddress = \"127.0.0.1:8008\"")),
+        "10:8 pools.pg.health.port: give `port` (the upstream's host on another port) or `address` (another host:port), not both"
+    );
+    assert_eq!(
+        only_problem(&with_health("port = 65536")),
+        "10:8 pools.pg.health.port: 65536 is out of range; allowed: 0 to 65535"
+    );
+    assert!(only_problem(&with_health("address = \"nowhere\"")).contains("is not an address"));
+}
+
+#[test]
+fn check_kind_errors_name_what_is_allowed() {
+    assert_eq!(
+        only_problem(&with_health("kind = \"pgsql\"")),
+        "10:8 pools.pg.health.kind: \"pgsql\" is not allowed; use one of: tcp, send_expect, http, postgres, redis, mysql"
+    );
+    assert_eq!(
+        only_problem(&with_health("kind = \"tcp\"\npath = \"/primary\"")),
+        "11:8 pools.pg.health.path: `path` is a setting of kind = \"http\", and this check is kind = \"tcp\""
+    );
+    assert_eq!(
+        only_problem(&with_health("kind = \"mysql\"\nrole = \"master\"")),
+        "11:8 pools.pg.health.role: `role` is a setting of kind = \"postgres\" or \"redis\", and this check is kind = \"mysql\""
+    );
+    assert!(only_problem(&with_health("kind = \"send_expect\"")).contains("needs `send`"),);
+    assert_eq!(
+        only_problem(&with_health("kind = \"http\"\nmethod = \"DELETE\"")),
+        "11:10 pools.pg.health.method: \"DELETE\" is not allowed; use one of: GET, HEAD, OPTIONS"
+    );
+    for path in ["\"primary\"", "\"/a b\"", "\"/a\\r\\nX: y\""] {
+        let problem = only_problem(&with_health(&format!("kind = \"http\"\npath = {path}")));
+        assert!(problem.contains("is not a request path"), "{problem}");
+    }
+    let long = format!("kind = \"http\"\npath = \"/{}\"", "a".repeat(1024));
+    assert!(only_problem(&with_health(&long)).contains("at most 1024"));
+    for status in ["[]", "[\"2xx\"]", "[\"99\"]", "[\"600\"]", "[\"300-200\"]"] {
+        let problem = only_problem(&with_health(&format!("kind = \"http\"\nstatus = {status}")));
+        assert!(problem.contains("pools.pg.health.status"), "{problem}");
+    }
+    assert!(
+        only_problem(&with_health(
+            "kind = \"http\"\nmethod = \"HEAD\"\nbody_contains = \"x\""
+        ))
+        .contains("HEAD request gets no body")
+    );
+    let long = format!("kind = \"http\"\nbody_contains = \"{}\"", "a".repeat(1025));
+    assert!(only_problem(&with_health(&long)).contains("at most 1024"));
+    assert_eq!(
+        only_problem(&with_health("kind = \"redis\"\nrole = \"primary\"")),
+        "11:8 pools.pg.health.role: \"primary\" is not allowed; use one of: any, master, replica"
+    );
+    assert!(
+        only_problem(&with_health("kind = \"postgres\"\nuser = \"\""))
+            .contains("not a PostgreSQL name")
+    );
+}
+
+#[test]
+fn a_postgres_role_needs_a_login() {
+    assert_eq!(
+        only_problem(&with_health("kind = \"postgres\"\nrole = \"primary\"")),
+        "11:8 pools.pg.health.role: role = \"primary\" logs in to ask pg_is_in_recovery() and no login is configured: set `user` to a role that may connect to database \"postgres\" (and `password_file`, unless pg_hba.conf trusts it from this host)"
+    );
+    assert!(
+        parse(&with_health(
+            "kind = \"postgres\"\nrole = \"standby\"\nuser = \"monitor\""
+        ))
+        .is_ok()
+    );
+    assert!(parse(&with_health("kind = \"postgres\"\nrole = \"any\"")).is_ok());
+}
+
+#[test]
+fn password_files_are_read_at_load_and_never_printed() {
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-config-password-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pw");
+    std::fs::write(&file, "hunter2\r\nsecond line ignored\n").unwrap();
+    let lines = format!(
+        "kind = \"redis\"\npassword_file = {:?}",
+        file.display().to_string()
+    );
+    let config = parse(&with_health(&lines)).unwrap();
+    let CheckKind::Redis(redis) = &config.pools[0].health.kind else {
+        panic!()
+    };
+    let password = redis.password.as_ref().unwrap();
+    assert_eq!(password.expose(), b"hunter2");
+    assert!(!format!("{config:?}").contains("hunter2"));
+    assert!(!config.summary().contains("hunter2"));
+    std::fs::write(&file, "\n").unwrap();
+    assert!(only_problem(&with_health(&lines)).contains("empty first line"));
+    let missing = lines.replace("pw\"", "absent\"");
+    assert!(only_problem(&with_health(&missing)).contains("cannot read"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_summary_prints_the_effective_check() {
+    let summary = |lines: &str| parse(&with_health(lines)).unwrap().summary();
+    assert!(summary("").contains("  check: tcp (the connect alone), at the upstream\n"));
+    assert!(
+        summary("kind = \"http\"\nport = 8008\npath = \"/primary\"").contains(
+            "  check: http, GET /primary, host (the check target), status [200-299], body_contains \"\", at port 8008\n"
+        ),
+        "{}",
+        summary("kind = \"http\"\nport = 8008\npath = \"/primary\"")
+    );
+    assert!(summary("kind = \"postgres\"\nuser = \"monitor\"\nrole = \"standby\"").contains(
+        "  check: postgres, user monitor, database postgres, role standby, password_file none, at the upstream\n"
+    ));
+    assert!(
+        summary("kind = \"redis\"\nrole = \"master\"")
+            .contains("  check: redis, role master, password_file none")
+    );
+    assert!(
+        summary("send = \"PING\\r\\n\"\nexpect = \"+PONG\"")
+            .contains("  check: send_expect, send \"PING\\r\\n\", expect \"+PONG\"")
+    );
 }

@@ -8,6 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod health;
+
 use super::raw::{OneOrMany, RawConfig, RawListener, RawPool, RawUpstream, S};
 use super::*;
 
@@ -621,28 +623,6 @@ impl Validator<'_> {
             name: raw.name.as_ref().map(|n| n.get_ref().clone()),
             priority: priority? as u32,
             weight: weight? as u32,
-        })
-    }
-
-    fn health(&mut self, pool: &str, p: &RawPool) -> Option<HealthConfig> {
-        let key = |field: &str| format!("pools.{pool}.health.{field}");
-        let h = &p.health;
-        let interval = self.duration(&h.interval, &key("interval"), CHECK_INTERVAL);
-        let fast_interval = self.duration(&h.fast_interval, &key("fast_interval"), CHECK_INTERVAL);
-        let timeout = self.duration(&h.timeout, &key("timeout"), SPAN);
-        let rise = self.int(&h.rise, &key("rise"), 1, 1000);
-        let fall = self.int(&h.fall, &key("fall"), 1, 1000);
-        let send = self.bytes(&h.send, &key("send"));
-        let expect = self.bytes(&h.expect, &key("expect"));
-        Some(HealthConfig {
-            enabled: h.enabled,
-            interval: interval?,
-            fast_interval: fast_interval?,
-            timeout: timeout?,
-            rise: rise? as u32,
-            fall: fall? as u32,
-            send: send?,
-            expect: expect?,
         })
     }
 

@@ -366,7 +366,7 @@ impl Controller {
             // reason shown should no longer say "until the first check".
             slot.shown_reason = "first check passed".to_string();
         }
-        slot.last_check = Some((unix_ms(), result));
+        slot.last_check = Some((unix_ms(), result.clone()));
         slot.state
             .on_check(result.is_ok(), health.rise, health.fall, now);
         slot.reason = Some(match (result, slot.state.state(now)) {

@@ -160,6 +160,6 @@ impl Slot {
             Ok(()) => "added by reload; first check passed".to_string(),
             Err(failure) => format!("added by reload; first check: {failure}"),
         };
-        self.last_check = Some((unix_ms(), *result));
+        self.last_check = Some((unix_ms(), result.clone()));
     }
 }

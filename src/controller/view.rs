@@ -39,11 +39,14 @@ impl Controller {
                                 state: slot.shown.to_string(),
                                 reason: slot.shown_reason.clone(),
                                 since_unix_ms: slot.since_unix_ms,
-                                last_check: slot.last_check.map(|(at, result)| CheckView {
-                                    at_unix_ms: at,
-                                    result: result
-                                        .err()
-                                        .map_or("ok".to_string(), |f| f.to_string()),
+                                last_check: slot.last_check.as_ref().map(|(at, result)| {
+                                    CheckView {
+                                        at_unix_ms: *at,
+                                        result: result
+                                            .as_ref()
+                                            .err()
+                                            .map_or("ok".to_string(), |f| f.to_string()),
+                                    }
                                 }),
                                 check_passes: passes,
                                 check_failures: failures,

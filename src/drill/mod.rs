@@ -7,10 +7,12 @@
 //! it never looks inside the proxy, so it measures HAProxy as well as switchyard.
 //! [`upstream`] is the greeting upstream it expects on the other side.
 
+pub mod exercise;
 pub mod upstream;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 /// A greeting longer than this is not one.
 const MAX_GREETING: usize = 64;
 
-/// How a stream of clients runs: where, how often, how long at most.
-#[derive(Debug, Clone, Copy)]
+/// How a stream of clients runs: where, how often, how long at most, what each does.
+#[derive(Debug, Clone)]
 pub struct ClientStream {
     /// The proxy's (or any greeting server's) address.
     pub addr: SocketAddr,
@@ -34,10 +36,24 @@ pub struct ClientStream {
     pub limit: Duration,
     /// A client without a greeting after this has failed ([`ClientError::Timeout`]).
     pub client_timeout: Duration,
-    /// Each client sends [`REQUEST`] before it reads, as PostgreSQL, Redis or HTTP
-    /// clients do (for a [`GreetingUpstream::client_first`](upstream::GreetingUpstream::client_first)
-    /// upstream); otherwise it only reads, as for a server that speaks first.
-    pub speaks_first: bool,
+    /// What each client does once connected.
+    pub probe: Probe,
+}
+
+/// What a client does once connected, and what counts as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Reads the greeting `hello <name>` of a [`GreetingUpstream`](upstream::GreetingUpstream);
+    /// with `speaks_first`, sends [`REQUEST`] first, as PostgreSQL, Redis or HTTP
+    /// clients do (for a [`client_first`](upstream::GreetingUpstream::client_first)
+    /// upstream).
+    Greeting { speaks_first: bool },
+    /// Served when the connection is still open after `settle`: the proxy closes a
+    /// client it cannot connect anywhere. Knows nothing of the protocol, so it cannot
+    /// tell which upstream served.
+    Tcp { settle: Duration },
+    /// Sends `send`; served when the reply starts with `expect` (any byte when empty).
+    SendExpect { send: Arc<[u8]>, expect: Arc<[u8]> },
 }
 
 /// What a client that speaks first sends.
@@ -131,6 +147,59 @@ async fn read_greeting(addr: SocketAddr, speaks_first: bool) -> Result<String, C
         .ok_or(ClientError::Garbled)
 }
 
+// === impl Probe ===
+
+impl Probe {
+    /// A [`Probe::SendExpect`] from text with the escapes of a health check's `send` and
+    /// `expect` (`\r \n \t \\ \xNN`).
+    pub fn send_expect(send: &str, expect: &str) -> Result<Self, String> {
+        let send = crate::config::unescape(send).map_err(|e| format!("--send: {e}"))?;
+        let expect = crate::config::unescape(expect).map_err(|e| format!("--expect: {e}"))?;
+        Ok(Probe::SendExpect {
+            send: send.into(),
+            expect: expect.into(),
+        })
+    }
+}
+
+/// One [`Probe::Tcp`] or [`Probe::SendExpect`] client.
+async fn probe_once(addr: SocketAddr, probe: &Probe) -> Result<(), ClientError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|_| ClientError::Connect)?;
+    match probe {
+        Probe::Greeting { .. } => Ok(()),
+        Probe::Tcp { settle } => {
+            let mut byte = [0u8; 1];
+            match timeout(*settle, stream.peek(&mut byte)).await {
+                // Quiet and open: the proxy kept it.
+                Err(_) => Ok(()),
+                Ok(Ok(0) | Err(_)) => Err(ClientError::Closed),
+                Ok(Ok(_)) => Ok(()),
+            }
+        }
+        Probe::SendExpect { send, expect } => {
+            if !send.is_empty() && stream.write_all(send).await.is_err() {
+                return Err(ClientError::Closed);
+            }
+            let wanted = expect.len().max(1);
+            let mut reply = Vec::with_capacity(wanted);
+            let mut buf = [0u8; MAX_GREETING];
+            while reply.len() < wanted {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return Err(ClientError::Closed),
+                    Ok(n) => reply.extend_from_slice(&buf[..n]),
+                }
+            }
+            if reply.starts_with(expect) {
+                Ok(())
+            } else {
+                Err(ClientError::Garbled)
+            }
+        }
+    }
+}
+
 // === impl ClientStream ===
 
 impl ClientStream {
@@ -158,7 +227,7 @@ impl ClientStream {
                 () = cancelled.cancelled() => break,
                 () = sleep_until(end) => break,
                 _ = tick.tick() => {
-                    clients.spawn(self.client(start));
+                    clients.spawn(self.clone().client(start));
                 }
             }
             while let Some(done) = clients.try_join_next() {
@@ -182,7 +251,15 @@ impl ClientStream {
 
     async fn client(self, stream_start: Instant) -> ClientRecord {
         let started = Instant::now();
-        let served_by = ask_greeting(self.addr, self.client_timeout, self.speaks_first).await;
+        let served_by = match &self.probe {
+            Probe::Greeting { speaks_first } => {
+                ask_greeting(self.addr, self.client_timeout, *speaks_first).await
+            }
+            probe => match timeout(self.client_timeout, probe_once(self.addr, probe)).await {
+                Ok(served) => served.map(|()| String::new()),
+                Err(_) => Err(ClientError::Timeout),
+            },
+        };
         ClientRecord {
             started: started.saturating_duration_since(stream_start),
             latency: started.elapsed(),
@@ -317,7 +394,9 @@ mod tests {
             every: Duration::from_millis(5),
             limit,
             client_timeout: SHORT,
-            speaks_first: false,
+            probe: Probe::Greeting {
+                speaks_first: false,
+            },
         }
         .run(Stop::AtLimit)
         .await;
@@ -340,10 +419,15 @@ mod tests {
             every: Duration::from_millis(5),
             limit: Duration::from_secs(30),
             client_timeout: SHORT,
-            speaks_first: false,
+            probe: Probe::Greeting {
+                speaks_first: false,
+            },
         };
         let began = Instant::now();
-        let timeline = stream.run(Stop::ServedBy("primary".to_string())).await;
+        let timeline = stream
+            .clone()
+            .run(Stop::ServedBy("primary".to_string()))
+            .await;
         assert!(timeline.records.iter().any(|r| r.is_served_by("primary")));
         let stop = CancellationToken::new();
         stop.cancel();
@@ -353,5 +437,35 @@ mod tests {
             began.elapsed() < Duration::from_secs(10),
             "the limit ended it"
         );
+    }
+
+    #[tokio::test]
+    async fn probes_tell_served_from_closed_and_a_wrong_reply() {
+        let upstream = GreetingUpstream::start("primary").await.expect("upstream");
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closing_addr = closing.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = closing.accept().await {
+                drop(stream);
+            }
+        });
+        let tcp = Probe::Tcp {
+            settle: Duration::from_millis(100),
+        };
+        assert_eq!(probe_once(upstream.addr, &tcp).await, Ok(()));
+        assert_eq!(
+            probe_once(closing_addr, &tcp).await,
+            Err(ClientError::Closed)
+        );
+        let hello = Probe::send_expect("", "hello p").expect("probe");
+        assert_eq!(probe_once(upstream.addr, &hello).await, Ok(()));
+        let wrong = Probe::send_expect("PING\\r\\n", "+PONG").expect("probe");
+        assert_eq!(
+            probe_once(upstream.addr, &wrong).await,
+            Err(ClientError::Garbled)
+        );
+        assert!(Probe::send_expect("\\x4", "").is_err(), "a bad escape");
     }
 }

@@ -1,6 +1,6 @@
-//! Active health checks: one task per upstream that connects (and optionally sends and
-//! expects bytes) at `interval`, or `fast_interval` while the upstream's state is being
-//! decided, and reports each result ([`CheckReport`]) on a channel the controller reads.
+//! Active health checks: one task per upstream that checks it ([`check()`]: connect, then
+//! the pool's check kind) at `interval`, or `fast_interval` while the upstream's state is
+//! being decided, and reports each result ([`CheckReport`]) on a channel the controller reads.
 //!
 //! The checker owns no state: the controller applies the result and answers with the
 //! interval to wait, so the schedule always follows the state it just computed. A
@@ -12,6 +12,7 @@
 //! ports) did not test the upstream: it is neither a pass nor a failure, is not
 //! reported, and is tried again at the next interval.
 
+pub mod check;
 pub mod outlier;
 pub mod passive;
 pub mod state;
@@ -20,24 +21,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HealthConfig, PoolConfig, UpstreamConfig};
-use crate::dial::{Unconnected, open};
+pub use check::check;
+
+use crate::config::PoolConfig;
 use crate::error::warn_local_exhaustion;
 use crate::metrics::ConnectFailure;
 use crate::upstream::Upstream;
-use crate::wire::proxy_protocol;
 
 /// The first check of every upstream starts within this, spread at random so that many
 /// upstreams are not all connected to at the same instant.
 const FIRST_CHECK_SPREAD: Duration = Duration::from_millis(20);
 
 /// Why an active check failed; becomes the reason of a `down` event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckFailure {
     Connect(ConnectFailure),
     /// Connected, but sending or the expected reply did not finish within the timeout.
@@ -46,6 +46,9 @@ pub enum CheckFailure {
     /// The upstream closed before the expected reply was complete.
     Closed,
     Io,
+    /// The server answered, and what it said fails the check: `http 503`, `postgres:
+    /// the database system is starting up`, `redis role:slave`.
+    Answered(Arc<str>),
 }
 
 /// What one check found.
@@ -81,7 +84,7 @@ pub trait SpawnChecker: Send + Sync {
     ) -> Checker;
 }
 
-/// Checks over the network: one task per upstream running [`check`].
+/// Checks over the network: one task per upstream running [`check()`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NetworkChecks;
 
@@ -95,8 +98,9 @@ pub struct Checker {
 // === impl CheckFailure ===
 
 impl CheckFailure {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
+            CheckFailure::Answered(said) => said,
             CheckFailure::Connect(ConnectFailure::Refused) => "connect refused",
             CheckFailure::Connect(ConnectFailure::Reset) => "connection reset",
             CheckFailure::Connect(ConnectFailure::Unreachable) => "unreachable",
@@ -228,86 +232,4 @@ async fn check_loop(
         // ±10% so that checks started together drift apart.
         next = Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64());
     }
-}
-
-/// One check: connect, then send and expect if configured, all within `timeout`. A
-/// pool that sends PROXY headers to its upstreams sends a v2 LOCAL (v1 UNKNOWN) header
-/// first, so that a server requiring the header accepts the check.
-pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
-    let health = &pool.health;
-    let deadline = Instant::now() + health.timeout;
-    let mut stream = match open(upstream.address, deadline).await {
-        Ok(stream) => stream,
-        Err(Unconnected::Upstream(reason)) => {
-            return Checked::Tested(Err(CheckFailure::Connect(reason)));
-        }
-        Err(Unconnected::LocalResources(error)) => return Checked::NotRun(error),
-    };
-    let checked = async {
-        if let Some(version) = pool.proxy_protocol {
-            let header = proxy_protocol::encode_local(version);
-            stream
-                .write_all(&header)
-                .await
-                .map_err(|_| CheckFailure::Io)?;
-        }
-        match &pool.tls {
-            None => exchange(&mut stream, health).await,
-            Some(tls) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let mut session = crate::dial::tls(tls, &upstream.target, stream, left)
-                    .await
-                    .map_err(|_| CheckFailure::Connect(ConnectFailure::Tls))?;
-                exchange(&mut session, health).await
-            }
-        }
-    };
-    Checked::Tested(
-        timeout_at(deadline, checked)
-            .await
-            .unwrap_or(Err(CheckFailure::Timeout)),
-    )
-}
-
-/// The send/expect part of a check, over plain TCP or TLS.
-async fn exchange<S>(stream: &mut S, health: &HealthConfig) -> Result<(), CheckFailure>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    if !health.send.is_empty() {
-        stream
-            .write_all(&health.send)
-            .await
-            .map_err(|_| CheckFailure::Io)?;
-        stream.flush().await.map_err(|_| CheckFailure::Io)?;
-    }
-    if health.expect.is_empty() {
-        if health.send.is_empty() {
-            return Ok(());
-        }
-        // Something was sent: any reply byte passes, none fails. A frozen server still
-        // completes the connect and takes the bytes, but never answers.
-        let mut byte = [0u8; 1];
-        return match stream.read(&mut byte).await {
-            Ok(0) => Err(CheckFailure::Closed),
-            Ok(_) => Ok(()),
-            Err(_) => Err(CheckFailure::Io),
-        };
-    }
-    let mut reply = vec![0u8; health.expect.len()];
-    let mut got = 0;
-    while got < reply.len() {
-        let n = stream
-            .read(&mut reply[got..])
-            .await
-            .map_err(|_| CheckFailure::Io)?;
-        if n == 0 {
-            return Err(CheckFailure::Closed);
-        }
-        if reply[got..got + n] != health.expect[got..got + n] {
-            return Err(CheckFailure::ExpectMismatch);
-        }
-        got += n;
-    }
-    Ok(())
 }

@@ -10,13 +10,19 @@
 pub mod admin;
 pub mod child;
 pub mod client;
+pub mod events;
+pub mod patroni;
 pub mod proxy;
+pub mod servers;
 pub mod upstream;
 
 pub use admin::*;
 pub use child::*;
 pub use client::*;
+pub use events::*;
+pub use patroni::*;
 pub use proxy::*;
+pub use servers::*;
 pub use upstream::*;
 
 use std::time::Duration;

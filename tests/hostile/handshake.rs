@@ -116,6 +116,44 @@ async fn a_truncated_client_hello_then_fin_closes_that_client_only() {
     fixture.assert_serving().await;
 }
 
+/// A ClientHello that never completes: it announces the largest size and arrives one
+/// byte per record, for ever. The proxy stops peeking at its limit and closes the
+/// client long before handshake_timeout, instead of holding more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_client_hello_is_refused_at_the_peek_limit() {
+    let fixture = Fixture::start(
+        "pool = \"p\"\nhandshake_timeout = \"30s\"\n[listeners.edge.routes]\n\"a.example\" = \"p\"",
+        "",
+    )
+    .await;
+    let stream = TcpStream::connect(fixture.edge).await.unwrap();
+    let (mut from_proxy, mut to_proxy) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let message = [&[1u8, 0x00, 0xff, 0xff][..], &[0; 60]].concat();
+        let chunk: Vec<u8> = message.iter().flat_map(|&b| [22, 3, 1, 0, 1, b]).collect();
+        // Until the proxy closes the connection; 1 MiB is far past any limit.
+        for _ in 0..(1 << 20) / chunk.len() {
+            if to_proxy.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), from_proxy.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("an endless ClientHello was not refused within 15s"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    sender.abort();
+    assert_eq!(fixture.rejected("edge", "client_hello").await, 1.0);
+    assert_eq!(fixture.rejected("edge", "handshake_timeout").await, 0.0);
+    fixture.assert_serving().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_proxy_header_then_fin_closes_that_client_only() {
     let fixture = Fixture::start(
