@@ -5,14 +5,17 @@
 //! the bearer token, 400 for malformed input, all with a JSON error body. HEAD is
 //! served wherever GET is. Handlers only read snapshots and counters, or ask the
 //! controller and the reloader by message; they never touch live state directly.
-//! Request bodies are never read. The listener and its bounds live in `server`.
+//! Request bodies are never read. The listener and its bounds live in `server`, the
+//! live page and its event stream in `page`.
 
 mod metrics;
+mod page;
 mod server;
 
+pub use page::{KEEP_ALIVE, POLL_INTERVAL, STATUS_INTERVAL};
 pub use server::{
     EVICTION_GRACE, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, MIN_CONNECTIONS,
-    connection_cap_for,
+    STREAM_CLOSE_GRACE, STREAM_LIFETIME, connection_cap_for, stream_cap_for,
 };
 
 use std::net::SocketAddr;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap};
+use hyper::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -44,11 +47,14 @@ use crate::status::{ListenerView, StatusView};
 pub struct Admin {
     proxy: Proxy,
     reloader: Arc<Reloader>,
+    latency: Arc<page::LatencyHistory>,
 }
 
 /// The endpoints, each with the one method it accepts.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
+    Page,
+    EventStream,
     Livez,
     Readyz,
     Status,
@@ -80,12 +86,22 @@ struct EventView<'a> {
 
 type HttpResponse = Response<Full<Bytes>>;
 
+/// A handler's answer: whole, or an event stream that the server admits and bounds.
+enum Reply {
+    Whole(HttpResponse),
+    Stream(Response<page::EventStream>),
+}
+
 // === impl Admin ===
 
 impl Admin {
     /// The token file comes from the reloader, which keeps it current across reloads.
     pub fn new(proxy: Proxy, reloader: Arc<Reloader>) -> Self {
-        Self { proxy, reloader }
+        Self {
+            proxy,
+            reloader,
+            latency: Arc::default(),
+        }
     }
 
     /// Checks that the token file is readable, so that a bad admin setup fails the
@@ -108,15 +124,36 @@ impl Admin {
                 "the admin API has no token_file: anyone who can connect to {addr} can drain, put in maint, fail back and reload; set [admin] token_file"
             );
         }
+        tokio::spawn(
+            self.latency
+                .clone()
+                .sample(self.proxy.clone(), shutdown.clone()),
+        );
         server::spawn(self, listener, shutdown);
     }
 
-    /// Answers one request. A HEAD gets the GET answer; hyper sends its status and
-    /// headers, `Content-Length` included, without the body.
-    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
-        // No endpoint takes a body: dropping it now lets hyper discard what already
-        // arrived and close the connection after the answer rather than read on.
+    /// Answers one request; `shutdown` ends event streams.
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        shutdown: &Shutdown,
+    ) -> Reply {
         let (request, _) = request.into_parts();
+        if Route::parse(request.uri.path()) == Ok(Some(Route::EventStream))
+            && request.method == Method::GET
+        {
+            return Reply::Stream(self.event_stream(&request, shutdown));
+        }
+        Reply::Whole(self.answer(request, peer).await)
+    }
+
+    /// Answers a request with a whole response. A HEAD gets the GET answer; hyper
+    /// sends its status and headers, `Content-Length` included, without the body.
+    async fn answer(&self, request: hyper::http::request::Parts, peer: SocketAddr) -> HttpResponse {
+        // No endpoint takes a body: dropping it (done by the caller) lets hyper discard
+        // what already arrived and close the connection after the answer rather than
+        // read on.
         let method = &request.method;
         let path = request.uri.path();
         let route = match Route::parse(path) {
@@ -153,6 +190,13 @@ impl Admin {
             info!(%peer, path, "admin request");
         }
         match route {
+            Route::Page => self.page().await,
+            // A HEAD: the headers a GET would get, without starting a stream.
+            Route::EventStream => {
+                let mut response = Response::new(Full::new(Bytes::new()));
+                set_event_stream_headers(response.headers_mut());
+                response
+            }
             Route::Livez => json_response(StatusCode::OK, &json!({ "status": "ok" })),
             Route::Readyz => self.readyz(),
             Route::Status => self.status().await,
@@ -263,30 +307,59 @@ impl Admin {
             Ok(pools) => pools,
             Err(e) => return control_error(&e),
         };
-        let snapshot = self.proxy.snapshot.load();
-        let listeners = self
-            .proxy
-            .listeners
-            .views()
-            .into_iter()
-            .map(|l| {
-                let stats = &l.context.stats;
-                use std::sync::atomic::Ordering::Relaxed;
-                ListenerView {
-                    pool: snapshot
-                        .listener_pool(&l.context.name)
-                        .unwrap_or("")
-                        .to_string(),
-                    name: l.context.name.clone(),
-                    binds: l.addrs.iter().map(ToString::to_string).collect(),
-                    connections_active: stats.connections_active.load(Relaxed),
-                    connections_total: stats.connections_total.load(Relaxed),
-                    connections_failed: stats.connections_failed.load(Relaxed),
-                    max_connections: l.context.max_connections().map(|m| m.get()),
-                }
-            })
-            .collect();
+        let listeners = listener_views(&self.proxy);
         json_response(StatusCode::OK, &StatusView { listeners, pools })
+    }
+
+    async fn page(&self) -> HttpResponse {
+        let view = match page::PageView::take(&self.proxy, &self.latency).await {
+            Ok(view) => view,
+            Err(e) => return control_error(&e),
+        };
+        // Newer events than the view reach the page through its stream.
+        let mut events = self.proxy.events.all();
+        events.retain(|e| e.id <= view.last_event_id);
+        let html = view.render_page(&events);
+        let mut response = Response::new(Full::new(Bytes::from(html)));
+        let headers = response.headers_mut();
+        if let Ok(value) = "text/html; charset=utf-8".parse() {
+            headers.insert(CONTENT_TYPE, value);
+        }
+        if let Ok(value) = "no-store".parse() {
+            headers.insert(CACHE_CONTROL, value);
+        }
+        // Nothing from elsewhere, nothing inline but our own script and style.
+        if let Ok(value) = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'".parse() {
+            headers.insert(hyper::header::CONTENT_SECURITY_POLICY, value);
+        }
+        response
+    }
+
+    /// The stream resumes after `Last-Event-ID` (what a reconnecting browser sends),
+    /// else after `?since=`, else from now on.
+    fn event_stream(
+        &self,
+        request: &hyper::http::request::Parts,
+        shutdown: &Shutdown,
+    ) -> Response<page::EventStream> {
+        let from_header = request
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let from_query = query_value(request.uri.query(), "since").and_then(|v| v.parse().ok());
+        let last_event_id = from_header
+            .or(from_query)
+            .unwrap_or_else(|| self.proxy.events.since(0).last().map_or(0, |e| e.id));
+        let stream = page::EventStream::new(
+            self.proxy.clone(),
+            self.latency.clone(),
+            shutdown.clone(),
+            last_event_id,
+        );
+        let mut response = Response::new(stream);
+        set_event_stream_headers(response.headers_mut());
+        response
     }
 
     fn events(&self, query: Option<&str>) -> HttpResponse {
@@ -323,6 +396,8 @@ impl Route {
     fn parse(path: &str) -> Result<Option<Self>, String> {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let route = match segments.as_slice() {
+            [""] => Route::Page,
+            ["events", "stream"] => Route::EventStream,
             ["livez"] => Route::Livez,
             ["readyz"] => Route::Readyz,
             ["status"] => Route::Status,
@@ -349,9 +424,13 @@ impl Route {
 
     fn method(&self) -> Method {
         match self {
-            Route::Livez | Route::Readyz | Route::Status | Route::Events | Route::Metrics => {
-                Method::GET
-            }
+            Route::Page
+            | Route::EventStream
+            | Route::Livez
+            | Route::Readyz
+            | Route::Status
+            | Route::Events
+            | Route::Metrics => Method::GET,
             Route::SetState { .. } | Route::Failback { .. } | Route::Reload => Method::POST,
         }
     }
@@ -420,6 +499,60 @@ pub async fn request(
         .map_err(|_| format!("admin API at {authority}: no answer within 10s"))?
         .map_err(|e| format!("admin API at {authority}: {e}"))?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Every listener as `/status` and the page show it.
+fn listener_views(proxy: &Proxy) -> Vec<ListenerView> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snapshot = proxy.snapshot.load();
+    proxy
+        .listeners
+        .views()
+        .into_iter()
+        .map(|l| {
+            let stats = &l.context.stats;
+            ListenerView {
+                pool: snapshot
+                    .listener_pool(&l.context.name)
+                    .unwrap_or("")
+                    .to_string(),
+                name: l.context.name.clone(),
+                binds: l.addrs.iter().map(ToString::to_string).collect(),
+                connections_active: stats.connections_active.load(Relaxed),
+                connections_total: stats.connections_total.load(Relaxed),
+                connections_failed: stats.connections_failed.load(Relaxed),
+                max_connections: l.context.max_connections().map(|m| m.get()),
+            }
+        })
+        .collect()
+}
+
+fn set_event_stream_headers(headers: &mut HeaderMap) {
+    for (name, value) in [
+        (CONTENT_TYPE, "text/event-stream"),
+        (CACHE_CONTROL, "no-store"),
+        // Tells nginx-like reverse proxies not to hold the frames back.
+        (
+            hyper::header::HeaderName::from_static("x-accel-buffering"),
+            "no",
+        ),
+        // A browser opens a new connection for its next stream anyway: closing this
+        // one when the stream ends gives its slot back at once.
+        (hyper::header::CONNECTION, "close"),
+    ] {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// The value of `key` in a query string, undecoded.
+fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 fn control_error(e: &ControlError) -> HttpResponse {

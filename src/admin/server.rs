@@ -9,6 +9,14 @@
 //! request in flight is never cut; when every connection has one, a new connection is
 //! closed at once. Nothing here is on the data plane's hot path, so one mutex guards the
 //! table.
+//!
+//! An event stream (`GET /events/stream`) is a response without an end, so it must not
+//! count as a request in flight: a handful of open browser tabs would otherwise hold
+//! every slot for ever and lock the operator out. A streaming connection may be closed
+//! to make room like an idle one, at most [`stream_cap_for`] the cap stream at once (the
+//! next is answered 503), and each stream ends after [`STREAM_LIFETIME`]; a browser's
+//! `EventSource` reconnects by itself and resumes from its `Last-Event-ID`. A reader
+//! that stops reading holds its slot no longer than that plus [`STREAM_CLOSE_GRACE`].
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -25,11 +33,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Admin;
+use super::page::EventStream;
+use super::{Admin, Reply};
 use crate::shutdown::Shutdown;
 
 /// How long a request's headers may take to arrive in full, counted from when the
@@ -56,6 +65,14 @@ pub const MIN_CONNECTIONS: usize = 4;
 /// the kernel's accept queue.
 pub const EVICTION_GRACE: Duration = Duration::from_millis(50);
 
+/// How long one event stream lasts before the server ends it (and the browser opens a
+/// new one): bounds how long a stream holds an admin slot.
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long after its lifetime a stream whose reader stopped reading (so that the end
+/// cannot be written) is cut.
+pub const STREAM_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -67,6 +84,12 @@ pub fn connection_cap_for(descriptors: u64) -> usize {
     usize::try_from(descriptors / 16)
         .unwrap_or(usize::MAX)
         .clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
+}
+
+/// Event streams open at once at most for an admin connection cap of `cap`: half of
+/// it, so that streams alone never fill the table.
+pub fn stream_cap_for(cap: usize) -> usize {
+    (cap / 2).max(1)
 }
 
 /// The soft RLIMIT_NOFILE now, or the usual default when it cannot be read.
@@ -128,7 +151,9 @@ async fn accept_loop(
                     }
                 };
                 match admitted {
-                    Some((id, closed)) => serve(&admin, &connections, id, closed, stream, peer),
+                    Some((id, closed)) => {
+                        serve(&admin, &connections, &shutdown, id, closed, stream, peer)
+                    }
                     None => debug!(
                         %peer,
                         "admin connection refused: every open one has a request in flight"
@@ -163,6 +188,7 @@ fn is_client_gone(e: &std::io::Error) -> bool {
 fn serve(
     admin: &Arc<Admin>,
     connections: &Arc<Connections>,
+    shutdown: &Shutdown,
     id: u64,
     closed: oneshot::Receiver<()>,
     stream: TcpStream,
@@ -173,17 +199,53 @@ fn serve(
         id,
     };
     let admin = admin.clone();
+    let shutdown = shutdown.clone();
     tokio::spawn(async move {
         let tracked = registered.connections.clone();
+        // Set once this connection streams: when the stream must be over.
+        let (stream_deadline, mut stream_ends) = watch::channel(None::<Instant>);
         let service = service_fn(move |request| {
             let in_flight = RequestInFlight::start(&tracked, id);
             let admin = admin.clone();
+            let tracked = tracked.clone();
+            let shutdown = shutdown.clone();
+            let stream_deadline = stream_deadline.clone();
             async move {
-                let response = admin.handle(request, peer).await;
-                Ok::<_, Infallible>(response.map(|body| TrackedBody {
-                    body,
-                    _in_flight: in_flight,
-                }))
+                let reply = admin.handle(request, peer, &shutdown).await;
+                let response = match reply {
+                    Reply::Whole(response) => response.map(|body| TrackedBody::Whole {
+                        body,
+                        _in_flight: in_flight,
+                    }),
+                    Reply::Stream(response) => match StreamSlot::take(&tracked) {
+                        Some(slot) => {
+                            // A stream is not a request in flight: see the module doc.
+                            drop(in_flight);
+                            let ends = Instant::now() + STREAM_LIFETIME;
+                            stream_deadline.send_replace(Some(ends));
+                            response.map(|body| TrackedBody::Stream {
+                                body: body.until(ends),
+                                _slot: slot,
+                            })
+                        }
+                        None => {
+                            let mut refused = super::error(
+                                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                                "too many event streams open; try again later",
+                            );
+                            if let Ok(value) = "5".parse() {
+                                refused
+                                    .headers_mut()
+                                    .insert(hyper::header::RETRY_AFTER, value);
+                            }
+                            refused.map(|body| TrackedBody::Whole {
+                                body,
+                                _in_flight: in_flight,
+                            })
+                        }
+                    },
+                };
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = http1::Builder::new()
@@ -198,9 +260,23 @@ fn serve(
                 }
             }
             _ = closed => debug!(%peer, "admin connection closed to make room for a new one"),
+            _ = stream_overdue(&mut stream_ends) => debug!(%peer, "admin event stream cut: its reader stopped reading"),
         }
         drop(registered);
     });
+}
+
+/// Resolves [`STREAM_CLOSE_GRACE`] after the end set in `stream_ends`, for a stream
+/// that could not end by itself because its reader stopped reading; never without one.
+async fn stream_overdue(stream_ends: &mut watch::Receiver<Option<Instant>>) {
+    let ends = match stream_ends.wait_for(Option::is_some).await {
+        Ok(ends) => *ends,
+        Err(_) => None,
+    };
+    match ends {
+        Some(ends) => tokio::time::sleep_until(ends + STREAM_CLOSE_GRACE).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The open admin connections, oldest first, with their requests in flight.
@@ -213,6 +289,8 @@ struct Connections {
 #[derive(Debug, Default)]
 struct OpenConnections {
     next_id: u64,
+    /// Event streams open now, on any connection.
+    streams: usize,
     /// Ids grow with each accept, so the first entry is the oldest connection.
     by_age: BTreeMap<u64, Slot>,
 }
@@ -289,6 +367,22 @@ impl Connections {
         }
     }
 
+    /// Counts a new event stream, unless [`stream_cap_for`] are
+    /// open already.
+    fn start_stream(&self) -> bool {
+        let mut open = self.lock();
+        if open.streams >= stream_cap_for(self.cap) {
+            return false;
+        }
+        open.streams += 1;
+        true
+    }
+
+    fn end_stream(&self) {
+        let mut open = self.lock();
+        open.streams = open.streams.saturating_sub(1);
+    }
+
     fn release(&self, id: u64) {
         self.lock().by_age.remove(&id);
     }
@@ -338,10 +432,36 @@ impl Drop for RequestInFlight {
     }
 }
 
-/// A response body that keeps its request counted in flight while hyper holds it.
-pub(super) struct TrackedBody {
-    body: Full<Bytes>,
-    _in_flight: RequestInFlight,
+/// One of the open event streams, counted until hyper drops its body.
+struct StreamSlot {
+    connections: Arc<Connections>,
+}
+
+impl StreamSlot {
+    fn take(connections: &Arc<Connections>) -> Option<Self> {
+        connections.start_stream().then(|| Self {
+            connections: connections.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.connections.end_stream();
+    }
+}
+
+/// A response body that keeps its request counted in flight, or its stream counted,
+/// while hyper holds it.
+enum TrackedBody {
+    Whole {
+        body: Full<Bytes>,
+        _in_flight: RequestInFlight,
+    },
+    Stream {
+        body: EventStream,
+        _slot: StreamSlot,
+    },
 }
 
 impl Body for TrackedBody {
@@ -352,15 +472,24 @@ impl Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        match self.get_mut() {
+            TrackedBody::Whole { body, .. } => Pin::new(body).poll_frame(cx),
+            TrackedBody::Stream { body, .. } => Pin::new(body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            TrackedBody::Whole { body, .. } => body.is_end_stream(),
+            TrackedBody::Stream { .. } => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            TrackedBody::Whole { body, .. } => body.size_hint(),
+            TrackedBody::Stream { .. } => SizeHint::default(),
+        }
     }
 }
 
@@ -375,6 +504,31 @@ mod tests {
         assert_eq!(connection_cap_for(1 << 20), MAX_CONNECTIONS);
         assert_eq!(connection_cap_for(16), MIN_CONNECTIONS);
         assert_eq!(connection_cap_for(u64::MAX), MAX_CONNECTIONS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_is_cut_only_after_its_end_and_the_grace() {
+        let (set, mut ends) = watch::channel(None);
+        let unarmed = tokio::time::timeout(STREAM_LIFETIME * 10, stream_overdue(&mut ends));
+        assert!(
+            unarmed.await.is_err(),
+            "a connection without a stream stays"
+        );
+        let start = Instant::now();
+        set.send_replace(Some(start + STREAM_LIFETIME));
+        stream_overdue(&mut ends).await;
+        assert_eq!(
+            Instant::now().duration_since(start),
+            STREAM_LIFETIME + STREAM_CLOSE_GRACE
+        );
+        drop(set);
+        let (set, mut ends) = watch::channel(None);
+        drop(set);
+        let gone = tokio::time::timeout(STREAM_LIFETIME * 10, stream_overdue(&mut ends));
+        assert!(
+            gone.await.is_err(),
+            "a connection whose service is gone is not cut here"
+        );
     }
 
     fn admitted(admission: Admission) -> (u64, oneshot::Receiver<()>) {
