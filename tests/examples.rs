@@ -355,7 +355,7 @@ async fn default_config_connect_check_misses_a_frozen_postgres_and_the_commented
     assert!(
         matches!(
             &checked.config.pool("postgres").expect("pool").health.kind,
-            CheckKind::SendExpect { expect, .. } if expect == b"N"
+            CheckKind::Postgres(_)
         ),
         "the commented check is in force"
     );
@@ -399,31 +399,31 @@ async fn default_config_connect_check_misses_a_frozen_postgres_and_the_commented
     primary.thaw();
 }
 
-/// The shipped file with the `send`/`expect` values its comment shows in force.
+/// The shipped file with the check kind its comment shows in force.
 fn with_commented_check(text: &str) -> String {
-    let commented = |key: &str| -> String {
-        let prefix = format!("# {key} = ");
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
-        assert_eq!(lines.len(), 1, "one commented `{key}` example: {lines:?}");
-        lines[0].trim_start_matches("# ").to_string()
-    };
-    let (send, expect) = (commented("send"), commented("expect"));
-    let mut replaced = (0, 0);
+    let commented: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("# kind = "))
+        .collect();
+    assert_eq!(
+        commented.len(),
+        1,
+        "one commented `kind` example: {commented:?}"
+    );
+    let kind = commented[0].trim_start_matches("# ").to_string();
+    let mut replaced = 0;
     let lines: Vec<String> = text
         .lines()
         .map(|line| {
-            if line.starts_with("send = \"\"") {
-                replaced.0 += 1;
-                send.clone()
-            } else if line.starts_with("expect = \"\"") {
-                replaced.1 += 1;
-                expect.clone()
+            if line.starts_with("kind = \"tcp\"") {
+                replaced += 1;
+                kind.clone()
             } else {
                 line.to_string()
             }
         })
         .collect();
-    assert_eq!(replaced, (1, 1), "one `send` and one `expect` line");
+    assert_eq!(replaced, 1, "one `kind` line");
     lines.join("\n")
 }
 
