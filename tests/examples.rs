@@ -25,6 +25,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use common::*;
 use switchyard::config::{CheckKind, Config};
+use switchyard::drill::upstream::greet_and_echo;
 use switchyard::events::EventKind;
 use switchyard::metrics::RejectReason;
 use switchyard::shutdown::Shutdown;
@@ -180,14 +181,9 @@ async fn tls_named(config: Arc<rustls::ServerConfig>, name: &'static str) -> Ser
     Server::start(move |stream: TcpStream| {
         let acceptor = TlsAcceptor::from(config.clone());
         async move {
-            let Ok(mut tls) = acceptor.accept(stream).await else {
-                return;
-            };
-            if tls.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                return;
+            if let Ok(tls) = acceptor.accept(stream).await {
+                greet_and_echo(tls, name).await;
             }
-            let (mut r, mut w) = tokio::io::split(tls);
-            let _ = tokio::io::copy(&mut r, &mut w).await;
         }
     })
     .await
@@ -226,7 +222,11 @@ async fn tls_visit(
             .peer_certificates()
             .and_then(|chain| chain.first().cloned())
             .ok_or_else(|| std::io::Error::other("no certificate"))?;
-        let greeting = line_from(&mut tls).await?;
+        let line = line_from(&mut tls).await?;
+        let greeting = line
+            .strip_prefix("hello ")
+            .ok_or_else(|| std::io::Error::other(format!("not a greeting: {line:?}")))?
+            .to_string();
         let data = random_bytes(50_000, 10);
         tls.write_all(&data).await?;
         let mut back = vec![0u8; data.len()];
@@ -821,10 +821,10 @@ async fn tls_sni_example_terminates_and_passes_through_by_server_name() {
         }
         shown_for.push((names, leaf.der));
     }
-    let web_1 = Server::named("web-1").await;
-    let web_2 = Server::named("web-2").await;
-    let app_1 = Server::named("app-1").await;
-    let app_backup = Server::named("app-backup").await;
+    let web_1 = Backend::start("web-1").await;
+    let web_2 = Backend::start("web-2").await;
+    let app_1 = Backend::start("app-1").await;
+    let app_backup = Backend::start("app-backup").await;
     let git_leaf = ca.leaf(&["git.example.com".to_string()]);
     let internal_leaf = ca.leaf(&["*.internal.example.com".to_string()]);
     let git = tls_named(git_leaf.server_config(), "git").await;

@@ -52,22 +52,6 @@ impl Server {
         })
         .await
     }
-
-    /// Sends `name` and a newline on accept, then echoes.
-    pub async fn named(name: &'static str) -> Self {
-        Self::start(move |mut stream: TcpStream| async move {
-            if stream
-                .write_all(format!("{name}\n").as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let (mut r, mut w) = stream.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        })
-        .await
-    }
 }
 
 impl Drop for Server {
