@@ -13,6 +13,10 @@
 //! - killed: the primary's listener and connections close, like a process dying, so
 //!   connects are refused;
 //! - hung: the primary accepts but never answers; only the check's `expect` can tell;
+//! - hung, client speaks first: the same, but the upstreams greet a client only after it
+//!   sent a line, and each client sends one first (as PostgreSQL, Redis and HTTP clients
+//!   do), so the clients caught by the hang have sent bytes; with switchyard also with
+//!   `first_byte_timeout` and `replay_unanswered`;
 //! - black-holed: the primary stops accepting and its small accept queue is filled, so
 //!   the kernel drops new SYNs and connects time out.
 //!
@@ -58,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use switchyard::Proxy;
 use switchyard::config::Config;
 use switchyard::drill::upstream::GreetingUpstream;
-use switchyard::drill::{ClientError, ClientRecord, ClientStream, Stop, Timeline, greeting};
+use switchyard::drill::{ClientError, ClientRecord, ClientStream, Stop, Timeline, ask_greeting};
 use switchyard::shutdown::Shutdown;
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -75,6 +79,9 @@ const CONNECT_ATTEMPTS: u32 = 3;
 const CONSECUTIVE_FAILURES: u32 = 2;
 /// switchyard only: HAProxy has no hedged connects.
 const HEDGE_AFTER_MS: u64 = 50;
+/// switchyard only: HAProxy has no replay of a client's unanswered bytes.
+const FIRST_BYTE_TIMEOUT_MS: u64 = 150;
+const REPLAY_KIB: u64 = 16;
 
 /// The client stream.
 const CLIENT_EVERY: Duration = Duration::from_millis(2);
@@ -103,6 +110,9 @@ const HAPROXY_COMMAND_LIMIT: Duration = Duration::from_secs(10);
 enum Fault {
     Killed,
     Hung,
+    /// Hung, in a protocol where the client speaks first (PostgreSQL, Redis, HTTP): its
+    /// clients have sent bytes by the time the hang is noticed.
+    HungClientFirst,
     BlackHoled,
 }
 
@@ -111,6 +121,8 @@ enum ProxyKind {
     Switchyard,
     /// switchyard with `hedge_after`.
     SwitchyardHedged,
+    /// switchyard with `first_byte_timeout` and `replay_unanswered`.
+    SwitchyardReplay,
     Haproxy,
 }
 
@@ -120,7 +132,7 @@ struct Case {
     proxy: ProxyKind,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 10] = [
     Case {
         fault: Fault::Killed,
         proxy: ProxyKind::Switchyard,
@@ -135,6 +147,18 @@ const CASES: [Case; 7] = [
     },
     Case {
         fault: Fault::Hung,
+        proxy: ProxyKind::Haproxy,
+    },
+    Case {
+        fault: Fault::HungClientFirst,
+        proxy: ProxyKind::Switchyard,
+    },
+    Case {
+        fault: Fault::HungClientFirst,
+        proxy: ProxyKind::SwitchyardReplay,
+    },
+    Case {
+        fault: Fault::HungClientFirst,
         proxy: ProxyKind::Haproxy,
     },
     Case {
@@ -316,17 +340,37 @@ fn rounds_from_env() -> Result<usize> {
 /// Starts fresh upstreams and a fresh proxy, injects `case.fault` under a client stream,
 /// then restarts the primary and measures the failback.
 async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<RunResult> {
-    let mut primary = GreetingUpstream::start_with_backlog("primary", UPSTREAM_BACKLOG).await?;
-    let backup = GreetingUpstream::start_with_backlog("backup", UPSTREAM_BACKLOG).await?;
+    let speaks_first = case.fault == Fault::HungClientFirst;
+    let upstream = |name| async move {
+        if speaks_first {
+            GreetingUpstream::client_first_with_backlog(name, UPSTREAM_BACKLOG).await
+        } else {
+            GreetingUpstream::start_with_backlog(name, UPSTREAM_BACKLOG).await
+        }
+    };
+    let mut primary = upstream("primary").await?;
+    let backup = upstream("backup").await?;
+    let (primary_addr, backup_addr) = (primary.addr.to_string(), backup.addr.to_string());
     let proxy = match (case.proxy, haproxy) {
         (ProxyKind::Switchyard, _) => RunningProxy::Switchyard(InProcess::start(
-            &switchyard_config(&primary.addr.to_string(), &backup.addr.to_string(), None),
+            &switchyard_config(&primary_addr, &backup_addr, ""),
         )?),
         (ProxyKind::SwitchyardHedged, _) => {
+            let hedge = format!("hedge_after = \"{HEDGE_AFTER_MS}ms\"\n");
             RunningProxy::Switchyard(InProcess::start(&switchyard_config(
-                &primary.addr.to_string(),
-                &backup.addr.to_string(),
-                Some(HEDGE_AFTER_MS),
+                &primary_addr,
+                &backup_addr,
+                &hedge,
+            ))?)
+        }
+        (ProxyKind::SwitchyardReplay, _) => {
+            let watch = format!(
+                "first_byte_timeout = \"{FIRST_BYTE_TIMEOUT_MS}ms\"\nreplay_unanswered = \"{REPLAY_KIB}KiB\"\n"
+            );
+            RunningProxy::Switchyard(InProcess::start(&switchyard_config(
+                &primary_addr,
+                &backup_addr,
+                &watch,
             ))?)
         }
         (ProxyKind::Haproxy, Some(haproxy)) => RunningProxy::Haproxy(
@@ -335,12 +379,19 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
         (ProxyKind::Haproxy, None) => return Err("HAProxy is not available".into()),
     };
     let addr = proxy.addr();
-    wait_served_by(addr, "primary", "the proxy serves from the primary").await?;
+    wait_served_by(
+        addr,
+        speaks_first,
+        "primary",
+        "the proxy serves from the primary",
+    )
+    .await?;
     sleep(SETTLE).await;
 
     let stop = CancellationToken::new();
-    let stream =
-        tokio::spawn(client_stream(addr, LEAD_IN + WINDOW * 2).run(Stop::On(stop.clone())));
+    let stream = tokio::spawn(
+        client_stream(addr, LEAD_IN + WINDOW * 2, speaks_first).run(Stop::On(stop.clone())),
+    );
     // A random phase against the proxies' check schedules, which would otherwise be
     // locked to the start-up and favour one proxy in every round.
     sleep(LEAD_IN + check_phase()).await;
@@ -352,7 +403,7 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
         .map(|socket| tokio::spawn(poll_until_down(socket.to_path_buf(), injected + WINDOW)));
     match case.fault {
         Fault::Killed => primary.kill().await,
-        Fault::Hung => primary.hang(),
+        Fault::Hung | Fault::HungClientFirst => primary.hang(),
         Fault::BlackHoled => primary.black_hole().await?,
     }
     sleep_until(injected + WINDOW).await;
@@ -425,7 +476,7 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     sleep(check_phase()).await;
     primary.restart().await?;
     let restarted = Instant::now();
-    let failback: Timeline = client_stream(addr, FAILBACK_LIMIT)
+    let failback: Timeline = client_stream(addr, FAILBACK_LIMIT, speaks_first)
         .run(Stop::ServedBy(primary.name().to_string()))
         .await;
     result.failback = failback
@@ -482,12 +533,13 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
 }
 
 /// The bench's stream of clients through `addr`, for at most `limit`.
-fn client_stream(addr: SocketAddr, limit: Duration) -> ClientStream {
+fn client_stream(addr: SocketAddr, limit: Duration, speaks_first: bool) -> ClientStream {
     ClientStream {
         addr,
         every: CLIENT_EVERY,
         limit,
         client_timeout: CLIENT_TIMEOUT,
+        speaks_first,
     }
 }
 
@@ -511,10 +563,14 @@ fn describe_failures(failures: &[(ClientError, usize)]) -> String {
 }
 
 /// Waits until a client through `addr` is greeted by `who`.
-async fn wait_served_by(addr: SocketAddr, who: &str, what: &str) -> Result<()> {
+async fn wait_served_by(addr: SocketAddr, speaks_first: bool, who: &str, what: &str) -> Result<()> {
     let deadline = Instant::now() + READY_LIMIT;
     loop {
-        if greeting(addr, CLIENT_TIMEOUT).await.as_deref() == Ok(who) {
+        if ask_greeting(addr, CLIENT_TIMEOUT, speaks_first)
+            .await
+            .as_deref()
+            == Ok(who)
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -560,8 +616,8 @@ fn unix_ms() -> u64 {
 
 // === configs ===
 
-fn switchyard_config(primary: &str, backup: &str, hedge_after_ms: Option<u64>) -> String {
-    let hedge = hedge_after_ms.map_or_else(|| "off".to_string(), |ms| format!("{ms}ms"));
+/// `pool_extra` lines go into `[pools.p]`.
+fn switchyard_config(primary: &str, backup: &str, pool_extra: &str) -> String {
     format!(
         r#"[listeners.front]
 bind = "127.0.0.1:0"
@@ -570,8 +626,7 @@ pool = "p"
 [pools.p]
 connect_timeout = "{CONNECT_TIMEOUT_MS}ms"
 connect_attempts = {CONNECT_ATTEMPTS}
-hedge_after = "{hedge}"
-failback = "immediate"
+{pool_extra}failback = "immediate"
 on_upstream_down = "close"
 upstreams = [
   {{ name = "primary", address = "{primary}", priority = 0 }},
@@ -666,7 +721,7 @@ fn print_settings(haproxy: Option<&Haproxy>) {
     );
     println!();
     println!("switchyard config:");
-    for line in switchyard_config("<primary>", "<backup>", None).lines() {
+    for line in switchyard_config("<primary>", "<backup>", "").lines() {
         println!("    {line}");
     }
     if let Some(haproxy) = haproxy {
@@ -691,6 +746,7 @@ fn fault_label(fault: Fault) -> &'static str {
     match fault {
         Fault::Killed => "killed primary",
         Fault::Hung => "hung primary",
+        Fault::HungClientFirst => "hung primary, client speaks first",
         Fault::BlackHoled => "black-holed primary",
     }
 }
@@ -699,6 +755,9 @@ fn proxy_label(proxy: ProxyKind, haproxy: Option<&Haproxy>) -> String {
     match proxy {
         ProxyKind::Switchyard => "switchyard".to_string(),
         ProxyKind::SwitchyardHedged => format!("switchyard hedged {HEDGE_AFTER_MS}ms"),
+        ProxyKind::SwitchyardReplay => format!(
+            "switchyard first_byte_timeout {FIRST_BYTE_TIMEOUT_MS}ms + replay {REPLAY_KIB}KiB"
+        ),
         ProxyKind::Haproxy => match haproxy {
             Some(h) => format!("HAProxy {}", h.version),
             None => "HAProxy".to_string(),
@@ -961,7 +1020,7 @@ impl InProcess {
             .build()?;
         let (proxy, shutdown) = {
             let _context = runtime.enter();
-            let listeners = switchyard::bind_all(&config)?;
+            let listeners = switchyard::bind_all(&config)?.listeners;
             let shutdown = Shutdown::new();
             (Proxy::start(&config, listeners, &shutdown), shutdown)
         };

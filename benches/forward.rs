@@ -332,7 +332,7 @@ enabled = false
     );
     let config = Config::parse(&text, Path::new("bench.toml"))
         .map_err(|e| format!("bench config rejected: {e}"))?;
-    let bound = switchyard::bind_all(&config)?;
+    let bound = switchyard::bind_all(&config)?.listeners;
     let proxy = switchyard::Proxy::start(&config, bound, shutdown);
     proxy
         .listener("bench")

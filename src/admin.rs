@@ -88,26 +88,18 @@ impl Admin {
         Self { proxy, reloader }
     }
 
-    /// Binds the admin listener and checks that the token file is readable, so that a
-    /// bad admin setup fails the start instead of the first request.
-    /// Needs a running tokio runtime.
-    pub fn bind(config: &AdminConfig) -> Result<TcpListener, StartError> {
+    /// Checks that the token file is readable, so that a bad admin setup fails the
+    /// start instead of the first request.
+    pub fn check_token_file(config: &AdminConfig) -> Result<(), StartError> {
         if let Some(path) = &config.token_file {
             read_token(path)
                 .map_err(|e| StartError::Admin(format!("token_file {}: {e}", path.display())))?;
         }
-        let bind_error = |source| StartError::Bind {
-            listener: "admin".to_string(),
-            addr: config.listen,
-            source,
-        };
-        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_error)?;
-        listener.set_nonblocking(true).map_err(bind_error)?;
-        TcpListener::from_std(listener).map_err(bind_error)
+        Ok(())
     }
 
     /// Serves on `listener` until shutdown begins.
-    pub fn spawn(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+    pub fn spawn(self: Arc<Self>, listener: Arc<TcpListener>, shutdown: Shutdown) {
         if self.reloader.admin_token_file().is_none() {
             let addr = listener
                 .local_addr()

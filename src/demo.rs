@@ -78,7 +78,9 @@ base_ejection = "5s"
         primary.addr, backup.addr
     );
     let config = Config::parse(&config_text, Path::new("(demo)")).map_err(|e| e.to_string())?;
-    let listeners = crate::bind_all(&config).map_err(|e| e.to_string())?;
+    let listeners = crate::bind_all(&config)
+        .map_err(|e| e.to_string())?
+        .listeners;
     let shutdown = Shutdown::new();
     let proxy = Proxy::start(&config, listeners, &shutdown);
     let front = proxy
@@ -124,6 +126,7 @@ base_ejection = "5s"
             every: CLIENT_EVERY,
             limit: END_AT,
             client_timeout: CLIENT_TIMEOUT,
+            speaks_first: false,
         }
         .run(Stop::AtLimit),
     );

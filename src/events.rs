@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub const RING_CAPACITY: usize = 1000;
@@ -36,11 +35,10 @@ pub struct Event {
     pub reason: String,
 }
 
-/// The bounded ring, plus a wake-up for whoever waits for the next event.
+/// The bounded ring of the last events.
 #[derive(Debug, Default)]
 pub struct EventLog {
     ring: Mutex<Ring>,
-    appended: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -78,26 +76,22 @@ impl EventLog {
         let at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let id = {
-            let mut ring = self.lock();
-            ring.next_id += 1;
-            let id = ring.next_id;
-            if ring.events.len() == RING_CAPACITY {
-                ring.events.pop_front();
-            }
-            ring.events.push_back(Event {
-                id,
-                at_unix_ms,
-                kind,
-                pool: pool.to_string(),
-                upstream: upstream.map(str::to_string),
-                old: old.to_string(),
-                new: new.to_string(),
-                reason: reason.to_string(),
-            });
-            id
-        };
-        self.appended.notify_waiters();
+        let mut ring = self.lock();
+        ring.next_id += 1;
+        let id = ring.next_id;
+        if ring.events.len() == RING_CAPACITY {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(Event {
+            id,
+            at_unix_ms,
+            kind,
+            pool: pool.to_string(),
+            upstream: upstream.map(str::to_string),
+            old: old.to_string(),
+            new: new.to_string(),
+            reason: reason.to_string(),
+        });
         id
     }
 
@@ -113,11 +107,6 @@ impl EventLog {
 
     pub fn all(&self) -> Vec<Event> {
         self.since(0)
-    }
-
-    /// Resolves after the next event is recorded.
-    pub async fn next(&self) {
-        self.appended.notified().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {

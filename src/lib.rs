@@ -26,14 +26,16 @@ pub mod proxy;
 pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
+pub mod sockets;
 pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod wire;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
+use tokio::net::TcpListener;
 use tracing::info;
 
 use admin::Admin;
@@ -44,6 +46,7 @@ use proxy::listener::{BoundListener, ListenerSet, ListenerView};
 use reload::Reloader;
 use shutdown::Shutdown;
 use snapshot::SharedSnapshot;
+use sockets::{Kind, SocketTable};
 
 /// A running proxy: what tests, the demo, reload and the admin API work with.
 #[derive(Debug, Clone)]
@@ -88,16 +91,30 @@ impl Proxy {
     }
 }
 
-/// Binds every listener of `config`, in order; the first failure is returned.
-pub fn bind_all(config: &Config) -> Result<Vec<BoundListener>, error::StartError> {
-    config
-        .listeners
-        .iter()
-        .map(|l| {
-            let keepalive = proxy::listener::pool_keepalive(config, l);
-            BoundListener::bind(l, config.runtime.worker_threads, keepalive)
+/// Every listening socket of an instance, bound or handed over, not yet accepting.
+#[derive(Debug)]
+pub struct Listening {
+    pub listeners: Vec<BoundListener>,
+    pub admin: Option<Arc<TcpListener>>,
+}
+
+impl Listening {
+    /// Binds every socket of `config`, the admin API's included, except that each
+    /// address found in `inherited` is served from the sockets there; inherited sockets
+    /// the config does not bind are closed (and logged). The first failure is returned.
+    /// Needs a running tokio runtime.
+    pub fn bind(config: &Config, inherited: SocketTable) -> Result<Self, error::StartError> {
+        let bound = sockets::bind(config, config.runtime.worker_threads, inherited)?;
+        Ok(Self {
+            listeners: BoundListener::all(config, bound.listeners),
+            admin: bound.admin,
         })
-        .collect()
+    }
+}
+
+/// Binds every socket of `config`, in order; the first failure is returned.
+pub fn bind_all(config: &Config) -> Result<Listening, error::StartError> {
+    Listening::bind(config, SocketTable::default())
 }
 
 /// Everything a running instance consists of.
@@ -107,27 +124,50 @@ pub struct Running {
     pub reloader: Arc<Reloader>,
     /// Where the admin API listens, when configured.
     pub admin_addr: Option<SocketAddr>,
+    /// The admin socket with its configured address. Weak, so that the socket closes
+    /// when its accept loop ends at shutdown, as it would without this handle.
+    admin_socket: Option<(SocketAddr, Weak<TcpListener>)>,
+}
+
+impl Running {
+    /// Every listening socket of the instance, keyed by its configured address: what a
+    /// binary upgrade hands over to the new process.
+    pub fn sockets(&self) -> SocketTable {
+        let mut table = self.proxy.listeners.sockets();
+        if let Some((addr, socket)) = &self.admin_socket
+            && let Some(socket) = socket.upgrade()
+        {
+            table.insert(Kind::Admin, *addr, socket);
+        }
+        table
+    }
 }
 
 /// Starts the admin API (if configured), the controller and the listeners. Returns at
 /// once; everything runs until `shutdown` begins. Needs a running tokio runtime.
 pub fn start(
     config: Config,
-    listeners: Vec<BoundListener>,
+    listening: Listening,
     shutdown: &Shutdown,
 ) -> Result<Running, error::StartError> {
-    let admin_listener = config.admin.as_ref().map(Admin::bind).transpose()?;
-    let proxy = Proxy::start(&config, listeners, shutdown);
+    if let Some(admin) = &config.admin {
+        Admin::check_token_file(admin)?;
+    }
+    let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
+    let proxy = Proxy::start(&config, listening.listeners, shutdown);
     let reloader = Arc::new(Reloader::new(config, proxy.clone()));
     let mut admin_addr = None;
-    if let Some(listener) = admin_listener {
-        admin_addr = listener.local_addr().ok();
-        Arc::new(Admin::new(proxy.clone(), reloader.clone())).spawn(listener, shutdown.clone());
+    let mut admin_socket = None;
+    if let Some((listen, socket)) = admin_listen.zip(listening.admin) {
+        admin_addr = socket.local_addr().ok();
+        admin_socket = Some((listen, Arc::downgrade(&socket)));
+        Arc::new(Admin::new(proxy.clone(), reloader.clone())).spawn(socket, shutdown.clone());
     }
     Ok(Running {
         proxy,
         reloader,
         admin_addr,
+        admin_socket,
     })
 }
 
@@ -135,13 +175,13 @@ pub fn start(
 /// connections finish for `runtime.shutdown_grace` and closes the rest.
 pub async fn run(
     config: Config,
-    listeners: Vec<BoundListener>,
+    listening: Listening,
     shutdown: Shutdown,
 ) -> Result<(), error::StartError> {
     use tokio::signal::unix::{SignalKind, signal};
     let grace = config.runtime.shutdown_grace;
     let mut hangup = signal(SignalKind::hangup()).map_err(error::StartError::Signals)?;
-    let running = start(config, listeners, &shutdown)?;
+    let running = start(config, listening, &shutdown)?;
     let reloader = running.reloader.clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {

@@ -160,8 +160,8 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listeners = match switchyard::bind_all(&config) {
-            Ok(listeners) => listeners,
+        let listening = match switchyard::bind_all(&config) {
+            Ok(listening) => listening,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::from(1);
@@ -173,7 +173,7 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
         info!(config = %config.source.display(), "switchyard started");
-        match switchyard::run(config, listeners, shutdown).await {
+        match switchyard::run(config, listening, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");

@@ -16,6 +16,8 @@ pub enum ConnectFailure {
     Timeout,
     /// The TLS handshake with the upstream failed (e.g. an untrusted certificate).
     Tls,
+    /// Connected, but the client's bytes got no answer within `first_byte_timeout`.
+    FirstByteTimeout,
     /// Anything else. (Running out of our own descriptors, memory or ports is never
     /// an upstream's failure: see [`FailedReason::LocalResources`].)
     Error,
@@ -197,12 +199,13 @@ pub struct Histogram {
 // === impl ConnectFailure ===
 
 impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 6] = [
+    pub const ALL: [ConnectFailure; 7] = [
         ConnectFailure::Refused,
         ConnectFailure::Reset,
         ConnectFailure::Unreachable,
         ConnectFailure::Timeout,
         ConnectFailure::Tls,
+        ConnectFailure::FirstByteTimeout,
         ConnectFailure::Error,
     ];
 
@@ -213,6 +216,7 @@ impl ConnectFailure {
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Timeout => "timeout",
             ConnectFailure::Tls => "tls",
+            ConnectFailure::FirstByteTimeout => "first_byte_timeout",
             ConnectFailure::Error => "error",
         }
     }

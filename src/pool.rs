@@ -1,6 +1,6 @@
 //! Pure routing decisions for one pool: which tier is preferred, and in which order a
-//! new client connection tries upstreams. No I/O and no clock, so every rule is a table
-//! test.
+//! new client connection tries upstreams. No I/O, and the time comes in as an argument,
+//! so every rule is a table test.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -99,8 +99,14 @@ pub fn decide_active_tier(
 /// An upstream that has just failed `consecutive_failures` attempts in a row goes last:
 /// the controller is about to eject it, and clients arriving before the new snapshot
 /// is published should not pay for it again.
-pub fn attempt_order(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
-    let mut order = candidates(route, client);
+///
+/// `tried` are upstream ids this client already gave up on (they left its bytes
+/// unanswered): they are left out, and the next candidates take their places.
+pub fn attempt_order(route: &PoolRoute, client: IpAddr, tried: &[u64]) -> Vec<usize> {
+    let mut order = candidates(route, client, tried.len());
+    if !tried.is_empty() {
+        order.retain(|&i| !tried.contains(&route.upstreams[i].id));
+    }
     let threshold = route.config.outlier.consecutive_failures;
     let failing = |&i: &usize| {
         route.upstreams[i]
@@ -119,10 +125,10 @@ pub fn attempt_order(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
     order
 }
 
-fn candidates(route: &PoolRoute, client: IpAddr) -> Vec<usize> {
+fn candidates(route: &PoolRoute, client: IpAddr, excluded: usize) -> Vec<usize> {
     // One more than the limit, so that demoting a failing upstream can bring in the
-    // next candidate instead of shortening the list.
-    let limit = route.config.connect_attempts + 1;
+    // next candidate instead of shortening the list; as many more as will be left out.
+    let limit = route.config.connect_attempts + 1 + excluded;
     let mut order = Vec::with_capacity(limit);
     let Some(active) = route.active_tier else {
         if route.config.when_all_down == WhenAllDown::TryAll {

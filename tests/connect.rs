@@ -19,7 +19,7 @@ const NO_EJECTION: &str = "outlier = { consecutive_failures = 1000 }";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_primary_port_every_client_is_served_by_the_backup() {
     let primary = closed_port();
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     // Passive ejection off: the connect retry alone must hide the dead primary.
     let proxy = start_proxy(&one_pool_config(
         &[(primary, 0), (backup.addr, 1)],
@@ -35,7 +35,7 @@ async fn closed_primary_port_every_client_is_served_by_the_backup() {
         });
     }
     while let Some(served_by) = clients.join_next().await {
-        assert_eq!(served_by.unwrap().expect("client served"), "backup");
+        assert_eq!(served_by.unwrap().expect("client served"), "hello backup");
     }
     let stats = &proxy.proxy.listener("front").unwrap().context.stats;
     assert_eq!(stats.connections_failed.load(Relaxed), 0);
@@ -52,7 +52,7 @@ async fn closed_primary_port_every_client_is_served_by_the_backup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_primary_with_hedging_costs_about_hedge_after() {
     let primary = BlackHole::new();
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(primary.addr, 0), (backup.addr, 1)],
         "connect_timeout = \"5s\"\nhedge_after = \"50ms\"",
@@ -68,7 +68,7 @@ async fn black_holed_primary_with_hedging_costs_about_hedge_after() {
             .expect("served before connect_timeout")
             .unwrap();
         latencies.push(started.elapsed());
-        assert_eq!(served_by, "backup");
+        assert_eq!(served_by, "hello backup");
     }
     latencies.sort();
     let median = latencies[latencies.len() / 2];
@@ -91,14 +91,14 @@ async fn black_holed_primary_with_hedging_costs_about_hedge_after() {
 #[tokio::test]
 async fn without_hedging_a_black_hole_costs_connect_timeout_then_the_backup_serves() {
     let primary = BlackHole::new();
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(primary.addr, 0), (backup.addr, 1)],
         "connect_timeout = \"300ms\"",
     ));
     let started = Instant::now();
     let mut stream = TcpStream::connect(proxy.addr("front")).await.unwrap();
-    assert_eq!(read_line(&mut stream).await.unwrap(), "backup");
+    assert_eq!(read_line(&mut stream).await.unwrap(), "hello backup");
     assert!(started.elapsed() >= Duration::from_millis(290));
     let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
     assert_eq!(
@@ -114,7 +114,7 @@ async fn connect_attempts_caps_the_tries_and_the_client_is_closed() {
     // Three dead primaries and a live backup, but only two attempts: the backup is
     // never reached.
     let dead = [closed_port(), closed_port(), closed_port()];
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(dead[0], 0), (dead[1], 0), (dead[2], 0), (backup.addr, 1)],
         "connect_attempts = 2",
@@ -143,14 +143,14 @@ async fn connect_attempts_caps_the_tries_and_the_client_is_closed() {
 #[tokio::test]
 async fn attempts_go_to_distinct_upstreams_of_the_active_tier_before_the_backup() {
     let dead = [closed_port(), closed_port()];
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(dead[0], 0), (dead[1], 0), (backup.addr, 1)],
         &format!("connect_attempts = 3\n{NO_EJECTION}"),
     ));
     for _ in 0..10 {
         let mut stream = TcpStream::connect(proxy.addr("front")).await.unwrap();
-        assert_eq!(read_line(&mut stream).await.unwrap(), "backup");
+        assert_eq!(read_line(&mut stream).await.unwrap(), "hello backup");
     }
     let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
     for dead in &route.upstreams[..2] {
@@ -166,14 +166,14 @@ async fn attempts_go_to_distinct_upstreams_of_the_active_tier_before_the_backup(
 async fn an_upstream_that_closes_before_any_byte_is_a_failed_attempt_the_client_never_sees() {
     // Accepts, then closes at once without a word: like a dying server's accept queue.
     let slammer = Server::start(|stream: TcpStream| async move { drop(stream) }).await;
-    let backup = Server::named("backup").await;
+    let backup = Backend::start("backup").await;
     let proxy = start_proxy(&one_pool_config(
         &[(slammer.addr, 0), (backup.addr, 1)],
         NO_EJECTION,
     ));
     for _ in 0..5 {
         let mut stream = TcpStream::connect(proxy.addr("front")).await.unwrap();
-        assert_eq!(read_line(&mut stream).await.unwrap(), "backup");
+        assert_eq!(read_line(&mut stream).await.unwrap(), "hello backup");
     }
     let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
     assert_eq!(

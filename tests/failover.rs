@@ -134,6 +134,7 @@ fn steady_stream(
         // Far beyond any test's stream: `stop` ends it.
         limit: 3 * SOON,
         client_timeout: SOON,
+        speaks_first: false,
     };
     tokio::spawn(async move {
         let timeline = stream.run(Stop::On(stop)).await;

@@ -326,8 +326,8 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
     let dir = test_dir();
     let pki = Pki::new(&dir, "main");
     pki.leaf("wild", &["a.example.com", "b.example.com"]);
-    let pa = Server::named("pa").await;
-    let pb = Server::named("pb").await;
+    let pa = Backend::start("pa").await;
+    let pb = Backend::start("pb").await;
     let text = format!(
         "[listeners.front]\nbind = \"127.0.0.1:0\"\npool = \"pb\"\n\n[listeners.front.tls]\ncert = \"{d}/wild.pem\"\nkey = \"{d}/wild.key\"\nalpn = [\"h2\", \"http/1.1\"]\n\n[listeners.front.routes]\n\"a.example.com\" = \"pa\"\n\n\
          [pools.pa]\nupstreams = [{{ address = \"{a}\" }}]\n[pools.pa.health]\nenabled = false\n\n[pools.pb]\nupstreams = [{{ address = \"{b}\" }}]\n[pools.pb.health]\nenabled = false\n",
@@ -347,7 +347,7 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
         summary.contains("SNI a.example.com -> pool pa (after termination)"),
         "{summary}"
     );
-    for (sni, expected) in [("a.example.com", "pa"), ("b.example.com", "pb")] {
+    for (sni, expected) in [("a.example.com", "hello pa"), ("b.example.com", "hello pb")] {
         let mut config = (*pki.client_config("main", None)).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let mut tls = tls_client(proxy.addr("front"), Arc::new(config), sni)
@@ -538,5 +538,53 @@ async fn clients_of_a_tls_pool_waiting_on_a_hung_primary_move_to_the_backup_when
     assert!(
         route.upstreams[0].stats.connections_total.load(Relaxed) > 0,
         "some clients did start on the hung primary"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_through_tls_origination_moves_unanswered_clients_of_a_hung_primary() {
+    let dir = test_dir();
+    let pki = Pki::new(&dir, "main");
+    pki.leaf("backend", &["backend.internal"]);
+    let primary_hung = Arc::new(AtomicBool::new(false));
+    let (primary, _p) = hangable_tls_echo(
+        pki.server_config("backend"),
+        "primary",
+        "backend.internal",
+        primary_hung.clone(),
+    )
+    .await;
+    let (backup, _b) = tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
+    // Checks that cannot see the hang in time: only the opening exchange reacts.
+    let tls_and_health = format!(
+        "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\n",
+        pki.ca_path("main").display(),
+    );
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary, 0), ("backup", backup, 1)],
+        "first_byte_timeout = \"150ms\"\nreplay_unanswered = \"16KiB\"\n",
+        &tls_and_health,
+    ));
+    wait_first_checks(&proxy).await;
+    primary_hung.store(true, SeqCst);
+    let mut clients = JoinSet::new();
+    for _ in 0..10 {
+        clients.spawn(switchyard::drill::ask_greeting(
+            proxy.addr("front"),
+            SOON,
+            true,
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    while let Some(served) = clients.join_next().await {
+        assert_eq!(served.unwrap().as_deref(), Ok("backup"));
+    }
+    let route = proxy.proxy.snapshot.load().pool("p").unwrap().clone();
+    assert!(
+        route.upstreams[0]
+            .stats
+            .connect_failures(switchyard::metrics::ConnectFailure::FirstByteTimeout)
+            > 0,
+        "clients were sent to the hung primary first and left it unanswered"
     );
 }

@@ -82,7 +82,7 @@ fn descriptor_limit() -> u64 {
 }
 
 /// Serves `admin` on `listener` until shutdown begins.
-pub(super) fn spawn(admin: Arc<Admin>, listener: TcpListener, shutdown: Shutdown) {
+pub(super) fn spawn(admin: Arc<Admin>, listener: Arc<TcpListener>, shutdown: Shutdown) {
     let cap = connection_cap_for(descriptor_limit());
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, max_connections = cap, "admin API listening");
@@ -95,7 +95,7 @@ pub(super) fn spawn(admin: Arc<Admin>, listener: TcpListener, shutdown: Shutdown
 /// retries, with one warning per episode and one line when accepting works again.
 async fn accept_loop(
     admin: Arc<Admin>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     connections: Arc<Connections>,
     shutdown: Shutdown,
 ) {

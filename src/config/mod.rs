@@ -83,7 +83,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<NonZeroUsize>,
     /// listen(2) backlog. Default 1024.
     pub backlog: u32,
-    /// Bound on reading a client's PROXY protocol header. Default 5s.
+    /// One deadline from accept for everything before routing: the PROXY header, the
+    /// ClientHello SNI routing peeks at, and a terminated TLS handshake. Default 5s.
     pub handshake_timeout: Duration,
     /// When not empty, only clients from these networks are served.
     pub allow: Vec<IpNet>,
@@ -151,6 +152,12 @@ pub struct PoolConfig {
     pub tcp_keepalive: Option<Duration>,
     /// Header sent to upstreams with the client's address; `None` = off.
     pub proxy_protocol: Option<ProxyProtocolVersion>,
+    /// The client has sent bytes and the upstream answered nothing for this long: a
+    /// failed attempt. `None` = off.
+    pub first_byte_timeout: Option<Duration>,
+    /// Keep up to this many of the client's bytes until the upstream's first byte, to
+    /// send them again elsewhere. `None` = off.
+    pub replay_unanswered: Option<usize>,
     /// Originate TLS to the upstreams (and in health checks); `None` = plain TCP.
     pub tls: Option<crate::tls::ClientTls>,
     /// Never empty; addresses and names unique within the pool.

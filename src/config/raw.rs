@@ -122,6 +122,10 @@ pub struct RawPool {
     pub tcp_keepalive: S<String>,
     #[serde(default = "default_off")]
     pub proxy_protocol: S<String>,
+    #[serde(default = "default_off")]
+    pub first_byte_timeout: S<String>,
+    #[serde(default = "default_off")]
+    pub replay_unanswered: S<String>,
     pub tls: Option<S<RawPoolTls>>,
     #[serde(default = "default_upstreams")]
     pub upstreams: S<Vec<S<RawUpstream>>>,

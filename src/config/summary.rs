@@ -141,6 +141,14 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
         off_or(pool.tcp_keepalive),
         pool.proxy_protocol.map_or("off", |v| v.as_str()),
     );
+    let replay = pool
+        .replay_unanswered
+        .map_or("off".to_string(), |bytes| format!("{bytes} bytes"));
+    let _ = writeln!(
+        out,
+        "  first_byte_timeout {}, replay_unanswered {replay}",
+        off_or(pool.first_byte_timeout),
+    );
     for (rank, priority) in pool.priorities().into_iter().enumerate() {
         let role = if rank == 0 {
             "primary".to_string()

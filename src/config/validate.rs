@@ -17,6 +17,9 @@ use super::*;
 const MAX_WEIGHT: i64 = 256;
 /// More attempts than this only delay the client's error.
 const MAX_CONNECT_ATTEMPTS: i64 = 16;
+/// Replay is for a protocol's opening bytes (a handshake, a first request); a larger
+/// bound would let every unanswered client pin that much memory.
+const MAX_REPLAY_UNANSWERED: usize = 1024 * 1024;
 
 /// The range a duration key accepts. Every duration ends up added to a clock reading or
 /// handed to the kernel, so each key has a floor that keeps it meaningful and a ceiling
@@ -505,6 +508,13 @@ impl Validator<'_> {
             &key("proxy_protocol"),
             ProxyProtocolVersion::WORDS,
         );
+        let first_byte_timeout =
+            self.optional_duration(&p.first_byte_timeout, &key("first_byte_timeout"), SPAN);
+        let replay_unanswered = self.optional_size(
+            &p.replay_unanswered,
+            &key("replay_unanswered"),
+            MAX_REPLAY_UNANSWERED,
+        );
 
         let tls = match &p.tls {
             None => Some(None),
@@ -528,6 +538,8 @@ impl Validator<'_> {
             when_all_down: when_all_down?,
             tcp_keepalive: tcp_keepalive?,
             proxy_protocol: proxy_protocol?,
+            first_byte_timeout: first_byte_timeout?,
+            replay_unanswered: replay_unanswered?,
             tls: tls?,
             upstreams: upstreams?,
             health: health?,
@@ -731,6 +743,31 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// `"off"` or a byte size with a unit (`B`, `KiB`, `MiB`), from 1 byte to `max`.
+    fn optional_size(&mut self, value: &S<String>, key: &str, max: usize) -> Option<Option<usize>> {
+        let text = value.get_ref();
+        if text == "off" {
+            return Some(None);
+        }
+        let range = format!("\"off\" or 1B to {}KiB", max / 1024);
+        let Some(size) = read_size(text) else {
+            let message = format!(
+                "{text:?} is not a size; use a number with a unit, e.g. \"512B\", \"16KiB\", \"1MiB\"; allowed: {range}"
+            );
+            self.report(value.span(), key, message);
+            return None;
+        };
+        if !(1..=max).contains(&size) {
+            self.report(
+                value.span(),
+                key,
+                format!("{text:?} is out of range; allowed: {range}"),
+            );
+            return None;
+        }
+        Some(Some(size))
     }
 
     fn path(&self, value: &str) -> std::path::PathBuf {
@@ -985,6 +1022,23 @@ pub(crate) enum DurationError {
 }
 
 /// A duration with a unit (`"250ms"`, `"2s"`, `"5m"`, `"1h"`) within `bounds`.
+/// A byte count with a binary unit: `B`, `KiB` or `MiB`. `None` when unreadable or too
+/// large to count.
+fn read_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let scale = match unit.trim_start() {
+        "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        _ => return None,
+    };
+    number.parse::<usize>().ok()?.checked_mul(scale)
+}
+
 fn read_duration(text: &str, bounds: Bounds) -> Result<Duration, DurationError> {
     let text = text.trim();
     if !text.ends_with(|c: char| c.is_ascii_alphabetic()) {

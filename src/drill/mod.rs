@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
@@ -34,7 +34,14 @@ pub struct ClientStream {
     pub limit: Duration,
     /// A client without a greeting after this has failed ([`ClientError::Timeout`]).
     pub client_timeout: Duration,
+    /// Each client sends [`REQUEST`] before it reads, as PostgreSQL, Redis or HTTP
+    /// clients do (for a [`GreetingUpstream::client_first`](upstream::GreetingUpstream::client_first)
+    /// upstream); otherwise it only reads, as for a server that speaks first.
+    pub speaks_first: bool,
 }
+
+/// What a client that speaks first sends.
+pub const REQUEST: &[u8] = b"who?\n";
 
 /// What ends a stream before its `limit`.
 #[derive(Debug, Clone, Default)]
@@ -82,16 +89,28 @@ pub struct Timeline {
 
 /// Connects to `addr` and reads the greeting `hello <name>`; returns the name.
 pub async fn greeting(addr: SocketAddr, within: Duration) -> Result<String, ClientError> {
-    match timeout(within, read_greeting(addr)).await {
+    ask_greeting(addr, within, false).await
+}
+
+/// Like [`greeting`]; with `speaks_first`, sends [`REQUEST`] before reading.
+pub async fn ask_greeting(
+    addr: SocketAddr,
+    within: Duration,
+    speaks_first: bool,
+) -> Result<String, ClientError> {
+    match timeout(within, read_greeting(addr, speaks_first)).await {
         Ok(served_by) => served_by,
         Err(_) => Err(ClientError::Timeout),
     }
 }
 
-async fn read_greeting(addr: SocketAddr) -> Result<String, ClientError> {
+async fn read_greeting(addr: SocketAddr, speaks_first: bool) -> Result<String, ClientError> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|_| ClientError::Connect)?;
+    if speaks_first && stream.write_all(REQUEST).await.is_err() {
+        return Err(ClientError::Closed);
+    }
     let mut line = Vec::with_capacity(MAX_GREETING);
     let mut buf = [0u8; MAX_GREETING];
     while !line.contains(&b'\n') {
@@ -163,7 +182,7 @@ impl ClientStream {
 
     async fn client(self, stream_start: Instant) -> ClientRecord {
         let started = Instant::now();
-        let served_by = greeting(self.addr, self.client_timeout).await;
+        let served_by = ask_greeting(self.addr, self.client_timeout, self.speaks_first).await;
         ClientRecord {
             started: started.saturating_duration_since(stream_start),
             latency: started.elapsed(),
@@ -292,12 +311,13 @@ mod tests {
     #[tokio::test]
     async fn a_stream_records_every_client_in_start_order_within_its_limit() {
         let upstream = GreetingUpstream::start("backup").await.expect("upstream");
-        let limit = Duration::from_millis(100);
+        let limit = Duration::from_millis(300);
         let timeline = ClientStream {
             addr: upstream.addr,
             every: Duration::from_millis(5),
             limit,
             client_timeout: SHORT,
+            speaks_first: false,
         }
         .run(Stop::AtLimit)
         .await;
@@ -320,6 +340,7 @@ mod tests {
             every: Duration::from_millis(5),
             limit: Duration::from_secs(30),
             client_timeout: SHORT,
+            speaks_first: false,
         };
         let began = Instant::now();
         let timeline = stream.run(Stop::ServedBy("primary".to_string())).await;

@@ -32,6 +32,9 @@ pub struct GreetingUpstream {
     /// Port 0 until the first start; the same port on every restart.
     pub addr: SocketAddr,
     backlog: i32,
+    /// Greets only once the client has sent something (as PostgreSQL, Redis and HTTP
+    /// servers answer only a client that spoke).
+    client_first: bool,
     hung: Arc<AtomicBool>,
     /// Cancelled to stop accepting while keeping the listener (a black hole).
     accepting: CancellationToken,
@@ -45,17 +48,27 @@ pub async fn greet_and_echo<S>(stream: S, name: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    greet_then_echo(stream, name, &AtomicBool::new(false)).await;
+    greet_then_echo(stream, name, &AtomicBool::new(false), false).await;
 }
 
 /// Like [`greet_and_echo`], but goes silent (and keeps the connection) as soon as
-/// `hung` is set, before the greeting or between reads.
-async fn greet_then_echo<S>(mut stream: S, name: &str, hung: &AtomicBool)
+/// `hung` is set, before the greeting or between reads. With `client_first`, waits for
+/// the client's first bytes (and takes them) before greeting.
+async fn greet_then_echo<S>(mut stream: S, name: &str, hung: &AtomicBool, client_first: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if hung.load(SeqCst) {
         return std::future::pending().await;
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    if client_first {
+        if matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {
+            return;
+        }
+        if hung.load(SeqCst) {
+            return std::future::pending().await;
+        }
     }
     if stream
         .write_all(format!("hello {name}\n").as_bytes())
@@ -64,7 +77,6 @@ where
     {
         return;
     }
-    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match stream.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -87,13 +99,30 @@ impl GreetingUpstream {
         Self::start_with_backlog(name, DEFAULT_BACKLOG).await
     }
 
+    /// Serves on a fresh loopback port, greeting each client only after its first
+    /// bytes: a protocol where the client speaks first, for clients with
+    /// [`ClientStream::speaks_first`](super::ClientStream::speaks_first).
+    pub async fn client_first(name: &str) -> io::Result<Self> {
+        Self::open(name, DEFAULT_BACKLOG, true).await
+    }
+
+    /// [`client_first`](Self::client_first) with an accept queue of `backlog`.
+    pub async fn client_first_with_backlog(name: &str, backlog: i32) -> io::Result<Self> {
+        Self::open(name, backlog, true).await
+    }
+
     /// Serves on a fresh loopback port; `backlog` bounds the accept queue, which a
     /// [`black_hole`](Self::black_hole) has to fill.
     pub async fn start_with_backlog(name: &str, backlog: i32) -> io::Result<Self> {
+        Self::open(name, backlog, false).await
+    }
+
+    async fn open(name: &str, backlog: i32, client_first: bool) -> io::Result<Self> {
         let mut upstream = Self {
             name: name.to_string(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             backlog,
+            client_first,
             hung: Arc::default(),
             accepting: CancellationToken::new(),
             tasks: JoinSet::new(),
@@ -122,6 +151,7 @@ impl GreetingUpstream {
         let listener = TcpListener::from_std(listener)?;
         let (name, hung, accepting) =
             (self.name.clone(), self.hung.clone(), self.accepting.clone());
+        let client_first = self.client_first;
         self.tasks.spawn(async move {
             let name: Arc<str> = name.into();
             let mut connections = JoinSet::new();
@@ -133,7 +163,7 @@ impl GreetingUpstream {
                         Ok((stream, _)) => {
                             let (name, hung) = (name.clone(), hung.clone());
                             connections.spawn(async move {
-                                greet_then_echo(stream, &name, &hung).await;
+                                greet_then_echo(stream, &name, &hung, client_first).await;
                             });
                         }
                         // Out of descriptors and the like: try again, not in a hot loop.

@@ -106,6 +106,7 @@ impl CheckFailure {
             CheckFailure::Connect(ConnectFailure::Unreachable) => "unreachable",
             CheckFailure::Connect(ConnectFailure::Timeout) => "connect timeout",
             CheckFailure::Connect(ConnectFailure::Tls) => "TLS handshake failed",
+            CheckFailure::Connect(ConnectFailure::FirstByteTimeout) => "no answer",
             CheckFailure::Connect(ConnectFailure::Error) => "connect error",
             CheckFailure::Timeout => "check timeout",
             CheckFailure::ExpectMismatch => "expect mismatch",

@@ -42,7 +42,7 @@ upstreams = [
 }
 
 fn names(route: &PoolRoute) -> Vec<&str> {
-    attempt_order(route, CLIENT)
+    attempt_order(route, CLIENT, &[])
         .into_iter()
         .map(|i| route.upstreams[i].label())
         .collect()

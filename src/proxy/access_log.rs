@@ -30,6 +30,9 @@ pub enum End {
     /// No upstream could be connected (every attempt failed, our own resources ran
     /// out, or a reload removed the pool).
     ConnectFailed,
+    /// The upstream never answered the client's bytes (`first_byte_timeout`, or it
+    /// closed or went down first) and they could not be replayed elsewhere.
+    Unanswered,
     Rejected(RejectReason),
 }
 
@@ -75,6 +78,7 @@ impl fmt::Display for End {
             End::UpstreamDown => f.write_str("upstream_down"),
             End::Shutdown => f.write_str("shutdown"),
             End::ConnectFailed => f.write_str("connect_failed"),
+            End::Unanswered => f.write_str("unanswered"),
             End::Rejected(reason) => write!(f, "rejected:{}", reason.as_str()),
         }
     }
@@ -123,6 +127,12 @@ impl<'a> ConnectionRecord<'a> {
     /// Attempts that did not end in a connection (they count in `attempts`).
     pub fn attempted(&mut self, attempts: usize) {
         self.attempts += attempts;
+    }
+
+    /// Bytes moved before the copy (the opening exchange).
+    pub fn moved(&mut self, client_to_upstream: u64, upstream_to_client: u64) {
+        self.bytes_in += client_to_upstream;
+        self.bytes_out += upstream_to_client;
     }
 
     pub fn copied(&mut self, outcome: &CopyOutcome, shutting_down: bool) {

@@ -138,7 +138,7 @@ enum Burst {
 
 /// A copy buffer borrowed from the thread's cache; returned on drop, on whatever
 /// thread the task then runs.
-struct Buffer(Option<Box<[u8]>>);
+pub(super) struct Buffer(Option<Box<[u8]>>);
 
 /// A stream of the buffered copy that tallies every byte read through it.
 struct Counted<'a, S> {
@@ -466,14 +466,14 @@ pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()>
 // === impl Buffer ===
 
 impl Buffer {
-    fn take() -> Self {
+    pub(super) fn take() -> Self {
         let cached = BUFFERS.with(|cache| cache.borrow_mut().pop());
         Self(Some(cached.unwrap_or_else(|| {
             vec![0u8; COPY_BUFFER].into_boxed_slice()
         })))
     }
 
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(super) fn as_mut(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().unwrap_or_default()
     }
 }

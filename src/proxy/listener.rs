@@ -1,9 +1,8 @@
-//! Listening sockets, the accept loop, and the set of running listeners that a reload
-//! reshapes.
+//! The accept loop, and the set of running listeners that a reload reshapes.
 //!
-//! Sockets are created through socket2 so that backlog, `SO_REUSEADDR` and v6-only are
-//! explicit. The accept loop never exits on an accept error: running out of file
-//! descriptors or memory is a reason to back off and retry, not to stop serving.
+//! The listening sockets are opened, reused and tuned in `sockets`. The accept loop
+//! never exits on an accept error: running out of file descriptors or memory is a
+//! reason to back off and retry, not to stop serving.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -23,18 +21,17 @@ use crate::error::StartError;
 use crate::metrics::{ListenerStats, RejectReason};
 use crate::shutdown::Shutdown;
 use crate::snapshot::SharedSnapshot;
+use crate::sockets::{self, Kind, ListenerSockets, SocketTable};
 
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
 
-/// A listener's sockets, bound and listening, not yet accepting.
+/// A listener's sockets, bound and listening (with their options set), not yet
+/// accepting.
 #[derive(Debug)]
 pub struct BoundListener {
     pub config: ListenerConfig,
-    pub sockets: Vec<(SocketAddr, Arc<TcpListener>)>,
-    /// The keepalive of the listener's pool, set on the listening sockets so that
-    /// accepted connections inherit it (and `TCP_NODELAY`) without a syscall each.
-    pub keepalive: Option<Duration>,
+    pub sockets: ListenerSockets,
 }
 
 /// What every connection of one listener shares. Lives as long as the listener's name
@@ -95,26 +92,18 @@ pub struct ListenerView {
 // === impl BoundListener ===
 
 impl BoundListener {
-    /// Binds every address of `config`, `sockets_per_address` times with
-    /// `SO_REUSEPORT` so that the kernel spreads new connections over one accept loop per
-    /// worker thread; the first failure is returned and the sockets bound so far are
-    /// closed. Needs a running tokio runtime.
-    pub fn bind(
-        config: &ListenerConfig,
-        sockets_per_address: usize,
-        keepalive: Option<Duration>,
-    ) -> Result<Self, StartError> {
-        let mut sockets = Vec::new();
-        for &addr in &config.binds {
-            for socket in bind_address(config, addr, sockets_per_address)? {
-                sockets.push((addr, socket));
-            }
-        }
-        Ok(Self {
-            config: config.clone(),
-            sockets,
-            keepalive,
-        })
+    /// Pairs each listener of `config` with its sockets, as [`sockets::bind`] returns
+    /// them (one entry per listener, in order).
+    pub fn all(config: &Config, sockets: Vec<ListenerSockets>) -> Vec<Self> {
+        config
+            .listeners
+            .iter()
+            .zip(sockets)
+            .map(|(config, sockets)| Self {
+                config: config.clone(),
+                sockets,
+            })
+            .collect()
     }
 
     /// The addresses actually bound (port 0 resolved), each once however many
@@ -140,74 +129,6 @@ fn distinct_addrs(sockets: &[RunningSocket]) -> Vec<SocketAddr> {
         }
     }
     addrs
-}
-
-/// One socket per accept loop for `addr`; port 0 gets one socket, since each
-/// `SO_REUSEPORT` sibling would be given a port of its own.
-fn bind_address(
-    config: &ListenerConfig,
-    addr: SocketAddr,
-    sockets: usize,
-) -> Result<Vec<Arc<TcpListener>>, StartError> {
-    let count = if addr.port() == 0 { 1 } else { sockets.max(1) };
-    (0..count)
-        .map(|_| {
-            bind_socket(addr, config.backlog, count > 1)
-                .map(Arc::new)
-                .map_err(|source| StartError::Bind {
-                    listener: config.name.clone(),
-                    addr,
-                    source,
-                })
-        })
-        .collect()
-}
-
-fn bind_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Restarting must not wait for TIME_WAIT sockets of the previous process.
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        // `[::]` and `0.0.0.0` are separate binds in our config; without v6-only the
-        // second one would fail with "address in use".
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog_arg(backlog))?;
-    TcpListener::from_std(socket.into())
-}
-
-/// The tcp_keepalive of the pool a listener forwards to.
-pub fn pool_keepalive(config: &Config, listener: &ListenerConfig) -> Option<Duration> {
-    let pool = listener
-        .pool
-        .as_deref()
-        .or_else(|| listener.routes.first().map(|(_, pool)| pool.as_str()))?;
-    config.pool(pool).and_then(|p| p.tcp_keepalive)
-}
-
-/// Backlog (listen(2) may be called again to change it), and the options accepted
-/// sockets inherit on Linux: `TCP_NODELAY` and keepalive.
-fn tune_listening(
-    listener: &TcpListener,
-    backlog: u32,
-    keepalive: Option<Duration>,
-) -> std::io::Result<()> {
-    let socket = SockRef::from(listener);
-    socket.listen(backlog_arg(backlog))?;
-    socket.set_tcp_nodelay(true)?;
-    match keepalive {
-        Some(idle) => socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)),
-        None => socket.set_keepalive(false),
-    }
-}
-
-fn backlog_arg(backlog: u32) -> i32 {
-    i32::try_from(backlog).unwrap_or(i32::MAX)
 }
 
 // === impl ListenerContext ===
@@ -302,36 +223,25 @@ impl ListenerSet {
             .collect()
     }
 
+    /// Every running socket, keyed by its configured address: what a reload reuses,
+    /// and what a binary upgrade hands over.
+    pub fn sockets(&self) -> SocketTable {
+        let mut table = SocketTable::default();
+        for socket in self.lock().iter().flat_map(|l| l.sockets.iter()) {
+            table.insert(Kind::Traffic, socket.bind, socket.listener.clone());
+        }
+        table
+    }
+
     /// Reload, step one: sockets for every listener of `config`, reusing the running
-    /// socket of each address that is already bound and binding the others. Nothing
+    /// sockets of each address that is already bound and binding the others. Nothing
     /// running changes; on error the sockets bound here are closed again.
     pub fn prepare(&self, full: &Config) -> Result<PreparedListeners, StartError> {
-        let mut existing: HashMap<SocketAddr, Vec<Arc<TcpListener>>> = HashMap::new();
-        for socket in self.lock().iter().flat_map(|l| l.sockets.iter()) {
-            if socket.bind.port() != 0 {
-                existing
-                    .entry(socket.bind)
-                    .or_default()
-                    .push(socket.listener.clone());
-            }
-        }
-        let mut listeners = Vec::new();
-        for config in &full.listeners {
-            let mut sockets = Vec::new();
-            for &addr in &config.binds {
-                let bound = match existing.get(&addr) {
-                    Some(running) => running.clone(),
-                    None => bind_address(config, addr, self.sockets_per_address)?,
-                };
-                sockets.extend(bound.into_iter().map(|socket| (addr, socket)));
-            }
-            listeners.push(BoundListener {
-                keepalive: pool_keepalive(full, config),
-                config: config.clone(),
-                sockets,
-            });
-        }
-        Ok(PreparedListeners { listeners })
+        let mut running = self.sockets();
+        let sockets = sockets::bind_listeners(full, self.sockets_per_address, &mut running)?;
+        Ok(PreparedListeners {
+            listeners: BoundListener::all(full, sockets),
+        })
     }
 
     /// Reload, last step (after the routing swap): accept on exactly the prepared
@@ -377,11 +287,6 @@ impl ListenerSet {
                         self.spawn_accept(bind, listener, &context)
                     }
                 };
-                if let Err(e) =
-                    tune_listening(&socket.listener, bound.config.backlog, bound.keepalive)
-                {
-                    warn!(listener = %bound.config.name, error = %e, "cannot set the listening socket's options");
-                }
                 sockets.push(socket);
             }
             for addr in distinct_addrs(&sockets) {

@@ -8,7 +8,9 @@ pub mod access;
 pub mod access_log;
 pub mod connect;
 pub mod copy;
+pub mod handshake;
 pub mod listener;
+pub mod opening;
 pub mod splice;
 pub mod tls;
 
@@ -24,14 +26,17 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info};
 
 use crate::config::ProxyProtocolVersion;
+use crate::health::passive::Feedback;
 use crate::metrics::{ConnectFailure, RejectReason};
 use crate::pool::attempt_order;
 use crate::shutdown::Shutdown;
-use crate::snapshot::{ListenerRoute, Upstream};
-use crate::wire::{client_hello as sni, proxy_protocol};
+use crate::snapshot::{ListenerRoute, PoolRoute, Upstream};
 use access_log::{ConnectionRecord, End};
 use copy::{CopyEnd, Counters, Limits};
+use handshake::{Handshake, HandshakeError, Step};
 use listener::ListenerContext;
+use opening::{Moved, Opening, Replay, Unanswered};
+use tls::{ClientStream, UpstreamStream, client_socket};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
@@ -70,19 +75,17 @@ pub(crate) async fn serve(
         let mut record = ConnectionRecord::new(listener.access_log, &context.name, peer);
         // One deadline for every step before routing (PROXY header, ClientHello, TLS
         // handshake), so that a slow client cannot buy a fresh timeout per step.
-        let handshake = Handshake {
+        let steps = Handshake {
             context,
             shutdown,
             deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
         };
-        let Some(mut origin) =
-            client_origin(&client, peer, listener, &handshake, &mut record).await
+        let Some(mut origin) = client_origin(&client, peer, listener, &steps, &mut record).await
         else {
             return;
         };
         record.client = origin.source;
-        let Some((client, pool)) =
-            admit(client, &mut origin, listener, &handshake, &mut record).await
+        let Some((client, pool)) = admit(client, &mut origin, listener, &steps, &mut record).await
         else {
             return;
         };
@@ -92,19 +95,22 @@ pub(crate) async fn serve(
     .await
 }
 
-/// The client side of a connection: its socket, or the TLS session this listener
-/// terminated on it.
-type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<tls::Prefixed>>>;
-
-/// The upstream side of a connection.
-type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
-
 /// What a copy needs to know about the upstream side.
 struct LinkMeta {
     upstream: Arc<Upstream>,
     /// Cancelled when the upstream's connections must close (down, maint, drain).
     close: CancellationToken,
     idle_timeout: Option<Duration>,
+    /// Set when the pool watches the opening exchange.
+    opening: Option<Box<OpeningWatch>>,
+}
+
+/// A pool's `first_byte_timeout` and `replay_unanswered`, and where to report an
+/// upstream that leaves a client unanswered.
+struct OpeningWatch {
+    first_byte_timeout: Option<Duration>,
+    replay_bound: usize,
+    feedback: Feedback,
 }
 
 /// A client's connection to one upstream, and what its copy needs.
@@ -120,11 +126,11 @@ async fn admit(
     client: TcpStream,
     origin: &mut Origin,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<(ClientStream, String)> {
     let Some(server_tls) = &listener.config.tls else {
-        let pool = choose_pool(&client, origin, listener, handshake, record).await?;
+        let pool = choose_pool(&client, origin, listener, steps, record).await?;
         return Some((Either::Left(client), pool));
     };
     // The handshake reads the bytes that followed a PROXY header; none are left for the
@@ -133,23 +139,23 @@ async fn admit(
     // Boxed, like every TLS future here: a rustls session is large, and an inline one
     // would grow every plain connection's task by its size.
     let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
-    let session = handshake
-        .step(
-            accepting,
-            RejectReason::TlsHandshake,
-            "TLS handshake",
+    let session = steps
+        .run(
+            Step::TlsHandshake,
+            async { accepting.await.map_err(HandshakeError::Tls) },
             record,
         )
         .await?;
     let name = session.get_ref().1.server_name().map(str::to_string);
-    let pool = pool_for_name(name.as_deref(), listener, handshake.context, record)?;
+    let pool = pool_for_name(name.as_deref(), listener, steps.context, record)?;
     Some((Either::Right(Box::new(session)), pool))
 }
 
 /// Connects the client and copies until the connection ends. A client whose upstream
 /// was marked down before a byte flowed either way (a hung server that accepts and
 /// never answers) lost nothing, so it moves to another upstream instead of seeing an
-/// error, whatever TLS either side speaks.
+/// error, whatever TLS either side speaks. With `replay_unanswered`, so does a client
+/// whose bytes got no answer, within the bound: they are sent again to the next.
 async fn relay(
     mut client: ClientStream,
     origin: &Origin,
@@ -158,9 +164,14 @@ async fn relay(
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
 ) {
+    // Created on the first connect of a pool that watches the opening exchange.
+    let mut replay: Option<Replay> = None;
+    // Upstreams that left this client unanswered; allocated only then.
+    let mut tried: Vec<u64> = Vec::new();
     loop {
         let socket = client_socket(&client);
-        let Some(link) = connect_client(socket, origin, pool, context, shutdown, record).await
+        let Some(link) =
+            connect_client(socket, origin, pool, context, shutdown, record, &tried).await
         else {
             return;
         };
@@ -172,6 +183,75 @@ async fn relay(
         tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
         upstream.stats.connections_total.fetch_add(1, Relaxed);
         let _upstream_active = Active::enter(&upstream.stats.connections_active);
+        let inbound = Counters {
+            listener: &context.stats.bytes_in,
+            upstream: &upstream.stats.bytes_sent,
+        };
+        let outbound = Counters {
+            listener: &context.stats.bytes_out,
+            upstream: &upstream.stats.bytes_received,
+        };
+        let mut opened = Moved::default();
+        if let Some(watch) = &link.opening {
+            let replay =
+                replay.get_or_insert_with(|| Replay::new(watch.replay_bound, origin.early.len()));
+            let bounds = opening::Bounds {
+                first_byte_timeout: watch.first_byte_timeout,
+                idle_timeout: link.idle_timeout,
+                close: &link.close,
+                shutdown,
+            };
+            // Boxed: only pools that watch the opening exchange pay for its state, and
+            // every other connection's task stays as small as before.
+            let opening = Box::pin(opening::until_answered(
+                &mut client,
+                &mut upstream_stream,
+                replay,
+                &bounds,
+                &inbound,
+                &outbound,
+                &mut opened,
+            ))
+            .await;
+            record.moved(opened.client_to_upstream, opened.upstream_to_client);
+            let unanswered = match opening {
+                Opening::Handover => None,
+                Opening::Unanswered(why) => Some(why),
+                Opening::Idle | Opening::ClientFailed | Opening::Shutdown => {
+                    record.end = match opening {
+                        Opening::Idle => End::IdleTimeout,
+                        Opening::Shutdown => End::Shutdown,
+                        _ => End::ClientClosed,
+                    };
+                    return;
+                }
+            };
+            if let Some(why) = unanswered {
+                let failure = match why {
+                    Unanswered::Timeout => Some(ConnectFailure::FirstByteTimeout),
+                    Unanswered::Closed => Some(ConnectFailure::Reset),
+                    Unanswered::Down => None,
+                };
+                if let Some(failure) = failure {
+                    watch
+                        .feedback
+                        .connect_failed(upstream.id, &upstream.stats, failure);
+                }
+                opening::abandon(upstream_stream);
+                if !replay.replayable() {
+                    record.end = match why {
+                        Unanswered::Down => End::UpstreamDown,
+                        Unanswered::Closed => End::UpstreamClosed,
+                        Unanswered::Timeout => End::Unanswered,
+                    };
+                    debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; more was sent than can be replayed, closing");
+                    return;
+                }
+                debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; replaying to the next");
+                tried.push(upstream.id);
+                continue;
+            }
+        }
         let closed = std::pin::pin!(async {
             tokio::select! {
                 _ = shutdown.force_closed() => {}
@@ -182,29 +262,19 @@ async fn relay(
             idle_timeout: link.idle_timeout,
             closed,
         };
-        let outcome = copy::run(
-            &mut client,
-            &mut upstream_stream,
-            limits,
-            Counters {
-                listener: &context.stats.bytes_in,
-                upstream: &upstream.stats.bytes_sent,
-            },
-            Counters {
-                listener: &context.stats.bytes_out,
-                upstream: &upstream.stats.bytes_received,
-            },
-        )
-        .await;
+        let outcome = copy::run(&mut client, &mut upstream_stream, limits, inbound, outbound).await;
         record.copied(&outcome, shutdown.is_force_closed());
         debug!(
             upstream = %upstream.label(),
             end = %record.end,
-            sent = outcome.client_to_upstream,
-            received = outcome.upstream_to_client,
+            sent = outcome.client_to_upstream + opened.client_to_upstream,
+            received = outcome.upstream_to_client + opened.upstream_to_client,
             "upstream connection closed"
         );
-        let silent = outcome.client_to_upstream == 0 && outcome.upstream_to_client == 0;
+        let silent = outcome.client_to_upstream == 0
+            && outcome.upstream_to_client == 0
+            && opened.client_to_upstream == 0
+            && opened.upstream_to_client == 0;
         let moved_by_failover = outcome.end == CopyEnd::Closed
             && link.close.is_cancelled()
             && !shutdown.is_force_closed();
@@ -215,14 +285,6 @@ async fn relay(
             upstream = %upstream.label(),
             "upstream went down before any byte; reconnecting the client"
         );
-    }
-}
-
-/// The client's TCP socket, under its TLS session if any.
-fn client_socket(client: &ClientStream) -> &TcpStream {
-    match client {
-        Either::Left(socket) => socket,
-        Either::Right(session) => &session.get_ref().0.inner,
     }
 }
 
@@ -237,6 +299,7 @@ async fn connect_client(
     context: &ListenerContext,
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
+    tried: &[u64],
 ) -> Option<Link> {
     record.end = End::ConnectFailed;
     let route = context.snapshot.load().pool(pool).cloned();
@@ -247,7 +310,15 @@ async fn connect_client(
             .fail(crate::metrics::FailedReason::RemovedByReload);
         return None;
     };
-    let order = attempt_order(&route, origin.source.ip());
+    let order = attempt_order(&route, origin.source.ip(), tried);
+    if order.is_empty() && !tried.is_empty() {
+        context
+            .stats
+            .fail(crate::metrics::FailedReason::UpstreamsFailed);
+        record.end = End::Unanswered;
+        info!(pool = %route.config.name, "client closed: no upstream left to replay its unanswered bytes to");
+        return None;
+    }
     if order.is_empty() {
         context.stats.reject(RejectReason::NoUpstream);
         record.reject(RejectReason::NoUpstream);
@@ -255,6 +326,7 @@ async fn connect_client(
         return None;
     }
     let connect_started = tokio::time::Instant::now();
+    let watches_opening = watches_opening(&route.config);
     let mut remaining = order.as_slice();
     loop {
         let connected = tokio::select! {
@@ -303,6 +375,9 @@ async fn connect_client(
                     }
                 }
             }
+            // The opening exchange watches for that itself, and a client whose bytes
+            // it replays has none left in its socket to end this wait early.
+            (None, Ok(())) if watches_opening => Ok(Either::Left(connected.stream)),
             (None, Ok(())) => {
                 if upstream_gone_first(client, &connected.stream, route.config.connect_timeout)
                     .await
@@ -333,6 +408,7 @@ async fn connect_client(
                         upstream: route.upstreams[index].clone(),
                         close: route.closers[index].token(),
                         idle_timeout: route.config.idle_timeout,
+                        opening: OpeningWatch::of(&route),
                     },
                 });
             }
@@ -381,10 +457,10 @@ async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<Origin> {
-    let context = handshake.context;
+    let context = steps.context;
     let local = client
         .local_addr()
         .unwrap_or_else(|_| unspecified_like(peer));
@@ -403,11 +479,10 @@ async fn client_origin(
         debug!("peer is not in proxy_protocol_from; closing");
         return None;
     }
-    let (header, early) = handshake
-        .step(
-            read_proxy_header(client, accept),
-            RejectReason::ProxyProtocol,
-            "PROXY header",
+    let (header, early) = steps
+        .run(
+            Step::ProxyHeader,
+            handshake::expect_proxy_header(client, accept),
             record,
         )
         .await?;
@@ -430,21 +505,20 @@ async fn choose_pool(
     client: &TcpStream,
     origin: &Origin,
     listener: &ListenerRoute,
-    handshake: &Handshake<'_>,
+    steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
 ) -> Option<String> {
     if listener.sni.is_empty() {
         return listener.config.pool.clone();
     }
-    let name = handshake
-        .step(
-            peek_server_name(client, &origin.early),
-            RejectReason::ClientHello,
-            "ClientHello",
+    let name = steps
+        .run(
+            Step::ClientHello,
+            handshake::peek_server_name(client, &origin.early),
             record,
         )
         .await?;
-    pool_for_name(name.as_deref(), listener, handshake.context, record)
+    pool_for_name(name.as_deref(), listener, steps.context, record)
 }
 
 /// The pool a TLS server name selects: its SNI route, else the listener's pool. `None`
@@ -465,136 +539,6 @@ fn pool_for_name(
     pool
 }
 
-/// The steps of a client's setup before it is routed, under one deadline.
-struct Handshake<'a> {
-    context: &'a ListenerContext,
-    shutdown: &'a Shutdown,
-    /// Accept time plus `handshake_timeout`.
-    deadline: tokio::time::Instant,
-}
-
-impl Handshake<'_> {
-    /// Runs one step; a missed deadline refuses the client as `HandshakeTimeout`, a
-    /// failure as `failure`. A client still handshaking when the shutdown grace ends
-    /// is closed with the rest, not waited for.
-    async fn step<T>(
-        &self,
-        step: impl std::future::Future<Output = Result<T, String>>,
-        failure: RejectReason,
-        what: &str,
-        record: &mut ConnectionRecord<'_>,
-    ) -> Option<T> {
-        let bounded = tokio::time::timeout_at(self.deadline, step);
-        let outcome = tokio::select! {
-            outcome = bounded => outcome,
-            _ = self.shutdown.force_closed() => {
-                record.end = End::Shutdown;
-                debug!("shutdown grace ended during the {what}; closing");
-                return None;
-            }
-        };
-        match outcome {
-            Err(_) => {
-                self.context.stats.reject(RejectReason::HandshakeTimeout);
-                record.reject(RejectReason::HandshakeTimeout);
-                debug!("no complete {what} within handshake_timeout; closing");
-                None
-            }
-            Ok(Err(e)) => {
-                self.context.stats.reject(failure);
-                record.reject(failure);
-                debug!(error = %e, "bad {what}; closing");
-                None
-            }
-            Ok(Ok(value)) => Some(value),
-        }
-    }
-}
-
-/// Peeks (without consuming) until the whole ClientHello is visible; returns its server
-/// name. `early` are bytes already read after a PROXY header: the hello starts there.
-///
-/// Every turn of the loop either sees new bytes or awaits readiness, and a client that
-/// closed its write side with an incomplete hello is an error at once: peeking the same
-/// bytes again would otherwise spin without ever yielding to the timer.
-async fn peek_server_name(client: &TcpStream, early: &[u8]) -> Result<Option<String>, String> {
-    let fd = std::os::fd::AsFd::as_fd(client);
-    let start = early.len();
-    let mut buf = vec![0u8; (start + 4096).min(sni::MAX_PEEK_LEN.max(start))];
-    buf[..start].copy_from_slice(early);
-    let mut seen = 0;
-    loop {
-        if let Some(info) = match sni::parse_client_hello(&buf[..start + seen]) {
-            Ok(found) => found,
-            Err(e) => return Err(e.to_string()),
-        } {
-            return Ok(info.server_name);
-        }
-        if start + seen == buf.len() {
-            if buf.len() >= sni::MAX_PEEK_LEN {
-                return Err("ClientHello too large".to_string());
-            }
-            buf.resize((buf.len() * 2).min(sni::MAX_PEEK_LEN), 0);
-        }
-        let space = &mut buf[start..];
-        let peeked = client.try_io(Interest::READABLE, || {
-            let n = splice::peek(fd, space)?;
-            // Nothing new since the last look: report "would block" so that tokio
-            // clears the readiness and waits for the next arrival.
-            if n != 0 && n == seen {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match peeked {
-            Ok(0) => return Err("closed before the ClientHello was complete".to_string()),
-            Ok(n) => seen = n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let ready = client
-                    .ready(Interest::READABLE)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // A closed read side stays readable for ever. Bytes may have arrived
-                // together with the FIN, so look once more before giving up.
-                if ready.is_read_closed() {
-                    let n = splice::peek(fd, &mut buf[start..]).map_err(|e| e.to_string())?;
-                    if n == seen {
-                        return Err("closed before the ClientHello was complete".to_string());
-                    }
-                    seen = n;
-                }
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-        // Belt and braces: whatever the socket reports, this loop gives the scheduler
-        // (and the handshake deadline) a turn when it runs long.
-        tokio::task::coop::consume_budget().await;
-    }
-}
-
-/// Reads until a complete PROXY header has arrived; returns it and the bytes after it.
-async fn read_proxy_header(
-    client: &TcpStream,
-    accept: proxy_protocol::Accept,
-) -> Result<(proxy_protocol::Header, Vec<u8>), String> {
-    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER_LEN];
-    let mut filled = 0;
-    loop {
-        client.readable().await.map_err(|e| e.to_string())?;
-        match client.try_read(&mut buf[filled..]) {
-            Ok(0) => return Err("closed before the PROXY header was complete".to_string()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-        match proxy_protocol::decode(&buf[..filled], accept) {
-            Ok(Some((header, used))) => return Ok((header, buf[used..filled].to_vec())),
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
 /// Sends the pool's PROXY header, then whatever the client sent after its own header.
 async fn introduce(
     upstream: &TcpStream,
@@ -602,8 +546,7 @@ async fn introduce(
     origin: &Origin,
 ) -> std::io::Result<()> {
     if let Some(version) = version {
-        let header = proxy_protocol::encode(version, origin.source, origin.destination);
-        copy::write_all(upstream, &header).await?;
+        handshake::send_proxy_header(upstream, version, origin.source, origin.destination).await?;
     }
     if !origin.early.is_empty() {
         copy::write_all(upstream, &origin.early).await?;
@@ -653,4 +596,25 @@ async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: D
 fn peek(stream: &TcpStream) -> std::io::Result<usize> {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
     SockRef::from(stream).peek(&mut probe)
+}
+
+fn watches_opening(config: &crate::config::PoolConfig) -> bool {
+    config.first_byte_timeout.is_some() || config.replay_unanswered.is_some()
+}
+
+// === impl OpeningWatch ===
+
+impl OpeningWatch {
+    /// `None` for a pool that sets neither key: its clients go straight to the copy.
+    fn of(route: &PoolRoute) -> Option<Box<Self>> {
+        let config = &route.config;
+        if !watches_opening(config) {
+            return None;
+        }
+        Some(Box::new(Self {
+            first_byte_timeout: config.first_byte_timeout,
+            replay_bound: config.replay_unanswered.unwrap_or(0),
+            feedback: route.feedback.clone(),
+        }))
+    }
 }

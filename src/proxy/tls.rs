@@ -13,6 +13,30 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
+
+/// The client side of a connection: its socket, or the TLS session this listener
+/// terminated on it.
+pub type ClientStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<Prefixed>>>;
+
+/// The upstream side of a connection: its socket, or the TLS session we originated on it.
+pub type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// The client's TCP socket, under its TLS session if any.
+pub fn client_socket(client: &ClientStream) -> &TcpStream {
+    match client {
+        Either::Left(socket) => socket,
+        Either::Right(session) => &session.get_ref().0.inner,
+    }
+}
+
+/// The upstream's TCP socket, under its TLS session if any.
+pub fn upstream_socket(upstream: &UpstreamStream) -> &TcpStream {
+    match upstream {
+        Either::Left(socket) => socket,
+        Either::Right(session) => session.get_ref().0,
+    }
+}
 
 /// Replays bytes already read from a socket (after a PROXY header) before the socket's
 /// own, so that a TLS handshake sees the client's bytes in order.
@@ -27,16 +51,13 @@ pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     client: TcpStream,
     early: Vec<u8>,
-) -> Result<tokio_rustls::server::TlsStream<Prefixed>, String> {
+) -> io::Result<tokio_rustls::server::TlsStream<Prefixed>> {
     let stream = Prefixed {
         prefix: early,
         read: 0,
         inner: client,
     };
-    TlsAcceptor::from(config)
-        .accept(stream)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))
+    TlsAcceptor::from(config).accept(stream).await
 }
 
 // === impl Prefixed ===

@@ -136,6 +136,18 @@ impl Backend {
         }
     }
 
+    /// Greets each client only after its first bytes, like a server of a protocol where
+    /// the client speaks first.
+    pub async fn client_first(name: &'static str) -> Self {
+        let upstream = GreetingUpstream::client_first(name)
+            .await
+            .expect("start backend");
+        Self {
+            addr: upstream.addr,
+            upstream,
+        }
+    }
+
     /// Listens again on the same address and serves.
     pub async fn restart(&mut self) {
         self.upstream.restart().await.expect("restart backend");
