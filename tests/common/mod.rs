@@ -12,7 +12,9 @@ pub mod child;
 pub mod client;
 pub mod events;
 pub mod patroni;
+pub mod pg_crash;
 pub mod proxy;
+pub mod real_clients;
 pub mod servers;
 pub mod upstream;
 
@@ -21,7 +23,9 @@ pub use child::*;
 pub use client::*;
 pub use events::*;
 pub use patroni::*;
+pub use pg_crash::*;
 pub use proxy::*;
+pub use real_clients::*;
 pub use servers::*;
 pub use upstream::*;
 
