@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
+use switchyard::drill::Stop;
 use switchyard::events::Event;
-use switchyard::metrics::ConnectFailure;
+use switchyard::metrics::{ConnectFailure, UpstreamStats};
 
 /// A hung primary is detected by its first unanswered client, whose request goes to
 /// the backup instead.
@@ -36,29 +37,22 @@ fn health(check: &str) -> String {
     format!("[pools.p.health]\n{QUICK}\n{check}\n")
 }
 
-fn connections(proxy: &TestProxy, label: &str) -> u64 {
+/// `read` of the counters of upstream `label` of pool `p`.
+fn counter(proxy: &TestProxy, label: &str, read: impl Fn(&UpstreamStats) -> u64) -> u64 {
     let snapshot = proxy.proxy.snapshot.load();
     let route = snapshot.pool("p").expect("pool p");
-    route
-        .upstreams
-        .iter()
-        .find(|u| u.label() == label)
-        .expect("upstream exists")
-        .stats
-        .connections_total
-        .load(Relaxed)
+    let upstream = route.upstreams.iter().find(|u| u.label() == label);
+    read(&upstream.expect("upstream exists").stats)
+}
+
+fn connections(proxy: &TestProxy, label: &str) -> u64 {
+    counter(proxy, label, |stats| stats.connections_total.load(Relaxed))
 }
 
 fn first_byte_timeouts(proxy: &TestProxy, label: &str) -> u64 {
-    let snapshot = proxy.proxy.snapshot.load();
-    let route = snapshot.pool("p").expect("pool p");
-    route
-        .upstreams
-        .iter()
-        .find(|u| u.label() == label)
-        .expect("upstream exists")
-        .stats
-        .connect_failures(ConnectFailure::FirstByteTimeout)
+    counter(proxy, label, |stats| {
+        stats.connect_failures(ConnectFailure::FirstByteTimeout)
+    })
 }
 
 /// Waits until `label` has served [`SERVED_ENOUGH`] more client connections.
@@ -70,8 +64,24 @@ async fn wait_served(proxy: &TestProxy, label: &str) {
     .await;
 }
 
-fn taken_out(label: &str) -> impl Fn(&Event) -> bool + '_ {
-    move |e| e.upstream.as_deref() == Some(label) && (e.new == "down" || e.new == "ejected")
+/// switchyard in front of `primary` (priority 0) and `backup` (1), replay on, checked
+/// with `check`; returns once both passed a check.
+async fn proxy_in_front(primary: SocketAddr, backup: SocketAddr, check: &str) -> TestProxy {
+    let proxy = start_proxy(&pool_config(
+        &[("primary", primary, 0), ("backup", backup, 1)],
+        WATCHED,
+        &health(check),
+    ));
+    wait_all_checked(&proxy, "p").await;
+    proxy
+}
+
+/// The primary's first `down` or `ejected` event after event `after`.
+async fn wait_taken_out(proxy: &TestProxy, after: u64) -> Event {
+    event_after(proxy, after, SOON, "primary taken out", |e| {
+        e.upstream.as_deref() == Some("primary") && (e.new == "down" || e.new == "ejected")
+    })
+    .await
 }
 
 fn stream(stop: &CancellationToken) -> RealStream {
@@ -79,8 +89,7 @@ fn stream(stop: &CancellationToken) -> RealStream {
         every: CLIENT_EVERY,
         limit: PHASE_LIMIT,
         client_timeout: SOON,
-        stop: stop.clone(),
-        until_served_by: None,
+        stop: Stop::On(stop.clone()),
     }
 }
 
@@ -110,12 +119,7 @@ async fn redis_primary_fault_costs_no_client(fault: RedisFault) {
     redis_name_server(backup.addr, "backup")
         .await
         .expect("name the backup");
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        WATCHED,
-        &health("kind = \"redis\""),
-    ));
-    wait_all_checked(&proxy, "p").await;
+    let proxy = proxy_in_front(primary.addr, backup.addr, "kind = \"redis\"").await;
     let addr = proxy.addr("front");
 
     let stop = CancellationToken::new();
@@ -130,19 +134,12 @@ async fn redis_primary_fault_costs_no_client(fault: RedisFault) {
             let _ = primary.child.wait();
         }
     }
-    let out = event_after(
-        &proxy,
-        before,
-        SOON,
-        "primary taken out",
-        taken_out("primary"),
-    )
-    .await;
+    let out = wait_taken_out(&proxy, before).await;
     wait_served(&proxy, "backup").await;
     stop.cancel();
     let timeline = clients.await.expect("client stream");
 
-    let failed: Vec<_> = timeline.failed().collect();
+    let failed: Vec<_> = failed(&timeline).collect();
     assert!(
         failed.is_empty(),
         "{fault:?}: {} of {} clients failed: {failed:#?}",
@@ -244,12 +241,8 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
         (primary.addr.port(), "primary"),
         (backup.addr.port(), "backup"),
     ];
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary.addr, 0), ("backup", backup.addr, 1)],
-        WATCHED,
-        &health("kind = \"postgres\"\nuser = \"postgres\""),
-    ));
-    wait_all_checked(&proxy, "p").await;
+    let check = "kind = \"postgres\"\nuser = \"postgres\"";
+    let proxy = proxy_in_front(primary.addr, backup.addr, check).await;
     let addr = proxy.addr("front");
 
     let stop = CancellationToken::new();
@@ -260,14 +253,7 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
     let before_kill = last_event_id(&proxy);
     let command_line = crash(&mut primary);
     let killed_at = Instant::now();
-    let out = event_after(
-        &proxy,
-        before_kill,
-        SOON,
-        "primary taken out",
-        taken_out("primary"),
-    )
-    .await;
+    let out = wait_taken_out(&proxy, before_kill).await;
     wait_served(&proxy, "backup").await;
 
     let before_restart = last_event_id(&proxy);
@@ -316,8 +302,7 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
 
     // Only sessions on the server when it was killed may fail.
     let killed_offset = timeline.offset(killed_at);
-    let late: Vec<_> = timeline
-        .failed()
+    let late: Vec<_> = failed(&timeline)
         .filter(|r| r.started >= killed_offset)
         .collect();
     assert!(
@@ -338,7 +323,7 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
          {} ({}); {} refused logins while restarting ({} of them 57P03, in recovery); up {} ms after the \
          last refusal",
         timeline.records.len(),
-        timeline.failed().count(),
+        failed(&timeline).count(),
         out.new,
         out.reason,
         recovery.refusals.len(),

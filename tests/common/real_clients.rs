@@ -8,48 +8,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
+use tokio::time::timeout;
 
-/// What one client saw.
-#[derive(Debug, Clone)]
-pub struct RealRecord {
-    /// When it started, after the stream's start.
-    pub started: Duration,
-    /// From its connect to its answer, or until it failed.
-    pub latency: Duration,
-    /// The name of the server that answered, or the client library's error.
-    pub served_by: Result<String, String>,
-}
+use switchyard::drill::{ClientRecord, Stop, Timeline, run_clients};
 
-impl RealRecord {
-    pub fn finished(&self) -> Duration {
-        self.started + self.latency
-    }
+/// What one real client saw: who served it, or the client library's error.
+pub type RealRecord = ClientRecord<String>;
 
-    pub fn is_served_by(&self, name: &str) -> bool {
-        self.served_by.as_deref() == Ok(name)
-    }
-}
-
-/// Every client of one stream, in the order they started.
-#[derive(Debug, Clone)]
-pub struct RealTimeline {
-    pub start: Instant,
-    pub records: Vec<RealRecord>,
-}
-
-impl RealTimeline {
-    /// `at` as an offset from the stream's start.
-    pub fn offset(&self, at: Instant) -> Duration {
-        at.saturating_duration_since(self.start)
-    }
-
-    pub fn failed(&self) -> impl Iterator<Item = &RealRecord> {
-        self.records.iter().filter(|r| r.served_by.is_err())
-    }
-}
+/// Every real client of one stream, in the order they started.
+pub type RealTimeline = Timeline<String>;
 
 /// How a stream of real clients runs.
 #[derive(Debug, Clone)]
@@ -60,10 +27,8 @@ pub struct RealStream {
     pub limit: Duration,
     /// A client without an answer after this has failed.
     pub client_timeout: Duration,
-    /// Ends the stream early when cancelled.
-    pub stop: CancellationToken,
-    /// Ends the stream at the first client this server answered.
-    pub until_served_by: Option<String>,
+    /// What ends the stream before its limit.
+    pub stop: Stop,
 }
 
 impl RealStream {
@@ -73,56 +38,22 @@ impl RealStream {
         F: Fn(u64) -> Fut,
         Fut: Future<Output = Result<String, String>> + Send + 'static,
     {
-        let start = Instant::now();
-        let end = start + self.limit;
-        let mut clients = JoinSet::new();
-        let mut records = Vec::new();
-        let mut tick = tokio::time::interval(self.every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut n = 0;
-        'spawn: loop {
-            tokio::select! {
-                biased;
-                () = self.stop.cancelled() => break,
-                () = sleep_until(end) => break,
-                _ = tick.tick() => {
-                    let request = client(n);
-                    n += 1;
-                    let limit = self.client_timeout;
-                    clients.spawn(async move {
-                        let started = Instant::now();
-                        let served_by = timeout(limit, request)
-                            .await
-                            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
-                        RealRecord {
-                            started: started.saturating_duration_since(start),
-                            latency: started.elapsed(),
-                            served_by,
-                        }
-                    });
-                }
+        let limit = self.client_timeout;
+        run_clients(self.every, self.limit, self.stop, move |n| {
+            let request = client(n);
+            async move {
+                timeout(limit, request)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
             }
-            while let Some(done) = clients.try_join_next() {
-                if let Ok(record) = done {
-                    let found = self
-                        .until_served_by
-                        .as_deref()
-                        .is_some_and(|name| record.is_served_by(name));
-                    records.push(record);
-                    if found {
-                        break 'spawn;
-                    }
-                }
-            }
-        }
-        while let Some(done) = clients.join_next().await {
-            if let Ok(record) = done {
-                records.push(record);
-            }
-        }
-        records.sort_by_key(|r| r.started);
-        RealTimeline { start, records }
+        })
+        .await
     }
+}
+
+/// The clients of `timeline` that failed.
+pub fn failed(timeline: &RealTimeline) -> impl Iterator<Item = &RealRecord> {
+    timeline.records.iter().filter(|r| r.served_by.is_err())
 }
 
 // ---------------------------------------------------------------- Redis
@@ -187,16 +118,7 @@ pub async fn redis_name_server(addr: SocketAddr, name: &str) -> Result<(), Strin
 /// One PostgreSQL client (`tokio-postgres`, as `postgres` with trust authentication) on
 /// a new connection to `addr`: `SELECT 1` and the server's port; returns the port.
 pub async fn pg_request(addr: SocketAddr) -> Result<u16, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut config = tokio_postgres::Config::new();
-    config.user("postgres").dbname("postgres");
-    let (client, connection) = config
-        .connect_raw(stream, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| pg_words(&e))?;
-    tokio::spawn(connection);
+    let client = pg_login(addr).await?;
     let answer = client
         .simple_query("SELECT 1, current_setting('port')")
         .await
@@ -231,6 +153,16 @@ pub async fn pg_request_named(
 
 /// Runs `sql` (simple protocol) on `addr` as `postgres`.
 pub async fn pg_execute(addr: SocketAddr, sql: &str) -> Result<(), String> {
+    pg_login(addr)
+        .await?
+        .batch_execute(sql)
+        .await
+        .map_err(|e| pg_words(&e))
+}
+
+/// A session on `addr` as `postgres` (trust authentication), its connection driven by
+/// a task of its own that ends with the client.
+async fn pg_login(addr: SocketAddr) -> Result<tokio_postgres::Client, String> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -241,7 +173,7 @@ pub async fn pg_execute(addr: SocketAddr, sql: &str) -> Result<(), String> {
         .await
         .map_err(|e| pg_words(&e))?;
     tokio::spawn(connection);
-    client.batch_execute(sql).await.map_err(|e| pg_words(&e))
+    Ok(client)
 }
 
 /// The error with the server's code and message when it sent one ("FATAL 57P03: the
