@@ -89,9 +89,9 @@ use switchyard::shutdown::Shutdown;
 mod common;
 
 use common::{
-    PgCluster, PgServer, PgTools, RealRecord, RealStream, RealTimeline, Redis, closed_port, crash,
-    find_program, pg_execute, pg_request_named, redis_name_server, redis_request,
-    restart_after_crash, signal,
+    PgCluster, PgServer, PgTools, RealRecord, RealStream, RealTimeline, Redis, WAL_FILLER,
+    closed_port, crash, find_program, pg_execute, pg_request_named, redis_name_server,
+    redis_request, restart_after_crash, signal,
 };
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -123,11 +123,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
 /// PostgreSQL forks a backend for every connection: fewer clients than the others.
 const POSTGRES_CLIENT_EVERY: Duration = Duration::from_millis(5);
-/// Written to the PostgreSQL primary before the run: WAL its crash recovery replays
-/// (about a second here) while it answers "the database system is not yet accepting
-/// connections".
-const POSTGRES_FILLER: &str =
-    "CREATE TABLE filler AS SELECT g, md5(g::text) FROM generate_series(1, 1000000) g";
 
 /// Upstreams' accept queue: small, so that few connections fill it for a black hole.
 const UPSTREAM_BACKLOG: i32 = 16;
@@ -695,7 +690,7 @@ async fn run_real_case(
     let backup = RealServer::start(fault, real, "backup").await?;
     if let RealServer::Postgres(primary) = &primary {
         // WAL after the last checkpoint: the restart replays it, as a busy server does.
-        pg_execute(primary.addr, POSTGRES_FILLER).await?;
+        pg_execute(primary.addr, WAL_FILLER).await?;
     }
     let names = [
         (primary.addr().port(), "primary"),

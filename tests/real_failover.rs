@@ -188,8 +188,8 @@ async fn a_killed_redis_primary_costs_no_client_with_replay() {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-/// When the restarted primary first took a login, and every earlier moment (unix ms,
-/// when the attempt was sent) at which it refused one, with why.
+/// Every login the restarted primary refused before it took one: when it was sent (unix
+/// ms) and why.
 struct Recovery {
     refusals: Vec<(u64, String)>,
 }
@@ -217,7 +217,8 @@ async fn watch_recovery(addr: SocketAddr) -> Recovery {
 }
 
 /// The primary SIGKILLed with all its processes, then restarted: it goes through crash
-/// recovery, answering "the database system is starting up" meanwhile. Through a
+/// recovery, refusing logins meanwhile (57P03: "the database system is starting up",
+/// "not yet accepting connections"). Through a
 /// `kind = "postgres"` check: clients are served by the backup from the kill on, the
 /// primary is marked up only after its last refused login, and no new client ever sees
 /// an error; only sessions already on the killed server may fail.
@@ -231,12 +232,9 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
     let backup = cluster.start("backup").await;
     // WAL after the last checkpoint: the restart has something to replay, and takes
     // a while before it takes logins.
-    pg_execute(
-        primary.addr,
-        "CREATE TABLE filler AS SELECT g, md5(g::text) FROM generate_series(1, 1000000) g",
-    )
-    .await
-    .expect("write WAL");
+    pg_execute(primary.addr, WAL_FILLER)
+        .await
+        .expect("write WAL");
     let names = [
         (primary.addr.port(), "primary"),
         (backup.addr.port(), "backup"),

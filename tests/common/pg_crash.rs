@@ -11,6 +11,11 @@ use std::time::Duration;
 
 use super::{PgServer, PgTools};
 
+/// Writes a table without a checkpoint after it: WAL that a crash recovery replays
+/// (about a second on a small machine) while the server refuses logins with 57P03.
+pub const WAL_FILLER: &str =
+    "CREATE TABLE filler AS SELECT g, md5(g::text) FROM generate_series(1, 1000000) g";
+
 /// SIGKILLs the postmaster of `server` and every process it started; returns the
 /// postmaster's command line, for [`restart_after_crash`].
 pub fn crash(server: &mut PgServer) -> Vec<OsString> {
