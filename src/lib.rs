@@ -29,6 +29,7 @@ pub mod snapshot;
 pub mod sockets;
 pub mod status;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod wire;
 

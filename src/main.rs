@@ -393,6 +393,17 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // Held until `run` returns: dropping it removes the file (while it is still ours).
+        let _pid_file = match &config.runtime.pid_file {
+            None => None,
+            Some(path) => match switchyard::upgrade::PidFile::write(path) {
+                Ok(pid_file) => Some(pid_file),
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "cannot write the pid file (runtime.pid_file)");
+                    return ExitCode::from(1);
+                }
+            },
+        };
         let shutdown = Shutdown::new();
         if let Err(e) = watch_signals(shutdown.clone()) {
             error!(error = %e, "cannot install signal handlers");
