@@ -35,7 +35,7 @@ use tracing::debug;
 use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
 use crate::events::{EventKind, EventLog};
 use crate::health::passive::{Feedback, PassiveReport};
-use crate::health::state::{AdminOverride, State, UpstreamState};
+use crate::health::state::{AdminOverride, CarriedState, State, UpstreamState};
 use crate::health::{
     CheckFailure, CheckReport, CheckReports, Checker, NetworkChecks, SpawnChecker,
 };
@@ -74,6 +74,21 @@ pub enum Message {
     Status {
         reply: oneshot::Sender<Vec<PoolView>>,
     },
+    /// Every upstream's state, for the new process of a binary upgrade.
+    Carried {
+        reply: oneshot::Sender<Vec<CarriedUpstream>>,
+    },
+}
+
+/// One upstream's state as a binary upgrade hands it over, keyed as a reload keys it
+/// (pool name and address).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedUpstream {
+    pub pool: String,
+    pub address: SocketAddr,
+    pub state: CarriedState,
+    /// What the status showed as the reason, so that it goes on saying why.
+    pub reason: String,
 }
 
 /// The first check of each upstream a reload adds, by (pool, address).
@@ -238,6 +253,12 @@ impl ControllerHandle {
     }
 
     /// Manual failback; returns the priority of the new active tier.
+    pub async fn carried(&self) -> Result<Vec<CarriedUpstream>, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Carried { reply });
+        answer.await.map_err(|_| ControlError::Stopped)
+    }
+
     pub async fn failback(&self, pool: &str) -> Result<u32, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::Failback {
@@ -347,7 +368,53 @@ impl Controller {
             Message::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Message::Carried { reply } => {
+                let _ = reply.send(self.carried());
+            }
         }
+    }
+
+    fn carried(&self) -> Vec<CarriedUpstream> {
+        self.pools
+            .iter()
+            .flat_map(|pool| {
+                pool.slots.iter().map(|slot| CarriedUpstream {
+                    pool: pool.config.name.clone(),
+                    address: slot.upstream.config.address,
+                    state: slot.state.carried(),
+                    reason: slot.shown_reason.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes over the upstream states a previous process handed over (before [`run`]
+    /// applies any check result): no transition and no event, since nothing changed for
+    /// the clients; the tiers are chosen again from them. Upstreams the config no
+    /// longer has are ignored; new ones start as at a fresh start.
+    ///
+    /// [`run`]: Self::run
+    pub fn inherit(&mut self, carried: &[CarriedUpstream]) {
+        let now = Instant::now();
+        for entry in carried {
+            let Some(pool) = self.pools.iter_mut().find(|p| p.config.name == entry.pool) else {
+                continue;
+            };
+            let Some(slot) = pool
+                .slots
+                .iter_mut()
+                .find(|s| s.upstream.config.address == entry.address)
+            else {
+                continue;
+            };
+            slot.state = UpstreamState::from_carried(entry.state);
+            slot.shown = slot.state.state(now);
+            slot.shown_reason.clone_from(&entry.reason);
+        }
+        for pool in &mut self.pools {
+            pool.active_tier = pool.initial_tier(None);
+        }
+        self.publish_all();
     }
 
     /// Applies one active check result and answers the checker with its next interval.
