@@ -193,6 +193,7 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let signalled = Instant::now();
     old.signal(libc::SIGUSR2);
     let deadline = Instant::now() + SOON;
     let new_pid = loop {
@@ -207,6 +208,7 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let taken_over = Instant::now();
     let _successor = Successor(Some(new_pid));
     let deadline = Instant::now() + SOON;
     while status_pid(admin).await != new_pid {
@@ -257,9 +259,17 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
         .iter()
         .filter(|r| r.is_served_by("a"))
         .count();
+    let (from, to) = (timeline.offset(signalled), timeline.offset(taken_over));
+    let starting = timeline
+        .records
+        .iter()
+        .filter(|r| r.started >= from && r.started <= to)
+        .count();
+    let draining = timeline.records.iter().filter(|r| r.started > to).count();
     eprintln!(
-        "upgrade: {} connections during the run, {served} served, {} failed",
+        "upgrade: {} connections in the run: {starting} in the {:?} from SIGUSR2 to the new process serving, {draining} while the old one drained; {served} served, {} failed",
         timeline.records.len(),
+        to - from,
         failed.len()
     );
     assert!(failed.is_empty(), "failed clients: {failed:?}");
@@ -346,5 +356,59 @@ async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(greeted_by(front).await.expect("served by the new one"), "a");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Under systemd (`Type=notify`): READY=1 once serving, and on an upgrade the old
+/// process names the new one as the unit's main process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_and_the_new_main_pid() {
+    let backend = Backend::start("a").await;
+    let (front, admin) = (closed_port(), closed_port());
+    let dir = test_dir();
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        child_config(front, admin, &[("a", backend.addr, 0)], ""),
+    )
+    .unwrap();
+    let notify_path = dir.join("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut old = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let next = async || {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(SOON, notify.recv(&mut buf))
+            .await
+            .expect("a notification in time")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next().await, "READY=1");
+    assert_eq!(greeted_by(front).await.expect("serves once ready"), "a");
+    signal(&old, libc::SIGUSR2);
+    let message = next().await;
+    let new_pid: u32 = message
+        .strip_prefix("MAINPID=")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("not a MAINPID: {message:?}"));
+    let _successor = Successor(Some(new_pid));
+    assert_ne!(new_pid, old.id());
+    let deadline = Instant::now() + SOON;
+    while status_pid(admin).await != new_pid {
+        assert!(
+            Instant::now() < deadline,
+            "/status never showed the new process"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = wait_exit(&mut old, SOON).await;
+    assert!(status.success());
     let _ = std::fs::remove_dir_all(dir);
 }
