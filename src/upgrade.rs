@@ -223,8 +223,12 @@ pub fn inherit() -> Result<Option<Inherited>, String> {
 
 fn receive(name: &[u8]) -> io::Result<Inherited> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-    let mut stream = UnixStream::connect_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
     stream.set_read_timeout(Some(READY_LIMIT))?;
+    receive_from(stream)
+}
+
+fn receive_from(mut stream: UnixStream) -> io::Result<Inherited> {
     let mut length = [0u8; 4];
     stream.read_exact(&mut length)?;
     let length = u32::from_be_bytes(length) as usize;
@@ -241,7 +245,11 @@ fn receive(name: &[u8]) -> io::Result<Inherited> {
     let header: Header = serde_json::from_slice(&header)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut fds = Vec::with_capacity(header.sockets.len());
-    while fds.len() < header.sockets.len() {
+    // Each message carries at least one descriptor: as many messages as sockets at most.
+    for _ in 0..header.sockets.len() {
+        if fds.len() >= header.sockets.len() {
+            break;
+        }
         receive_fds(&stream, &mut fds)?;
     }
     if fds.len() != header.sockets.len() {
@@ -400,6 +408,84 @@ impl Drop for PidFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn header_bytes(header: &Header) -> Vec<u8> {
+        let json = serde_json::to_vec(header).unwrap();
+        let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn sockets_and_health_cross_the_handover_socket_and_ready_comes_back() {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (first.local_addr().unwrap(), second.local_addr().unwrap());
+        let mut table = SocketTable::default();
+        table.adopt(Kind::Traffic, a, first).unwrap();
+        table.adopt(Kind::Admin, b, second).unwrap();
+        let health = vec![CarriedUpstream {
+            pool: "p".to_string(),
+            address: a,
+            state: crate::health::state::CarriedState {
+                checked_up: Some(false),
+                passes_in_a_row: 1,
+                failures_in_a_row: 0,
+                admin: None,
+            },
+            reason: "connect refused".to_string(),
+        }];
+        let (old, new) = UnixStream::pair().unwrap();
+        let sent = health.clone();
+        let sender = std::thread::spawn(move || send_and_wait(old, &table, sent));
+        let mut inherited = receive_from(new).unwrap();
+        assert_eq!(inherited.health, health);
+        let table = inherited.take_sockets().unwrap();
+        let keys: Vec<_> = table.iter().map(|(kind, addr, _)| (kind, addr)).collect();
+        assert_eq!(keys, vec![(Kind::Traffic, a), (Kind::Admin, b)]);
+        // The same socket, not a copy: a client of `a` reaches the inherited listener.
+        let socket = table.iter().next().unwrap().2.clone();
+        let _client = tokio::net::TcpStream::connect(a).await.unwrap();
+        socket.accept().await.unwrap();
+        inherited.serving().unwrap();
+        sender.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_truncated_huge_or_garbled_handover_is_an_error() {
+        let header = Header {
+            sockets: vec![(Kind::Traffic, "127.0.0.1:1".parse().unwrap())],
+            health: Vec::new(),
+        };
+        let complete = header_bytes(&header);
+        let mut huge = ((MAX_HEADER + 1) as u32).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let mut garbled = 5u32.to_be_bytes().to_vec();
+        garbled.extend_from_slice(b"{\"so");
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("nothing", Vec::new()),
+            ("half a length", vec![0, 0]),
+            ("half a header", complete[..complete.len() - 3].to_vec()),
+            ("a header and no descriptors", complete),
+            ("a huge length", huge),
+        ];
+        for (what, bytes) in cases.into_iter().chain([("garbled JSON", garbled)]) {
+            let (mut old, new) = UnixStream::pair().unwrap();
+            old.write_all(&bytes).unwrap();
+            drop(old);
+            assert!(receive_from(new).is_err(), "{what} was taken as a handover");
+        }
+    }
+
+    #[test]
+    fn a_predecessor_that_goes_quiet_does_not_hold_the_start_for_ever() {
+        let (_old, new) = UnixStream::pair().unwrap();
+        new.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(receive_from(new).is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn the_pid_file_names_this_process_and_is_removed_only_while_ours() {
