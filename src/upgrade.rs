@@ -158,11 +158,11 @@ fn handover_listener(name: &str) -> io::Result<tokio::net::UnixListener> {
 
 /// Sends the header and the descriptors, then waits for the new process to serve.
 fn send_and_wait(
-    stream: std::os::unix::net::UnixStream,
+    mut stream: UnixStream,
     sockets: &SocketTable,
     health: Vec<CarriedUpstream>,
 ) -> io::Result<()> {
-    let mut stream = stream;
+    // Tokio hands its sockets over non-blocking; this side runs on a blocking thread.
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(READY_LIMIT))?;
     let header = Header {
