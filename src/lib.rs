@@ -41,7 +41,7 @@ use tracing::{error, info, warn};
 
 use admin::Admin;
 use config::Config;
-use controller::{CarriedUpstream, Controller, ControllerHandle};
+use controller::{CarriedPool, Controller, ControllerHandle};
 use events::EventLog;
 use proxy::listener::{BoundListener, ListenerSet, ListenerView};
 use reload::Reloader;
@@ -74,7 +74,7 @@ impl Proxy {
         config: &Config,
         listeners: Vec<BoundListener>,
         shutdown: &Shutdown,
-        health: &[CarriedUpstream],
+        health: &[CarriedPool],
     ) -> Self {
         let events = Arc::new(EventLog::new());
         let mut controller = Controller::new(config, events.clone());
@@ -113,7 +113,7 @@ pub struct Listening {
     pub admin: Option<Arc<TcpListener>>,
     /// The upstream states a previous process handed over with its sockets (a binary
     /// upgrade); empty on a fresh start.
-    pub health: Vec<CarriedUpstream>,
+    pub health: Vec<CarriedPool>,
 }
 
 impl Listening {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::controller::CarriedUpstream;
+use crate::controller::CarriedPool;
 use crate::sockets::{Kind, SocketTable};
 
 /// The environment variable that tells a new process where its predecessor waits: the
@@ -70,14 +70,14 @@ pub enum UpgradeError {
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     sockets: Vec<(Kind, SocketAddr)>,
-    health: Vec<CarriedUpstream>,
+    health: Vec<CarriedPool>,
 }
 
 /// What a new process received from its predecessor.
 #[derive(Debug)]
 pub struct Inherited {
     sockets: Vec<(Kind, SocketAddr, std::net::TcpListener)>,
-    pub health: Vec<CarriedUpstream>,
+    pub health: Vec<CarriedPool>,
     predecessor: UnixStream,
 }
 
@@ -88,7 +88,7 @@ pub struct Inherited {
 /// changed. Needs a running tokio runtime.
 pub async fn hand_over(
     sockets: SocketTable,
-    health: Vec<CarriedUpstream>,
+    health: Vec<CarriedPool>,
 ) -> Result<u32, UpgradeError> {
     let exe = executable().map_err(UpgradeError::Executable)?;
     let name = format!(
@@ -160,7 +160,7 @@ fn handover_listener(name: &str) -> io::Result<tokio::net::UnixListener> {
 fn send_and_wait(
     mut stream: UnixStream,
     sockets: &SocketTable,
-    health: Vec<CarriedUpstream>,
+    health: Vec<CarriedPool>,
 ) -> io::Result<()> {
     // Tokio hands its sockets over non-blocking; this side runs on a blocking thread.
     stream.set_nonblocking(false)?;
@@ -424,16 +424,19 @@ mod tests {
         let mut table = SocketTable::default();
         table.adopt(Kind::Traffic, a, first).unwrap();
         table.adopt(Kind::Admin, b, second).unwrap();
-        let health = vec![CarriedUpstream {
+        let health = vec![CarriedPool {
             pool: "p".to_string(),
-            address: a,
-            state: crate::health::state::CarriedState {
-                checked_up: Some(false),
-                passes_in_a_row: 1,
-                failures_in_a_row: 0,
-                admin: None,
-            },
-            reason: "connect refused".to_string(),
+            active_tier: Some(1),
+            upstreams: vec![crate::controller::CarriedUpstream {
+                address: a,
+                state: crate::health::state::CarriedState {
+                    checked_up: Some(false),
+                    passes_in_a_row: 1,
+                    failures_in_a_row: 0,
+                    admin: None,
+                },
+                reason: "connect refused".to_string(),
+            }],
         }];
         let (old, new) = UnixStream::pair().unwrap();
         let sent = health.clone();

@@ -1031,7 +1031,8 @@ async fn inherited_states_choose_the_tier_without_an_event_and_checks_go_on_from
     old.check("c", true);
     assert_eq!(old.active(), Some(1));
     let carried = old.controller.carried();
-    assert_eq!(carried.len(), 2);
+    assert_eq!(carried.len(), 1);
+    assert_eq!(carried[0].upstreams.len(), 2);
 
     let mut new = Harness::start(&config(pool, TWO));
     new.controller.inherit(&carried);
@@ -1048,4 +1049,21 @@ async fn inherited_states_choose_the_tier_without_an_event_and_checks_go_on_from
         new.upstream_events(),
         vec![upstream_event("a", "down", "up")]
     );
+}
+
+/// An upgrade never fails back on its own: with a manual failback pending, the new
+/// process stays on the tier the old one served from.
+#[tokio::test(start_paused = true)]
+async fn an_inherited_active_tier_is_kept_while_a_manual_failback_is_pending() {
+    let pool = "failback = \"manual\"";
+    let mut old = Harness::start(&config(pool, TWO));
+    old.check("a", false);
+    old.check("a", true);
+    assert_eq!(old.state("a"), State::Up);
+    assert_eq!(old.active(), Some(1), "waiting for the operator");
+
+    let mut new = Harness::start(&config(pool, TWO));
+    new.controller.inherit(&old.controller.carried());
+    assert_eq!(new.active(), Some(1));
+    assert!(new.events.all().is_empty());
 }
