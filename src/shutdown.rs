@@ -14,7 +14,10 @@ use tokio_util::task::TaskTracker;
 pub struct Shutdown {
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
+    drained: CancellationToken,
     connections: TaskTracker,
+    /// Requests accepted for an answer outside the proxied connections (admin calls).
+    answers: TaskTracker,
 }
 
 // === impl Shutdown ===
@@ -51,6 +54,29 @@ impl Shutdown {
         &self.connections
     }
 
+    /// Resolves once [`drain`](Self::drain) has ended: what outlives accepting (the
+    /// controller) stops here, so that a request accepted just before shutdown began, an
+    /// admin call racing a binary upgrade above all, is still answered.
+    pub async fn drained(&self) {
+        self.drained.cancelled().await;
+    }
+
+    /// Wraps a task that owes a client an answer (an admin connection), so that
+    /// [`answered`](Self::answered) can wait for it before the process exits.
+    pub fn track_answer<F: std::future::Future>(
+        &self,
+        task: F,
+    ) -> tokio_util::task::task_tracker::TrackedFuture<F> {
+        self.answers.track_future(task)
+    }
+
+    /// Waits up to `bound` for the tasks of [`track_answer`](Self::track_answer) to end;
+    /// they wind down once accepting stopped (an event stream is cut at `bound`).
+    pub async fn answered(&self, bound: Duration) {
+        self.answers.close();
+        let _ = tokio::time::timeout(bound, self.answers.wait()).await;
+    }
+
     /// Number of connections still open.
     pub fn open_connections(&self) -> usize {
         self.connections.len()
@@ -64,11 +90,13 @@ impl Shutdown {
             .await
             .is_ok()
         {
+            self.drained.cancel();
             return 0;
         }
         let left = self.connections.len();
         self.force_close.cancel();
         self.connections.wait().await;
+        self.drained.cancel();
         left
     }
 }

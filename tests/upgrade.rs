@@ -60,6 +60,64 @@ async fn the_pid_file_holds_the_serving_pid_and_goes_at_exit() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Descriptors the process has open now.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+/// The race a binary upgrade (or any stop) has with an admin client: a connection the
+/// process accepted just before it stopped accepting is answered in full, by a process
+/// whose state still answers, while its proxied connections drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_call_accepted_before_a_stop_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("a").await;
+    let (front, admin) = (closed_port(), closed_port());
+    // No health checks: their sockets would make the descriptor count move by itself.
+    let toml = child_config(front, admin, &[("a", backend.addr, 0)], "")
+        .replace("[pools.p.health]\n", "[pools.p.health]\nenabled = false\n");
+    let mut proxy = ChildProxy::start(&toml, admin).await;
+    let pid = proxy.child.id();
+    // A proxied connection keeps the drain going after the stop.
+    let mut held = tokio::net::TcpStream::connect(front)
+        .await
+        .expect("connect");
+    assert_eq!(read_line(&mut held).await.expect("greeting"), "hello a");
+
+    let before = open_fds(pid);
+    let mut call = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let deadline = Instant::now() + SOON;
+    while open_fds(pid) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the admin connection was not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.signal(libc::SIGTERM);
+    let deadline = Instant::now() + SOON;
+    while tokio::net::TcpStream::connect(admin).await.is_ok() {
+        assert!(Instant::now() < deadline, "the admin API still accepts");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    call.write_all(b"GET /status HTTP/1.1\r\nHost: switchyard\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(SOON, call.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&format!("\"pid\": {pid}")), "{answer}");
+
+    drop(held);
+    let status = wait_exit(&mut proxy.child, SOON).await;
+    assert!(status.success(), "{status}: {}", proxy.stderr());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pid_file_that_cannot_be_written_fails_the_start() {
     let backend = Backend::start("a").await;
@@ -100,10 +158,11 @@ impl Drop for Successor {
 }
 
 async fn status_pid(admin: SocketAddr) -> u32 {
-    get_json(admin, "/status").await["pid"]
+    let status = get_json(admin, "/status").await;
+    status["pid"]
         .as_u64()
         .and_then(|pid| u32::try_from(pid).ok())
-        .expect("a pid in /status")
+        .unwrap_or_else(|| panic!("a pid in /status: {status}"))
 }
 
 async fn upstream_field(admin: SocketAddr, name: &str, field: &str) -> serde_json::Value {

@@ -199,12 +199,16 @@ fn serve(
         id,
     };
     let admin = admin.clone();
+    let tracker = shutdown.clone();
+    let connection_shutdown = shutdown.clone();
     let shutdown = shutdown.clone();
-    tokio::spawn(async move {
+    let task = async move {
         let tracked = registered.connections.clone();
         // Set once this connection streams: when the stream must be over.
         let (stream_deadline, mut stream_ends) = watch::channel(None::<Instant>);
+        let (request_seen, mut first_request) = watch::channel(false);
         let service = service_fn(move |request| {
+            request_seen.send_replace(true);
             let in_flight = RequestInFlight::start(&tracked, id);
             let admin = admin.clone();
             let tracked = tracked.clone();
@@ -253,17 +257,41 @@ fn serve(
             .header_read_timeout(HEADER_TIMEOUT)
             .max_header_size(MAX_HEADER_BYTES)
             .serve_connection(TokioIo::new(stream), service);
-        tokio::select! {
-            result = connection => {
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "admin connection ended with an error");
+        let mut connection = std::pin::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => Some(result),
+            _ = closed => {
+                debug!(%peer, "admin connection closed to make room for a new one");
+                None
+            }
+            _ = stream_overdue(&mut stream_ends) => {
+                debug!(%peer, "admin event stream cut: its reader stopped reading");
+                None
+            }
+            _ = connection_shutdown.stopping() => {
+                // A client that connected before accepting stopped (an admin call racing
+                // a binary upgrade's handover) gets its request answered, then the
+                // connection closes instead of waiting for another. An event stream
+                // ends by itself when shutdown begins.
+                let first = tokio::select! {
+                    result = connection.as_mut() => Some(result),
+                    _ = first_request.wait_for(|seen| *seen) => None,
+                };
+                match first {
+                    Some(result) => Some(result),
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        Some(connection.as_mut().await)
+                    }
                 }
             }
-            _ = closed => debug!(%peer, "admin connection closed to make room for a new one"),
-            _ = stream_overdue(&mut stream_ends) => debug!(%peer, "admin event stream cut: its reader stopped reading"),
+        };
+        if let Some(Err(e)) = result {
+            debug!(%peer, error = %e, "admin connection ended with an error");
         }
         drop(registered);
-    });
+    };
+    tokio::spawn(tracker.track_answer(task));
 }
 
 /// Resolves [`STREAM_CLOSE_GRACE`] after the end set in `stream_ends`, for a stream

@@ -333,14 +333,16 @@ impl Controller {
         self.handle.clone()
     }
 
-    /// Applies messages, reports and timers until shutdown.
+    /// Applies messages, reports and timers until the shutdown's drain has ended: while
+    /// connections drain, the admin API still answers and upstreams that go down still
+    /// have their connections closed.
     pub async fn run(mut self, shutdown: Shutdown) {
         loop {
             let deadline = self.next_deadline();
             // The controller holds a sender of each channel, so none of them closes.
             tokio::select! {
                 biased;
-                _ = shutdown.stopping() => return,
+                _ = shutdown.drained() => return,
                 Some(message) = self.commands.recv() => self.on_command(message),
                 Some(report) = self.checks.recv() => self.on_check(report),
                 Some(report) = self.passive.recv() => self.on_passive(report),

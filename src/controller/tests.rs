@@ -622,6 +622,7 @@ async fn the_message_loop_applies_check_reports_and_answers_commands() {
     );
 
     shutdown.begin();
+    shutdown.drain(Duration::ZERO).await;
     assert!(running.await.is_ok());
 }
 
