@@ -49,10 +49,6 @@ use shutdown::Shutdown;
 use snapshot::SharedSnapshot;
 use sockets::{Kind, SocketTable};
 
-/// How long a stopping process waits, after its connections drained, for admin calls it
-/// accepted before it stopped accepting: enough for any request that had arrived.
-const ADMIN_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// A running proxy: what tests, the demo, reload and the admin API work with.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -246,9 +242,6 @@ pub async fn run(
         "shutting down: stopped accepting, waiting for connections to finish"
     );
     let closed = shutdown.drain(grace).await;
-    // Admin calls accepted before accepting stopped are answered (bounded: an event
-    // stream would go on for minutes).
-    shutdown.answered(ADMIN_WIND_DOWN).await;
     info!(closed, "shutdown complete");
     Ok(())
 }

@@ -9,6 +9,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long a drain waits, after the connections, for admin calls accepted just before
+/// accepting stopped: enough for any request that had arrived (an event stream would
+/// otherwise go on for minutes).
+pub const ANSWER_WIND_DOWN: Duration = Duration::from_secs(2);
+
 /// Cheap to clone; every clone controls the same shutdown.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
@@ -62,19 +67,13 @@ impl Shutdown {
     }
 
     /// Wraps a task that owes a client an answer (an admin connection), so that
-    /// [`answered`](Self::answered) can wait for it before the process exits.
+    /// [`drain`](Self::drain) waits for it before the process exits; such tasks wind
+    /// down by themselves once accepting stopped.
     pub fn track_answer<F: std::future::Future>(
         &self,
         task: F,
     ) -> tokio_util::task::task_tracker::TrackedFuture<F> {
         self.answers.track_future(task)
-    }
-
-    /// Waits up to `bound` for the tasks of [`track_answer`](Self::track_answer) to end;
-    /// they wind down once accepting stopped (an event stream is cut at `bound`).
-    pub async fn answered(&self, bound: Duration) {
-        self.answers.close();
-        let _ = tokio::time::timeout(bound, self.answers.wait()).await;
     }
 
     /// Number of connections still open.
@@ -83,19 +82,23 @@ impl Shutdown {
     }
 
     /// Waits up to `grace` for connections to finish, then closes the rest and waits for
-    /// their tasks to end. Returns how many had to be closed.
+    /// their tasks to end; then up to [`ANSWER_WIND_DOWN`] for admin calls accepted
+    /// before accepting stopped. Returns how many connections had to be closed.
     pub async fn drain(&self, grace: Duration) -> usize {
         self.connections.close();
-        if tokio::time::timeout(grace, self.connections.wait())
+        let left = if tokio::time::timeout(grace, self.connections.wait())
             .await
             .is_ok()
         {
-            self.drained.cancel();
-            return 0;
-        }
-        let left = self.connections.len();
-        self.force_close.cancel();
-        self.connections.wait().await;
+            0
+        } else {
+            let left = self.connections.len();
+            self.force_close.cancel();
+            self.connections.wait().await;
+            left
+        };
+        self.answers.close();
+        let _ = tokio::time::timeout(ANSWER_WIND_DOWN, self.answers.wait()).await;
         self.drained.cancel();
         left
     }
