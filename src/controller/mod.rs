@@ -33,6 +33,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
 use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
+use crate::discovery::{self, Membership};
 use crate::events::{EventKind, EventLog};
 use crate::health::passive::{Feedback, PassiveReport};
 use crate::health::state::{AdminOverride, State, UpstreamState};
@@ -119,6 +120,16 @@ pub struct Controller {
     commands: mpsc::UnboundedReceiver<Message>,
     checks: mpsc::UnboundedReceiver<CheckReport>,
     passive: mpsc::UnboundedReceiver<PassiveReport>,
+    discovery: Discovery,
+}
+
+/// The pools' DNS discovery tasks, restarted with every configuration.
+struct Discovery {
+    tasks: Vec<tokio::task::AbortHandle>,
+    /// Counts configurations; a membership from an older one is stale.
+    epoch: u64,
+    sender: discovery::MembershipSender,
+    found: mpsc::UnboundedReceiver<Membership>,
 }
 
 /// An event waiting for the snapshot that carries its change.
@@ -188,6 +199,16 @@ struct Slot {
     /// Why a ramp should start at the next refresh: it became usable again, or a reload
     /// added it.
     ramp_due: Option<String>,
+}
+
+// === impl Discovery ===
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 // === impl ControllerHandle ===
@@ -267,6 +288,7 @@ impl Controller {
         let (tx, commands) = mpsc::unbounded_channel();
         let (reports, checks) = mpsc::unbounded_channel();
         let (feedback, passive) = Feedback::channel();
+        let (sender, found) = mpsc::unbounded_channel();
         let checkers = Checkers { spawn, reports };
         let pools = config
             .pools
@@ -290,6 +312,12 @@ impl Controller {
             commands,
             checks,
             passive,
+            discovery: Discovery {
+                tasks: Vec::new(),
+                epoch: 0,
+                sender,
+                found,
+            },
         };
         controller.publish_all();
         debug!(pools = controller.pools.len(), "controller ready");
@@ -306,6 +334,7 @@ impl Controller {
 
     /// Applies messages, reports and timers until shutdown.
     pub async fn run(mut self, shutdown: Shutdown) {
+        self.restart_discovery();
         loop {
             let deadline = self.next_deadline();
             // The controller holds a sender of each channel, so none of them closes.
@@ -315,6 +344,7 @@ impl Controller {
                 Some(message) = self.commands.recv() => self.on_command(message),
                 Some(report) = self.checks.recv() => self.on_check(report),
                 Some(report) = self.passive.recv() => self.on_passive(report),
+                Some(found) = self.discovery.found.recv() => self.on_membership(found),
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.on_timer();
                 }
