@@ -79,7 +79,9 @@ async fn run(pool: Arc<PoolConfig>, stats: Arc<PoolStats>, epoch: u64, tx: Membe
             return;
         }
     };
-    let start = Instant::now() + pool.resolve_interval;
+    // Asked again at once: the load's answer did not keep its TTL, which may be shorter
+    // than the interval, and records may have changed since.
+    let start = Instant::now();
     let mut tracked: Vec<Tracked> = pool
         .dns
         .iter()

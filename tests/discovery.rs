@@ -39,6 +39,11 @@ struct Dnsmasq {
 
 impl Dnsmasq {
     async fn start(hosts: &str, srv: &[&str]) -> Option<Self> {
+        Self::start_with_ttl(hosts, srv, 60).await
+    }
+
+    /// dnsmasq answering its hosts records with TTL `ttl` seconds.
+    async fn start_with_ttl(hosts: &str, srv: &[&str], ttl: u32) -> Option<Self> {
         let Some(program) = find_program("dnsmasq") else {
             skip("dnsmasq is not installed (apt-get install dnsmasq)");
             return None;
@@ -60,7 +65,7 @@ impl Dnsmasq {
                 .arg("--bind-interfaces")
                 .arg("--listen-address=127.0.0.1")
                 .arg(format!("--port={port}"))
-                .arg("--local-ttl=60")
+                .arg(format!("--local-ttl={ttl}"))
                 .arg(format!("--addn-hosts={}", path.display()))
                 .arg("--log-facility=-");
             for record in srv {
@@ -495,6 +500,14 @@ async fn a_huge_record_set_is_bounded() {
     let Some(dns) = Dnsmasq::start(&many.concat(), &[]).await else {
         return;
     };
+    // Through a pool: 64 upstreams, not 200.
+    let text = config("{ address = \"many.test:9\" }", dns.addr)
+        .replace("interval = \"200ms\"", "enabled = false")
+        .replace("fast_interval = \"100ms\"\ntimeout = \"500ms\"\n", "");
+    let proxy = start_proxy(&text);
+    assert_eq!(members(&proxy).len(), dns::MAX_RECORDS);
+    drop(proxy);
+
     let resolver = Resolver::new(&[dns.addr], Duration::from_secs(2)).expect("resolver");
     let answer = resolver
         .resolve(&Query::Host {
@@ -504,4 +517,21 @@ async fn a_huge_record_set_is_bounded() {
         .await
         .expect("resolves over TCP after a truncated UDP answer");
     assert_eq!(answer.records.len(), dns::MAX_RECORDS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_shorter_than_the_interval_is_honoured() {
+    let upstreams = Upstreams::start(&[2, 3]).await;
+    let port = upstreams.port;
+    let Some(dns) = Dnsmasq::start_with_ttl(&hosts_file("db.test", &[2]), &[], 1).await else {
+        return;
+    };
+    let text = config(&format!("{{ address = \"db.test:{port}\" }}"), dns.addr)
+        .replace("resolve_interval = \"1000ms\"", "resolve_interval = \"1h\"");
+    let proxy = start_proxy(&text);
+    assert_eq!(members(&proxy), addrs(&[2], port));
+    dns.set_hosts(&hosts_file("db.test", &[2, 3]));
+    // The TTL (1s), not the interval (1h), says when to ask again.
+    let took = wait_members(&proxy, &addrs(&[2, 3], port), SOON).await;
+    assert!(took <= Duration::from_secs(1) + SLACK, "took {took:?}");
 }
