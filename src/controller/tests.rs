@@ -1019,3 +1019,73 @@ async fn a_second_failback_mid_ramp_ramps_from_the_tier_that_served_last() {
     );
     assert_eq!(counts.get("d"), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn dns_memberships_replace_only_their_entrys_members_and_never_empty_it() {
+    // localhost resolves from /etc/hosts (127.0.0.1:15, and [::1]:15 where known).
+    let mut h = Harness::start(&config(
+        "",
+        r#"{ address = "127.0.0.1:10", name = "a" }, { address = "localhost:15" }"#,
+    ));
+    h.controller.discovery.epoch = 1;
+    let member = |address: &str, weight: u32| crate::config::UpstreamConfig {
+        address: address.parse().unwrap_or_else(|_| unreachable!()),
+        target: "localhost:15".to_string(),
+        discovered: Some(address.to_string()),
+        name: None,
+        priority: 0,
+        weight,
+    };
+    let found =
+        |epoch: u64, members: Vec<crate::config::UpstreamConfig>, first: FirstChecks| Membership {
+            pool: "p".to_string(),
+            target: "localhost:15".to_string(),
+            members,
+            first_checks: first,
+            epoch,
+        };
+    let labels_now = |h: &Harness| -> Vec<String> {
+        h.route()
+            .upstreams
+            .iter()
+            .map(|u| u.label().to_string())
+            .collect()
+    };
+    let loaded = labels_now(&h);
+    assert_eq!(loaded[..2], labels(&["a", "127.0.0.1:15"]));
+
+    // From a task of an older configuration, or empty: nothing changes.
+    h.controller.on_membership(found(
+        0,
+        vec![member("127.0.0.2:15", 1)],
+        FirstChecks::new(),
+    ));
+    h.controller
+        .on_membership(found(1, Vec::new(), FirstChecks::new()));
+    assert_eq!(labels_now(&h), loaded);
+
+    // The loaded members vanish, 127.0.0.2 appears with a failed first check: it
+    // starts down; the written upstream stays as it was.
+    let first = FirstChecks::from([(
+        (
+            "p".to_string(),
+            "127.0.0.2:15".parse().unwrap_or_else(|_| unreachable!()),
+        ),
+        Err(CheckFailure::Connect(ConnectFailure::Refused)),
+    )]);
+    h.controller
+        .on_membership(found(1, vec![member("127.0.0.2:15", 3)], first));
+    assert_eq!(labels_now(&h), labels(&["a", "127.0.0.2:15"]));
+    assert_eq!(h.state("127.0.0.2:15"), State::Down, "checked before use");
+    assert_eq!(h.upstream("127.0.0.2:15").config.weight, 3);
+    let removed = h
+        .events
+        .all()
+        .into_iter()
+        .find(|e| e.upstream.as_deref() == Some("127.0.0.1:15"))
+        .unwrap_or_else(|| panic!("no event for the vanished member"));
+    assert_eq!(
+        (removed.new.as_str(), removed.reason.as_str()),
+        ("removed", "DNS")
+    );
+}
