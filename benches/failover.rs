@@ -20,6 +20,23 @@
 //! - black-holed: the primary stops accepting and its small accept queue is filled, so
 //!   the kernel drops new SYNs and connects time out.
 //!
+//! And with real servers behind the proxies, each client a real client library making
+//! one request (`redis` crate: SET, GET it back and GET `whoami`, one round trip;
+//! `tokio-postgres`: log in, `SELECT 1` and the server's port), any error counting as a
+//! failure; switchyard with its protocol check (`kind = "redis"`, `kind = "postgres"`),
+//! `first_byte_timeout` and `replay_unanswered`, HAProxy with `option redis-check` /
+//! `option pgsql-check`:
+//!
+//! - Redis SIGSTOPped (thawed for the failback) and SIGKILLed (a new redis-server on its
+//!   port for the failback);
+//! - PostgreSQL SIGKILLed with all its processes after writing WAL, then restarted: it
+//!   refuses logins during its crash recovery (about a second), which the failback
+//!   includes.
+//!
+//! The real servers are the tests' launchers and clients (tests/common, included with
+//! `#[path]`); their rows are left out, said so, when redis-server or PostgreSQL is not
+//! installed.
+//!
 //! Then the primary serves again on the same port, and the stream runs until a client
 //! is served by it (at most 5 s). The injection and the restart each wait a random part
 //! of a check interval first, so that the rounds do not all hit the same phase of the
@@ -35,7 +52,8 @@
 //!   got no greeting;
 //! - connect latency p50/p99/max: connect → greeting of the clients of that window that
 //!   were served (failed ones are only counted);
-//! - failback: the primary serving again → the first client greeted by the primary.
+//! - failback: the primary serving again → the first client greeted by the primary;
+//!   "fb failed": the clients that failed meanwhile.
 //!
 //! The upstreams and the client stream are the library's `drill` module, the same the
 //! demo shows. HAProxy is looked up on PATH (and in /usr/sbin); when it is missing the
@@ -43,7 +61,7 @@
 //! Nothing leaves 127.0.0.1; the HAProxy child is stopped by its PID.
 //!
 //! `FAILOVER_BENCH_ROUNDS` (default 3) sets the rounds; a round starts only if it can
-//! finish within about 3 minutes from the first one. `FAILOVER_BENCH_FILTER` keeps only
+//! finish within about 10 minutes from the first one. `FAILOVER_BENCH_FILTER` keeps only
 //! the cases whose "scenario / proxy" name contains it (e.g. `black-holed`). Every wait
 //! has a deadline.
 
@@ -51,6 +69,7 @@ use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,10 +81,18 @@ use tokio_util::sync::CancellationToken;
 use switchyard::Proxy;
 use switchyard::config::Config;
 use switchyard::drill::upstream::GreetingUpstream;
-use switchyard::drill::{
-    ClientError, ClientRecord, ClientStream, Probe, Stop, Timeline, ask_greeting,
-};
+use switchyard::drill::{ClientStream, Probe, Stop, Timeline, ask_greeting};
 use switchyard::shutdown::Shutdown;
+
+// The real-server launchers and clients of the tests, not a copy of them.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{
+    PgCluster, PgServer, PgTools, RealRecord, RealStream, RealTimeline, Redis, WAL_FILLER,
+    closed_port, crash, find_program, pg_execute, pg_request_named, redis_name_server,
+    redis_request, restart_after_crash, signal,
+};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
@@ -84,6 +111,8 @@ const HEDGE_AFTER_MS: u64 = 50;
 /// switchyard only: HAProxy has no replay of a client's unanswered bytes.
 const FIRST_BYTE_TIMEOUT_MS: u64 = 150;
 const REPLAY_KIB: u64 = 16;
+/// The PostgreSQL rows' check timeout (both proxies): its check forks a backend.
+const POSTGRES_CHECK_TIMEOUT_MS: u64 = 300;
 
 /// The client stream.
 const CLIENT_EVERY: Duration = Duration::from_millis(2);
@@ -92,6 +121,8 @@ const LEAD_IN: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(2);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
+/// PostgreSQL forks a backend for every connection: fewer clients than the others.
+const POSTGRES_CLIENT_EVERY: Duration = Duration::from_millis(5);
 
 /// Upstreams' accept queue: small, so that few connections fill it for a black hole.
 const UPSTREAM_BACKLOG: i32 = 16;
@@ -102,9 +133,9 @@ const SETTLE: Duration = Duration::from_millis(300);
 const STATS_POLL_EVERY: Duration = Duration::from_millis(5);
 const STATS_QUERY_LIMIT: Duration = Duration::from_secs(1);
 /// One scenario run, set-up and teardown included.
-const RUN_LIMIT: Duration = Duration::from_secs(30);
+const RUN_LIMIT: Duration = Duration::from_secs(60);
 /// A new round starts only if it should end within this from the first round's start.
-const ROUNDS_BUDGET: Duration = Duration::from_secs(180);
+const ROUNDS_BUDGET: Duration = Duration::from_secs(600);
 const DEFAULT_ROUNDS: usize = 3;
 const HAPROXY_COMMAND_LIMIT: Duration = Duration::from_secs(10);
 
@@ -116,6 +147,22 @@ enum Fault {
     /// clients have sent bytes by the time the hang is noticed.
     HungClientFirst,
     BlackHoled,
+    /// A real redis-server SIGSTOPped; thawed (SIGCONT) for the failback.
+    RedisFrozen,
+    /// A real redis-server SIGKILLed; a new one on its port for the failback.
+    RedisKilled,
+    /// A real PostgreSQL SIGKILLed with all its processes; restarted for the failback,
+    /// it goes through crash recovery first.
+    PostgresKilled,
+}
+
+impl Fault {
+    fn is_real(self) -> bool {
+        matches!(
+            self,
+            Self::RedisFrozen | Self::RedisKilled | Self::PostgresKilled
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +181,7 @@ struct Case {
     proxy: ProxyKind,
 }
 
-const CASES: [Case; 10] = [
+const CASES: [Case; 16] = [
     Case {
         fault: Fault::Killed,
         proxy: ProxyKind::Switchyard,
@@ -175,6 +222,30 @@ const CASES: [Case; 10] = [
         fault: Fault::BlackHoled,
         proxy: ProxyKind::Haproxy,
     },
+    Case {
+        fault: Fault::RedisFrozen,
+        proxy: ProxyKind::SwitchyardReplay,
+    },
+    Case {
+        fault: Fault::RedisFrozen,
+        proxy: ProxyKind::Haproxy,
+    },
+    Case {
+        fault: Fault::RedisKilled,
+        proxy: ProxyKind::SwitchyardReplay,
+    },
+    Case {
+        fault: Fault::RedisKilled,
+        proxy: ProxyKind::Haproxy,
+    },
+    Case {
+        fault: Fault::PostgresKilled,
+        proxy: ProxyKind::SwitchyardReplay,
+    },
+    Case {
+        fault: Fault::PostgresKilled,
+        proxy: ProxyKind::Haproxy,
+    },
 ];
 
 /// The HAProxy to compare with.
@@ -193,10 +264,13 @@ struct RunResult {
     detected_by: Option<String>,
     switch: Option<Duration>,
     failed: usize,
+    /// Of them, clients that started after the injection: new connections, rather than
+    /// sessions the fault cut.
+    failed_new: usize,
     /// Why they failed: (why, how many).
-    failed_why: Vec<(ClientError, usize)>,
+    failed_why: Vec<(String, usize)>,
     /// Failures of clients that ended before the injection: should be none.
-    failed_before: Vec<(ClientError, usize)>,
+    failed_before: Vec<(String, usize)>,
     /// Clients started in the window that were served.
     served: usize,
     p50: Option<Duration>,
@@ -204,6 +278,8 @@ struct RunResult {
     max: Option<Duration>,
     failback: Option<Duration>,
     failback_failed: usize,
+    /// Why they failed during the failback.
+    failback_why: Vec<(String, usize)>,
     /// Printed with the run, e.g. what switchyard did instead of failing back.
     note: Option<String>,
 }
@@ -280,6 +356,12 @@ async fn run() -> Result<()> {
         .filter(|c| c.proxy != ProxyKind::Haproxy || haproxy.is_some())
         .filter(|c| case_name(*c, haproxy.as_ref()).contains(filter.as_str()))
         .collect();
+    let real = if cases.iter().any(|c| c.fault.is_real()) {
+        RealServers::find()
+    } else {
+        RealServers::none()
+    };
+    let cases: Vec<Case> = cases.into_iter().filter(|c| real.has(c.fault)).collect();
     let mut results: Vec<(Case, Vec<RunResult>, Vec<String>)> = cases
         .iter()
         .map(|&case| (case, Vec::new(), Vec::new()))
@@ -301,9 +383,12 @@ async fn run() -> Result<()> {
         for (n, (case, runs, errors)) in results.iter_mut().enumerate() {
             let name = case_name(*case, haproxy.as_ref());
             let run_dir = dir.0.join(format!("round{round}-case{n}"));
-            let outcome = timeout(RUN_LIMIT, run_case(*case, haproxy.as_ref(), &run_dir))
-                .await
-                .unwrap_or_else(|_| Err(format!("did not finish within {RUN_LIMIT:?}").into()));
+            let outcome = timeout(
+                RUN_LIMIT,
+                run_case(*case, haproxy.as_ref(), &run_dir, &real),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("did not finish within {RUN_LIMIT:?}").into()));
             match outcome {
                 Ok(result) => {
                     println!("  {name}: {}", describe(&result));
@@ -339,9 +424,80 @@ fn rounds_from_env() -> Result<usize> {
 
 // === scenario runs ===
 
+/// The health check both proxies run, in each one's words.
+struct Check {
+    /// Lines of switchyard's `[pools.p.health]` besides the timings.
+    switchyard: &'static str,
+    /// HAProxy's check lines in `listen front`.
+    haproxy: &'static str,
+    timeout_ms: u64,
+}
+
+const GREETING_CHECK: Check = Check {
+    switchyard: "send = \"PING\\r\\n\"\nexpect = \"hello\"\n",
+    haproxy: "    option tcp-check\n    tcp-check connect\n    tcp-check send \"PING\\r\\n\"\n    tcp-check expect string hello\n",
+    timeout_ms: CHECK_TIMEOUT_MS,
+};
+
+const REDIS_CHECK: Check = Check {
+    switchyard: "kind = \"redis\"\n",
+    haproxy: "    option redis-check\n",
+    timeout_ms: CHECK_TIMEOUT_MS,
+};
+
+/// A check that logs in forks a PostgreSQL backend: more than a PING on a loaded machine.
+const POSTGRES_CHECK: Check = Check {
+    switchyard: "kind = \"postgres\"\nuser = \"postgres\"\n",
+    haproxy: "    option pgsql-check user postgres\n",
+    timeout_ms: POSTGRES_CHECK_TIMEOUT_MS,
+};
+
+fn check_for(fault: Fault) -> &'static Check {
+    match fault {
+        Fault::RedisFrozen | Fault::RedisKilled => &REDIS_CHECK,
+        Fault::PostgresKilled => &POSTGRES_CHECK,
+        Fault::Killed | Fault::Hung | Fault::HungClientFirst | Fault::BlackHoled => &GREETING_CHECK,
+    }
+}
+
+/// The proxy of `kind` in front of `primary` and `backup`, checking them with `check`.
+async fn start_proxy(
+    kind: ProxyKind,
+    haproxy: Option<&Haproxy>,
+    dir: &Path,
+    (primary, backup): (SocketAddr, SocketAddr),
+    check: &Check,
+) -> Result<RunningProxy> {
+    let (primary_addr, backup_addr) = (primary.to_string(), backup.to_string());
+    let pool_extra = match kind {
+        ProxyKind::Switchyard | ProxyKind::Haproxy => String::new(),
+        ProxyKind::SwitchyardHedged => format!("hedge_after = \"{HEDGE_AFTER_MS}ms\"\n"),
+        ProxyKind::SwitchyardReplay => format!(
+            "first_byte_timeout = \"{FIRST_BYTE_TIMEOUT_MS}ms\"\nreplay_unanswered = \"{REPLAY_KIB}KiB\"\n"
+        ),
+    };
+    match (kind, haproxy) {
+        (ProxyKind::Haproxy, Some(haproxy)) => Ok(RunningProxy::Haproxy(
+            HaproxyChild::start(&haproxy.binary, dir, primary, backup, check).await?,
+        )),
+        (ProxyKind::Haproxy, None) => Err("HAProxy is not available".into()),
+        _ => Ok(RunningProxy::Switchyard(InProcess::start(
+            &switchyard_config(&primary_addr, &backup_addr, &pool_extra, check),
+        )?)),
+    }
+}
+
 /// Starts fresh upstreams and a fresh proxy, injects `case.fault` under a client stream,
 /// then restarts the primary and measures the failback.
-async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<RunResult> {
+async fn run_case(
+    case: Case,
+    haproxy: Option<&Haproxy>,
+    dir: &Path,
+    real: &RealServers,
+) -> Result<RunResult> {
+    if case.fault.is_real() {
+        return run_real_case(case, haproxy, dir, real).await;
+    }
     let speaks_first = case.fault == Fault::HungClientFirst;
     let upstream = |name| async move {
         if speaks_first {
@@ -352,34 +508,14 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     };
     let mut primary = upstream("primary").await?;
     let backup = upstream("backup").await?;
-    let (primary_addr, backup_addr) = (primary.addr.to_string(), backup.addr.to_string());
-    let proxy = match (case.proxy, haproxy) {
-        (ProxyKind::Switchyard, _) => RunningProxy::Switchyard(InProcess::start(
-            &switchyard_config(&primary_addr, &backup_addr, ""),
-        )?),
-        (ProxyKind::SwitchyardHedged, _) => {
-            let hedge = format!("hedge_after = \"{HEDGE_AFTER_MS}ms\"\n");
-            RunningProxy::Switchyard(InProcess::start(&switchyard_config(
-                &primary_addr,
-                &backup_addr,
-                &hedge,
-            ))?)
-        }
-        (ProxyKind::SwitchyardReplay, _) => {
-            let watch = format!(
-                "first_byte_timeout = \"{FIRST_BYTE_TIMEOUT_MS}ms\"\nreplay_unanswered = \"{REPLAY_KIB}KiB\"\n"
-            );
-            RunningProxy::Switchyard(InProcess::start(&switchyard_config(
-                &primary_addr,
-                &backup_addr,
-                &watch,
-            ))?)
-        }
-        (ProxyKind::Haproxy, Some(haproxy)) => RunningProxy::Haproxy(
-            HaproxyChild::start(&haproxy.binary, dir, primary.addr, backup.addr).await?,
-        ),
-        (ProxyKind::Haproxy, None) => return Err("HAProxy is not available".into()),
-    };
+    let proxy = start_proxy(
+        case.proxy,
+        haproxy,
+        dir,
+        (primary.addr, backup.addr),
+        &GREETING_CHECK,
+    )
+    .await?;
     let addr = proxy.addr();
     wait_served_by(
         addr,
@@ -397,82 +533,21 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     // A random phase against the proxies' check schedules, which would otherwise be
     // locked to the start-up and favour one proxy in every round.
     sleep(LEAD_IN + check_phase()).await;
-    let events_before = proxy.last_event_id();
-    let injected = Instant::now();
-    let injected_unix_ms = unix_ms();
-    let watch_stats = proxy
-        .stats_socket()
-        .map(|socket| tokio::spawn(poll_until_down(socket.to_path_buf(), injected + WINDOW)));
+    let injection = Injection::now(&proxy);
     match case.fault {
         Fault::Killed => primary.kill().await,
         Fault::Hung | Fault::HungClientFirst => primary.hang(),
         Fault::BlackHoled => primary.black_hole().await?,
+        Fault::RedisFrozen | Fault::RedisKilled | Fault::PostgresKilled => {
+            return Err("a real server's fault on a greeting upstream".into());
+        }
     }
-    sleep_until(injected + WINDOW).await;
+    sleep_until(injection.at + WINDOW).await;
     stop.cancel();
     let timeline = stream
         .await
         .map_err(|e| format!("client stream task failed: {e}"))?;
-    let records = &timeline.records;
-
-    let mut result = RunResult::default();
-    match &proxy {
-        RunningProxy::Switchyard(switchyard) => {
-            if let Some(event) = switchyard
-                .proxy
-                .events
-                .since(events_before)
-                .into_iter()
-                .find(|e| {
-                    e.upstream.as_deref() == Some(primary.name())
-                        && (e.new == "down" || e.new == "ejected")
-                })
-            {
-                result.detection = Some(Duration::from_millis(
-                    event.at_unix_ms.saturating_sub(injected_unix_ms),
-                ));
-                result.detected_by = Some(format!("{}: {}", event.new, event.reason));
-            }
-        }
-        RunningProxy::Haproxy(haproxy) => {
-            if let Some(task) = watch_stats
-                && let Ok(Some(down_at)) = task.await
-            {
-                result.detection = Some(down_at.saturating_duration_since(injected));
-                result.detected_by = haproxy.down_reason();
-            }
-        }
-    }
-    // Offsets from the stream's start, as the records count.
-    let injected_at = timeline.offset(injected);
-    let window_end = injected_at + WINDOW;
-    let in_window: Vec<&ClientRecord> = records
-        .iter()
-        .filter(|r| r.started >= injected_at && r.started < window_end)
-        .collect();
-    result.failed_before = failures(records.iter().filter(|r| r.finished() < injected_at));
-    // Clients in flight at the injection count too: the fault hit them.
-    result.failed_why = failures(
-        records
-            .iter()
-            .filter(|r| r.finished() >= injected_at && r.started < window_end),
-    );
-    result.failed = result.failed_why.iter().map(|(_, n)| n).sum();
-    result.switch = in_window
-        .iter()
-        .filter(|r| r.is_served_by("backup"))
-        .map(|r| r.finished().saturating_sub(injected_at))
-        .min();
-    let mut latencies: Vec<Duration> = in_window
-        .iter()
-        .filter(|r| r.served_by.is_ok())
-        .map(|r| r.latency)
-        .collect();
-    latencies.sort();
-    result.served = latencies.len();
-    result.p50 = percentile(&latencies, 0.50);
-    result.p99 = percentile(&latencies, 0.99);
-    result.max = latencies.last().copied();
+    let mut result = injection.measure(&proxy, &from_drill(&timeline)).await;
 
     let events_before_restart = proxy.last_event_id();
     sleep(check_phase()).await;
@@ -481,57 +556,399 @@ async fn run_case(case: Case, haproxy: Option<&Haproxy>, dir: &Path) -> Result<R
     let failback: Timeline = client_stream(addr, FAILBACK_LIMIT, speaks_first)
         .run(Stop::ServedBy(primary.name().to_string()))
         .await;
+    measure_failback(&mut result, &from_drill(&failback), restarted);
+    if result.failback.is_none() {
+        result.note = no_failback_note(&proxy, events_before_restart);
+    }
+    drop(proxy);
+    Ok(result)
+}
+
+/// What the real-server rows need: where redis-server is, and one initdb for every
+/// PostgreSQL server; `None` when not installed.
+struct RealServers {
+    redis: Option<PathBuf>,
+    postgres: Option<PgCluster>,
+    dir: Arc<common::TempDir>,
+}
+
+impl RealServers {
+    fn find() -> Self {
+        let redis = find_program("redis-server");
+        if redis.is_none() {
+            println!(
+                "redis-server: not found; the Redis rows are left out (Debian: apt-get install redis-server)"
+            );
+        }
+        let postgres = PgTools::find().map(PgCluster::init);
+        if postgres.is_none() {
+            println!(
+                "PostgreSQL: not found; the PostgreSQL rows are left out (Debian: apt-get install postgresql)"
+            );
+        }
+        Self {
+            redis,
+            postgres,
+            dir: common::TempDir::new(),
+        }
+    }
+
+    /// For a run without real-server rows: nothing started.
+    fn none() -> Self {
+        Self {
+            redis: None,
+            postgres: None,
+            dir: common::TempDir::new(),
+        }
+    }
+
+    fn has(&self, fault: Fault) -> bool {
+        match fault {
+            Fault::RedisFrozen | Fault::RedisKilled => self.redis.is_some(),
+            Fault::PostgresKilled => self.postgres.is_some(),
+            Fault::Killed | Fault::Hung | Fault::HungClientFirst | Fault::BlackHoled => true,
+        }
+    }
+}
+
+/// A real server, named for the clients that ask who answered.
+enum RealServer {
+    Redis(Redis),
+    Postgres(PgServer),
+}
+
+impl RealServer {
+    async fn start(fault: Fault, real: &RealServers, name: &str) -> Result<Self> {
+        match fault {
+            Fault::RedisFrozen | Fault::RedisKilled => {
+                let program = real
+                    .redis
+                    .as_deref()
+                    .ok_or("redis-server is not installed")?;
+                Ok(Self::Redis(
+                    start_named_redis(program, &real.dir, closed_port().port(), name).await?,
+                ))
+            }
+            Fault::PostgresKilled => {
+                let cluster = real
+                    .postgres
+                    .as_ref()
+                    .ok_or("PostgreSQL is not installed")?;
+                let server = cluster
+                    .start(&format!("{name}-{}", fastrand::u64(..)))
+                    .await;
+                Ok(Self::Postgres(server))
+            }
+            Fault::Killed | Fault::Hung | Fault::HungClientFirst | Fault::BlackHoled => {
+                Err("not a real server's fault".into())
+            }
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Redis(redis) => redis.addr,
+            Self::Postgres(postgres) => postgres.addr,
+        }
+    }
+}
+
+async fn start_named_redis(
+    program: &Path,
+    dir: &Arc<common::TempDir>,
+    port: u16,
+    name: &str,
+) -> Result<Redis> {
+    let redis = Redis::start(program, dir, port).await;
+    redis_name_server(redis.addr, name).await?;
+    Ok(redis)
+}
+
+/// One request of a real client of `fault`'s server through `addr`: who answered.
+async fn real_request(
+    fault: Fault,
+    addr: SocketAddr,
+    names: [(u16, &'static str); 2],
+    n: u64,
+) -> Result<String, String> {
+    match fault {
+        Fault::PostgresKilled => pg_request_named(addr, &names).await,
+        _ => redis_request(addr, n).await,
+    }
+}
+
+/// Like [`run_case`], with real servers and real clients: a `redis` crate or
+/// `tokio-postgres` client a connection, one request each.
+async fn run_real_case(
+    case: Case,
+    haproxy: Option<&Haproxy>,
+    dir: &Path,
+    real: &RealServers,
+) -> Result<RunResult> {
+    let fault = case.fault;
+    let mut primary = RealServer::start(fault, real, "primary").await?;
+    let backup = RealServer::start(fault, real, "backup").await?;
+    if let RealServer::Postgres(primary) = &primary {
+        // WAL after the last checkpoint: the restart replays it, as a busy server does.
+        pg_execute(primary.addr, WAL_FILLER).await?;
+    }
+    let names = [
+        (primary.addr().port(), "primary"),
+        (backup.addr().port(), "backup"),
+    ];
+    let proxy = start_proxy(
+        case.proxy,
+        haproxy,
+        dir,
+        (primary.addr(), backup.addr()),
+        check_for(fault),
+    )
+    .await?;
+    let addr = proxy.addr();
+    let client = move |n| real_request(fault, addr, names, n);
+    let deadline = Instant::now() + READY_LIMIT;
+    while client(0).await.as_deref() != Ok("primary") {
+        if Instant::now() >= deadline {
+            return Err(
+                format!("the proxy did not serve from the primary within {READY_LIMIT:?}").into(),
+            );
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    sleep(SETTLE).await;
+
+    let every = real_client_every(fault);
+    let stop = CancellationToken::new();
+    let stream = RealStream {
+        every,
+        limit: LEAD_IN + WINDOW * 2,
+        client_timeout: CLIENT_TIMEOUT,
+        stop: Stop::On(stop.clone()),
+    };
+    let stream = tokio::spawn(stream.run(client));
+    sleep(LEAD_IN + check_phase()).await;
+    let injection = Injection::now(&proxy);
+    let command_line = match &mut primary {
+        RealServer::Redis(redis) if fault == Fault::RedisFrozen => {
+            signal(&redis.child, libc::SIGSTOP);
+            None
+        }
+        RealServer::Redis(redis) => {
+            let _ = redis.child.kill();
+            let _ = redis.child.wait();
+            None
+        }
+        RealServer::Postgres(postgres) => Some(crash(postgres)),
+    };
+    sleep_until(injection.at + WINDOW).await;
+    stop.cancel();
+    let timeline = stream
+        .await
+        .map_err(|e| format!("client stream task failed: {e}"))?;
+    let mut result = injection.measure(&proxy, &timeline).await;
+
+    let events_before_restart = proxy.last_event_id();
+    sleep(check_phase()).await;
+    match &mut primary {
+        RealServer::Redis(redis) if fault == Fault::RedisFrozen => {
+            signal(&redis.child, libc::SIGCONT);
+        }
+        RealServer::Redis(redis) => {
+            let program = real
+                .redis
+                .as_deref()
+                .ok_or("redis-server is not installed")?;
+            *redis = start_named_redis(program, &real.dir, redis.addr.port(), "primary").await?;
+        }
+        RealServer::Postgres(postgres) => {
+            let tools = &real
+                .postgres
+                .as_ref()
+                .ok_or("PostgreSQL is not installed")?
+                .tools;
+            restart_after_crash(postgres, tools, command_line.as_deref().unwrap_or_default());
+        }
+    }
+    let restarted = Instant::now();
+    let failback = RealStream {
+        every,
+        limit: FAILBACK_LIMIT,
+        client_timeout: CLIENT_TIMEOUT,
+        stop: Stop::ServedBy("primary".to_string()),
+    }
+    .run(client)
+    .await;
+    measure_failback(&mut result, &failback, restarted);
+    if result.failback.is_none() {
+        result.note = no_failback_note(&proxy, events_before_restart);
+    }
+    drop(proxy);
+    Ok(result)
+}
+
+fn real_client_every(fault: Fault) -> Duration {
+    match fault {
+        Fault::PostgresKilled => POSTGRES_CLIENT_EVERY,
+        _ => CLIENT_EVERY,
+    }
+}
+
+/// The moment a fault was injected, and what watches for its detection.
+struct Injection {
+    at: Instant,
+    at_unix_ms: u64,
+    events_before: u64,
+    watch_stats: Option<tokio::task::JoinHandle<Option<Instant>>>,
+}
+
+impl Injection {
+    /// Call right before injecting.
+    fn now(proxy: &RunningProxy) -> Self {
+        let events_before = proxy.last_event_id();
+        let at = Instant::now();
+        Self {
+            at,
+            at_unix_ms: unix_ms(),
+            events_before,
+            watch_stats: proxy
+                .stats_socket()
+                .map(|socket| tokio::spawn(poll_until_down(socket.to_path_buf(), at + WINDOW))),
+        }
+    }
+
+    /// Detection, and the clients of the window after the injection.
+    async fn measure(self, proxy: &RunningProxy, timeline: &RealTimeline) -> RunResult {
+        let mut result = RunResult::default();
+        match proxy {
+            RunningProxy::Switchyard(switchyard) => {
+                if let Some(event) = switchyard
+                    .proxy
+                    .events
+                    .since(self.events_before)
+                    .into_iter()
+                    .find(|e| {
+                        e.upstream.as_deref() == Some("primary")
+                            && (e.new == "down" || e.new == "ejected")
+                    })
+                {
+                    result.detection = Some(Duration::from_millis(
+                        event.at_unix_ms.saturating_sub(self.at_unix_ms),
+                    ));
+                    result.detected_by = Some(format!("{}: {}", event.new, event.reason));
+                }
+            }
+            RunningProxy::Haproxy(haproxy) => {
+                if let Some(task) = self.watch_stats
+                    && let Ok(Some(down_at)) = task.await
+                {
+                    result.detection = Some(down_at.saturating_duration_since(self.at));
+                    result.detected_by = haproxy.down_reason();
+                }
+            }
+        }
+        let records = &timeline.records;
+        // Offsets from the stream's start, as the records count.
+        let injected_at = timeline.offset(self.at);
+        let window_end = injected_at + WINDOW;
+        let in_window: Vec<&RealRecord> = records
+            .iter()
+            .filter(|r| r.started >= injected_at && r.started < window_end)
+            .collect();
+        result.failed_before = failures(records.iter().filter(|r| r.finished() < injected_at));
+        // Clients in flight at the injection count too: the fault hit them.
+        result.failed_why = failures(
+            records
+                .iter()
+                .filter(|r| r.finished() >= injected_at && r.started < window_end),
+        );
+        result.failed = result.failed_why.iter().map(|(_, n)| n).sum();
+        result.failed_new = in_window.iter().filter(|r| r.served_by.is_err()).count();
+        result.switch = in_window
+            .iter()
+            .filter(|r| r.is_served_by("backup"))
+            .map(|r| r.finished().saturating_sub(injected_at))
+            .min();
+        let mut latencies: Vec<Duration> = in_window
+            .iter()
+            .filter(|r| r.served_by.is_ok())
+            .map(|r| r.latency)
+            .collect();
+        latencies.sort();
+        result.served = latencies.len();
+        result.p50 = percentile(&latencies, 0.50);
+        result.p99 = percentile(&latencies, 0.99);
+        result.max = latencies.last().copied();
+        result
+    }
+}
+
+/// The failback: restart → the first client the primary served, and the failures.
+fn measure_failback(result: &mut RunResult, failback: &RealTimeline, restarted: Instant) {
     result.failback = failback
         .records
         .iter()
         .filter(|r| r.is_served_by("primary"))
         .map(|r| (failback.start + r.finished()).saturating_duration_since(restarted))
         .min();
-    result.failback_failed = failback
-        .records
+    result.failback_why = failures(failback.records.iter());
+    result.failback_failed = result.failback_why.iter().map(|(_, n)| n).sum();
+}
+
+/// Why switchyard did not fail back: its events after the restart.
+fn no_failback_note(proxy: &RunningProxy, events_before_restart: u64) -> Option<String> {
+    let RunningProxy::Switchyard(switchyard) = proxy else {
+        return None;
+    };
+    let events: Vec<String> = switchyard
+        .proxy
+        .events
+        .since(events_before_restart)
         .iter()
-        .filter(|r| r.served_by.is_err())
-        .count();
-    if result.failback.is_none()
-        && let RunningProxy::Switchyard(switchyard) = &proxy
-    {
-        let events: Vec<String> = switchyard
-            .proxy
-            .events
-            .since(events_before_restart)
+        .map(|e| {
+            format!(
+                "{} {}: {} -> {} ({})",
+                e.at_unix_ms,
+                e.upstream.as_deref().unwrap_or("tier"),
+                e.old,
+                e.new,
+                e.reason
+            )
+        })
+        .collect();
+    let failures_in_a_row = switchyard
+        .proxy
+        .snapshot
+        .load()
+        .pool("p")
+        .and_then(|route| {
+            route
+                .upstreams
+                .iter()
+                .find(|u| u.label() == "primary")
+                .map(|u| u.stats.connect_failures_in_a_row.load(SeqCst))
+        });
+    Some(format!(
+        "no failback; the primary's connect failures in a row: {}; switchyard's events \
+         after the restart: [{}]",
+        failures_in_a_row.map_or_else(|| "?".to_string(), |n| n.to_string()),
+        events.join("; ")
+    ))
+}
+
+/// The greeting clients' records in the real clients' terms.
+fn from_drill(timeline: &Timeline) -> RealTimeline {
+    Timeline {
+        start: timeline.start,
+        records: timeline
+            .records
             .iter()
-            .map(|e| {
-                format!(
-                    "{} {}: {} -> {} ({})",
-                    e.at_unix_ms,
-                    e.upstream.as_deref().unwrap_or("tier"),
-                    e.old,
-                    e.new,
-                    e.reason
-                )
+            .map(|r| RealRecord {
+                started: r.started,
+                latency: r.latency,
+                served_by: r.served_by.clone().map_err(|why| why.label().to_string()),
             })
-            .collect();
-        let failures_in_a_row = switchyard
-            .proxy
-            .snapshot
-            .load()
-            .pool("p")
-            .and_then(|route| {
-                route
-                    .upstreams
-                    .iter()
-                    .find(|u| u.label() == primary.name())
-                    .map(|u| u.stats.connect_failures_in_a_row.load(SeqCst))
-            });
-        result.note = Some(format!(
-            "no failback; the primary's connect failures in a row: {}; switchyard's events \
-             after the restart: [{}]",
-            failures_in_a_row.map_or_else(|| "?".to_string(), |n| n.to_string()),
-            events.join("; ")
-        ));
+            .collect(),
     }
-    drop(proxy);
-    Ok(result)
 }
 
 /// The bench's stream of clients through `addr`, for at most `limit`.
@@ -546,20 +963,20 @@ fn client_stream(addr: SocketAddr, limit: Duration, speaks_first: bool) -> Clien
 }
 
 /// How many of `records` failed, by why.
-fn failures<'a>(records: impl Iterator<Item = &'a ClientRecord>) -> Vec<(ClientError, usize)> {
+fn failures<'a>(records: impl Iterator<Item = &'a RealRecord>) -> Vec<(String, usize)> {
     let mut counts = std::collections::BTreeMap::new();
     for record in records {
-        if let Err(why) = record.served_by {
-            *counts.entry(why).or_insert(0) += 1;
+        if let Err(why) = &record.served_by {
+            *counts.entry(why.clone()).or_insert(0) += 1;
         }
     }
     counts.into_iter().collect()
 }
 
-fn describe_failures(failures: &[(ClientError, usize)]) -> String {
+fn describe_failures(failures: &[(String, usize)]) -> String {
     failures
         .iter()
-        .map(|(why, n)| format!("{n} {}", why.label()))
+        .map(|(why, n)| format!("{n} {why}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -619,7 +1036,8 @@ fn unix_ms() -> u64 {
 // === configs ===
 
 /// `pool_extra` lines go into `[pools.p]`.
-fn switchyard_config(primary: &str, backup: &str, pool_extra: &str) -> String {
+fn switchyard_config(primary: &str, backup: &str, pool_extra: &str, check: &Check) -> String {
+    let (check_lines, check_timeout_ms) = (check.switchyard, check.timeout_ms);
     format!(
         r#"[listeners.front]
 bind = "127.0.0.1:0"
@@ -638,12 +1056,10 @@ upstreams = [
 [pools.p.health]
 interval = "{CHECK_INTERVAL_MS}ms"
 fast_interval = "{CHECK_FAST_INTERVAL_MS}ms"
-timeout = "{CHECK_TIMEOUT_MS}ms"
+timeout = "{check_timeout_ms}ms"
 rise = {RISE}
 fall = {FALL}
-send = "PING\r\n"
-expect = "hello"
-
+{check_lines}
 [pools.p.outlier]
 consecutive_failures = {CONSECUTIVE_FAILURES}
 "#
@@ -654,8 +1070,15 @@ consecutive_failures = {CONSECUTIVE_FAILURES}
 /// the last one): the closest to switchyard's "each attempt on a different upstream".
 /// `observe layer4 ... on-error mark-down` is HAProxy's passive check, the counterpart
 /// of `outlier.consecutive_failures`.
-fn haproxy_config(bind: &str, primary: &str, backup: &str, stats_socket: &str) -> String {
+fn haproxy_config(
+    bind: &str,
+    primary: &str,
+    backup: &str,
+    stats_socket: &str,
+    check: &Check,
+) -> String {
     let retries = CONNECT_ATTEMPTS - 1;
+    let (check_lines, check_timeout_ms) = (check.haproxy, check.timeout_ms);
     format!(
         r#"global
     stats socket {stats_socket} mode 600 level admin
@@ -670,11 +1093,7 @@ defaults
 
 listen front
     bind {bind}
-    option tcp-check
-    tcp-check connect
-    tcp-check send "PING\r\n"
-    tcp-check expect string hello
-    timeout check {CHECK_TIMEOUT_MS}ms
+{check_lines}    timeout check {check_timeout_ms}ms
     default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_FAST_INTERVAL_MS}ms downinter {CHECK_INTERVAL_MS}ms rise {RISE} fall {FALL} on-marked-down shutdown-sessions observe layer4 error-limit {CONSECUTIVE_FAILURES} on-error mark-down
     server primary {primary} check
     server backup {backup} check backup
@@ -712,6 +1131,19 @@ fn print_settings(haproxy: Option<&Haproxy>) {
          \"close\" / on-marked-down shutdown-sessions)"
     );
     println!(
+        "  real servers (redis-server, PostgreSQL {{kill + restart}}): each client a `redis` \
+         crate client (SET, GET it back, GET whoami: one round trip; CLIENT SETINFO off) every \
+         {} ms, or a tokio-postgres client (login as postgres, SELECT 1 and the port) every {} \
+         ms; no answer within {} s or an error = failed. Checks: switchyard kind = \"redis\" / \
+         kind = \"postgres\" (login), HAProxy option redis-check / option pgsql-check user \
+         postgres; PostgreSQL check timeout {POSTGRES_CHECK_TIMEOUT_MS} ms. switchyard with \
+         first_byte_timeout = \"{FIRST_BYTE_TIMEOUT_MS}ms\" and replay_unanswered = \
+         \"{REPLAY_KIB}KiB\". PostgreSQL's failback includes its crash recovery.",
+        CLIENT_EVERY.as_millis(),
+        POSTGRES_CLIENT_EVERY.as_millis(),
+        CLIENT_TIMEOUT.as_secs()
+    );
+    println!(
         "  \"switchyard hedged\": the same with hedge_after = \"{HEDGE_AFTER_MS}ms\" (HAProxy has \
          no hedged connects)"
     );
@@ -723,7 +1155,7 @@ fn print_settings(haproxy: Option<&Haproxy>) {
     );
     println!();
     println!("switchyard config:");
-    for line in switchyard_config("<primary>", "<backup>", "").lines() {
+    for line in switchyard_config("<primary>", "<backup>", "", &GREETING_CHECK).lines() {
         println!("    {line}");
     }
     if let Some(haproxy) = haproxy {
@@ -733,6 +1165,7 @@ fn print_settings(haproxy: Option<&Haproxy>) {
             "<primary>",
             "<backup>",
             "<dir>/admin.sock",
+            &GREETING_CHECK,
         )
         .lines()
         {
@@ -750,6 +1183,9 @@ fn fault_label(fault: Fault) -> &'static str {
         Fault::Hung => "hung primary",
         Fault::HungClientFirst => "hung primary, client speaks first",
         Fault::BlackHoled => "black-holed primary",
+        Fault::RedisFrozen => "Redis primary SIGSTOPped",
+        Fault::RedisKilled => "Redis primary SIGKILLed",
+        Fault::PostgresKilled => "PostgreSQL primary SIGKILLed + restarted",
     }
 }
 
@@ -785,7 +1221,11 @@ fn describe(r: &RunResult) -> String {
         opt_ms(r.switch),
         r.failed,
         if r.failed > 0 {
-            format!(" ({})", describe_failures(&r.failed_why))
+            format!(
+                " ({}; {} started after the injection)",
+                describe_failures(&r.failed_why),
+                r.failed_new
+            )
         } else {
             String::new()
         },
@@ -796,6 +1236,12 @@ fn describe(r: &RunResult) -> String {
         opt_ms(r.failback),
         r.failback_failed,
     );
+    if r.failback_failed > 0 {
+        line.push_str(&format!(
+            "; failed during the failback: {}",
+            describe_failures(&r.failback_why)
+        ));
+    }
     if let Some(note) = &r.note {
         line.push_str(&format!("; {note}"));
     }
@@ -1059,6 +1505,7 @@ impl HaproxyChild {
         dir: &Path,
         primary: SocketAddr,
         backup: SocketAddr,
+        health: &Check,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         // HAProxy needs a concrete port: take a free one from the kernel.
@@ -1075,6 +1522,7 @@ impl HaproxyChild {
                 &primary.to_string(),
                 &backup.to_string(),
                 &stats_socket.display().to_string(),
+                health,
             ),
         )?;
         let check = run_bounded(

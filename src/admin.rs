@@ -308,7 +308,14 @@ impl Admin {
             Err(e) => return control_error(&e),
         };
         let listeners = listener_views(&self.proxy);
-        json_response(StatusCode::OK, &StatusView { listeners, pools })
+        json_response(
+            StatusCode::OK,
+            &StatusView {
+                pid: std::process::id(),
+                listeners,
+                pools,
+            },
+        )
     }
 
     async fn page(&self) -> HttpResponse {

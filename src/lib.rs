@@ -31,6 +31,7 @@ pub mod snapshot;
 pub mod sockets;
 pub mod status;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod wire;
 
@@ -38,11 +39,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use admin::Admin;
 use config::Config;
-use controller::{Controller, ControllerHandle};
+use controller::{CarriedPool, Controller, ControllerHandle};
 use events::EventLog;
 use proxy::listener::{BoundListener, ListenerSet, ListenerView};
 use reload::Reloader;
@@ -66,8 +67,22 @@ impl Proxy {
     /// `listeners` (already bound). Returns at once; everything runs until `shutdown`
     /// begins.
     pub fn start(config: &Config, listeners: Vec<BoundListener>, shutdown: &Shutdown) -> Self {
+        Self::start_inheriting(config, listeners, shutdown, &[])
+    }
+
+    /// [`start`](Self::start), with the upstream states a previous process handed over
+    /// (a binary upgrade) instead of every upstream up until its first check.
+    pub fn start_inheriting(
+        config: &Config,
+        listeners: Vec<BoundListener>,
+        shutdown: &Shutdown,
+        health: &[CarriedPool],
+    ) -> Self {
         let events = Arc::new(EventLog::new());
-        let controller = Controller::new(config, events.clone());
+        let mut controller = Controller::new(config, events.clone());
+        if !health.is_empty() {
+            controller.inherit(health);
+        }
         let snapshot = controller.snapshot();
         let handle = controller.handle();
         tokio::spawn(controller.run(shutdown.clone()));
@@ -98,6 +113,9 @@ impl Proxy {
 pub struct Listening {
     pub listeners: Vec<BoundListener>,
     pub admin: Option<Arc<TcpListener>>,
+    /// The upstream states a previous process handed over with its sockets (a binary
+    /// upgrade); empty on a fresh start.
+    pub health: Vec<CarriedPool>,
 }
 
 impl Listening {
@@ -110,6 +128,7 @@ impl Listening {
         Ok(Self {
             listeners: BoundListener::all(config, bound.listeners),
             admin: bound.admin,
+            health: Vec::new(),
         })
     }
 }
@@ -156,7 +175,7 @@ pub fn start(
         Admin::check_token_file(admin)?;
     }
     let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
-    let proxy = Proxy::start(&config, listening.listeners, shutdown);
+    let proxy = Proxy::start_inheriting(&config, listening.listeners, shutdown, &listening.health);
     let reloader = Arc::new(Reloader::new(config, proxy.clone()));
     let mut admin_addr = None;
     let mut admin_socket = None;
@@ -173,17 +192,32 @@ pub fn start(
     })
 }
 
-/// Runs a whole instance: serves, reloads on SIGHUP, and when `shutdown` begins lets
-/// connections finish for `runtime.shutdown_grace` and closes the rest.
+/// Runs a whole instance: serves, reloads on SIGHUP, upgrades the binary on SIGUSR2,
+/// and when `shutdown` begins (or a new process took over) lets connections finish for
+/// `runtime.shutdown_grace` and closes the rest. With `predecessor`, this process is
+/// the new one of an upgrade: it tells the old one once it serves.
 pub async fn run(
     config: Config,
     listening: Listening,
     shutdown: Shutdown,
+    predecessor: Option<upgrade::Inherited>,
 ) -> Result<(), error::StartError> {
     use tokio::signal::unix::{SignalKind, signal};
     let grace = config.runtime.shutdown_grace;
     let mut hangup = signal(SignalKind::hangup()).map_err(error::StartError::Signals)?;
+    let mut upgrade_signal =
+        signal(SignalKind::user_defined2()).map_err(error::StartError::Signals)?;
     let running = start(config, listening, &shutdown)?;
+    match predecessor {
+        Some(predecessor) => {
+            if let Err(e) = predecessor.serving() {
+                // The old process gives up on us and keeps serving; two serving on the
+                // same sockets is harmless, and an operator can stop either.
+                warn!(error = %e, "cannot tell the previous process that this one serves");
+            }
+        }
+        None => upgrade::notify_systemd("READY=1"),
+    }
     let reloader = running.reloader.clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
@@ -192,7 +226,17 @@ pub async fn run(
             let _ = reloader.reload().await;
         }
     });
-    shutdown.stopping().await;
+    loop {
+        tokio::select! {
+            () = shutdown.stopping() => break,
+            Some(()) = upgrade_signal.recv() => {
+                if upgrade(&running).await {
+                    shutdown.begin();
+                    break;
+                }
+            }
+        }
+    }
     running.proxy.listeners.close();
     info!(
         open = shutdown.open_connections(),
@@ -202,4 +246,31 @@ pub async fn run(
     let closed = shutdown.drain(grace).await;
     info!(closed, "shutdown complete");
     Ok(())
+}
+
+/// Hands this instance over to a new process of the binary; true once the new one
+/// serves (this one must then stop), false when this one keeps serving.
+async fn upgrade(running: &Running) -> bool {
+    info!("SIGUSR2 received: starting the new binary and handing this instance over");
+    let health = match running.proxy.controller.carried().await {
+        Ok(health) => health,
+        Err(e) => {
+            error!(error = %e, "binary upgrade failed; this process keeps serving");
+            return false;
+        }
+    };
+    match upgrade::hand_over(running.sockets(), health).await {
+        Ok(pid) => {
+            upgrade::notify_systemd(&format!("MAINPID={pid}"));
+            info!(
+                new_pid = pid,
+                "binary upgrade: the new process serves; this one stops accepting"
+            );
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "binary upgrade failed; this process keeps serving");
+            false
+        }
+    }
 }

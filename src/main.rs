@@ -366,6 +366,7 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(cli: &Cli, path: &Path) -> ExitCode {
     switchyard::shutdown::ignore_hangup_until_handled();
+    switchyard::upgrade::ignore_upgrade_until_handled();
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -374,6 +375,14 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
         }
     };
     init_logging(cli, &config.log.level, config.log.format);
+    // Started by a binary upgrade: the previous process hands over its sockets.
+    let mut inherited = match switchyard::upgrade::inherit() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads)
         .enable_all()
@@ -386,12 +395,33 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listening = match switchyard::bind_all(&config) {
+        let sockets = match inherited.as_mut().map(|i| i.take_sockets()).transpose() {
+            Ok(sockets) => sockets.unwrap_or_default(),
+            Err(e) => {
+                error!(error = %e, "the sockets the previous process handed over are not usable");
+                return ExitCode::from(1);
+            }
+        };
+        let mut listening = match switchyard::Listening::bind(&config, sockets) {
             Ok(listening) => listening,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::from(1);
             }
+        };
+        if let Some(inherited) = inherited.as_mut() {
+            listening.health = std::mem::take(&mut inherited.health);
+        }
+        // Held until `run` returns: dropping it removes the file (while it is still ours).
+        let _pid_file = match &config.runtime.pid_file {
+            None => None,
+            Some(path) => match switchyard::upgrade::PidFile::write(path) {
+                Ok(pid_file) => Some(pid_file),
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "cannot write the pid file (runtime.pid_file)");
+                    return ExitCode::from(1);
+                }
+            },
         };
         let shutdown = Shutdown::new();
         if let Err(e) = watch_signals(shutdown.clone()) {
@@ -399,7 +429,7 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
         info!(config = %config.source.display(), "switchyard started");
-        match switchyard::run(config, listening, shutdown).await {
+        match switchyard::run(config, listening, shutdown, inherited).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");

@@ -29,7 +29,9 @@ const ADMIN_BACKLOG: u32 = 128;
 
 /// What a listening socket serves. Part of the table's key so that a socket handed over
 /// for one role is never put to the other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Kind {
     Traffic,
     Admin,

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusView {
+    /// The serving process: after a binary upgrade, the new one's. 0 from an instance
+    /// too old to say.
+    #[serde(default)]
+    pub pid: u32,
     pub listeners: Vec<ListenerView>,
     pub pools: Vec<PoolView>,
 }
@@ -257,6 +261,7 @@ mod tests {
     #[test]
     fn the_table_shows_ramps_and_their_shares() {
         let view = StatusView {
+            pid: 1,
             listeners: Vec::new(),
             pools: vec![PoolView {
                 name: "p".to_string(),

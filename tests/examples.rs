@@ -24,11 +24,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use common::*;
-use switchyard::config::{CheckKind, Config};
+use switchyard::config::CheckKind;
 use switchyard::drill::upstream::greet_and_echo;
 use switchyard::events::EventKind;
 use switchyard::metrics::RejectReason;
-use switchyard::shutdown::Shutdown;
 
 // ---------------------------------------------------------------- loading an example
 
@@ -54,21 +53,7 @@ fn rewrite(file: &str, text: &str, replacements: &[(&str, String)]) -> String {
 /// Writes `text` as `dir/file_name` and starts a proxy from that file in this runtime.
 /// Relative paths in it resolve against `dir`, which goes when the proxy is dropped.
 fn start_example(dir: PathBuf, file_name: &str, text: &str) -> TestProxy {
-    let config_path = dir.join(file_name);
-    std::fs::write(&config_path, text).expect("write the example");
-    let config = Config::load(&config_path)
-        .unwrap_or_else(|e| panic!("{file_name}, rewritten, is invalid:\n{e}\n---\n{text}"));
-    let listeners = switchyard::bind_all(&config).expect("bind the example's listeners");
-    let shutdown = Shutdown::new();
-    let running = switchyard::start(config.clone(), listeners, &shutdown).expect("start proxy");
-    TestProxy {
-        proxy: running.proxy,
-        shutdown,
-        config,
-        reloader: running.reloader,
-        admin: running.admin_addr,
-        config_path,
-    }
+    start_proxy_at(dir.join(file_name), text)
 }
 
 /// A client connection from `source` (any 127.0.0.0/8 address is loopback).

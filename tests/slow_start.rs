@@ -154,6 +154,13 @@ async fn a_failed_back_primary_takes_new_clients_gradually_and_none_fails() {
     );
     let share = ramp["share_percent"].as_u64().unwrap_or(0);
     assert!((10..100).contains(&share), "{status}");
+    // And so does the live page (its static snapshot; the script draws the same).
+    let (code, page, _) = http("GET", proxy.admin.unwrap(), "/", None).await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("slow start: tier 0 takes"),
+        "the page shows the ramp"
+    );
 
     let ended = wait_slow_start(
         &proxy,

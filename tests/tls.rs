@@ -499,32 +499,55 @@ async fn terminated_clients_waiting_on_a_hung_primary_move_to_the_backup_when_it
     );
 }
 
+/// A TLS pool whose `primary` completed its first checks and then hung: it still
+/// completes TLS handshakes and never answers. `backup` (tier 1) greets.
+struct HungTlsPrimary {
+    proxy: TestProxy,
+    _upstreams: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl HungTlsPrimary {
+    /// `pool_extra` lines in `[pools.p]`, `health` as the whole health table.
+    async fn start(pool_extra: &str, health: &str) -> Self {
+        let dir = test_dir();
+        let pki = Pki::new(&dir, "main");
+        pki.leaf("backend", &["backend.internal"]);
+        let hung = Arc::new(AtomicBool::new(false));
+        let (primary, p) = hangable_tls_echo(
+            pki.server_config("backend"),
+            "primary",
+            "backend.internal",
+            hung.clone(),
+        )
+        .await;
+        let (backup, b) =
+            tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
+        let tls_and_health = format!(
+            "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n{health}",
+            pki.ca_path("main").display(),
+        );
+        let proxy = start_proxy(&pool_config(
+            &[("primary", primary, 0), ("backup", backup, 1)],
+            pool_extra,
+            &tls_and_health,
+        ));
+        wait_first_checks(&proxy).await;
+        hung.store(true, SeqCst);
+        Self {
+            proxy,
+            _upstreams: [p, b],
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_tls_pool_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
-    let dir = test_dir();
-    let pki = Pki::new(&dir, "main");
-    pki.leaf("backend", &["backend.internal"]);
-    let primary_hung = Arc::new(AtomicBool::new(false));
-    let (primary, _p) = hangable_tls_echo(
-        pki.server_config("backend"),
-        "primary",
-        "backend.internal",
-        primary_hung.clone(),
+    let pair = HungTlsPrimary::start(
+        "",
+        &FAST_HEALTH.replace("timeout = \"100ms\"", "timeout = \"300ms\""),
     )
     .await;
-    let (backup, _b) = tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
-    let tls_and_health = format!(
-        "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n{}",
-        pki.ca_path("main").display(),
-        FAST_HEALTH.replace("timeout = \"100ms\"", "timeout = \"300ms\"")
-    );
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary, 0), ("backup", backup, 1)],
-        "",
-        &tls_and_health,
-    ));
-    wait_first_checks(&proxy).await;
-    primary_hung.store(true, SeqCst);
+    let proxy = &pair.proxy;
     // Connected and handshaken to the hung primary, waiting for its greeting.
     let mut clients = JoinSet::new();
     for _ in 0..20 {
@@ -543,30 +566,13 @@ async fn clients_of_a_tls_pool_waiting_on_a_hung_primary_move_to_the_backup_when
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_through_tls_origination_moves_unanswered_clients_of_a_hung_primary() {
-    let dir = test_dir();
-    let pki = Pki::new(&dir, "main");
-    pki.leaf("backend", &["backend.internal"]);
-    let primary_hung = Arc::new(AtomicBool::new(false));
-    let (primary, _p) = hangable_tls_echo(
-        pki.server_config("backend"),
-        "primary",
-        "backend.internal",
-        primary_hung.clone(),
+    // Checks that cannot see the hang in time: only the opening exchange reacts.
+    let pair = HungTlsPrimary::start(
+        "first_byte_timeout = \"150ms\"\nreplay_unanswered = \"16KiB\"\n",
+        "[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\n",
     )
     .await;
-    let (backup, _b) = tls_echo(pki.server_config("backend"), "backup", "backend.internal").await;
-    // Checks that cannot see the hang in time: only the opening exchange reacts.
-    let tls_and_health = format!(
-        "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n[pools.p.health]\ninterval = \"30s\"\ntimeout = \"2s\"\n",
-        pki.ca_path("main").display(),
-    );
-    let proxy = start_proxy(&pool_config(
-        &[("primary", primary, 0), ("backup", backup, 1)],
-        "first_byte_timeout = \"150ms\"\nreplay_unanswered = \"16KiB\"\n",
-        &tls_and_health,
-    ));
-    wait_first_checks(&proxy).await;
-    primary_hung.store(true, SeqCst);
+    let proxy = &pair.proxy;
     let mut clients = JoinSet::new();
     for _ in 0..10 {
         clients.spawn(switchyard::drill::ask_greeting(

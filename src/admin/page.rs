@@ -30,7 +30,7 @@ use crate::controller::ControlError;
 use crate::events::Event;
 use crate::metrics::CONNECT_BUCKETS;
 use crate::shutdown::Shutdown;
-use crate::status::ListenerView;
+use crate::status::{ListenerView, RampView, TierRampView};
 
 const TEMPLATE: &str = include_str!("page.html");
 
@@ -82,6 +82,8 @@ pub struct PoolCard {
     pub failbacks: u64,
     pub connections_active: u64,
     pub connect: LatencyView,
+    /// After a failback with `slow_start`: the failed-back tier's growing share.
+    pub failback_ramp: Option<TierRampView>,
     /// Best (lowest priority number) first.
     pub tiers: Vec<TierView>,
 }
@@ -101,6 +103,8 @@ pub struct UpstreamLine {
     pub reason: String,
     pub since_unix_ms: u64,
     pub connections_active: u64,
+    /// While it ramps up after coming back (`slow_start`).
+    pub slow_start: Option<RampView>,
 }
 
 /// Connect latency (client arrival to upstream connected) over the last minute,
@@ -182,6 +186,7 @@ impl PageView {
                                 reason: u.reason.clone(),
                                 since_unix_ms: u.since_unix_ms,
                                 connections_active: u.connections_active,
+                                slow_start: u.slow_start.clone(),
                             })
                             .collect(),
                     })
@@ -199,6 +204,7 @@ impl PageView {
                     failovers: pool.failovers,
                     failbacks: pool.failbacks,
                     connect,
+                    failback_ramp: pool.failback_ramp,
                     tiers,
                 }
             })
@@ -271,6 +277,16 @@ impl PageView {
                 p.connections_active,
                 p.connect.describe(),
             );
+            if let Some(ramp) = &p.failback_ramp {
+                let _ = write!(
+                    out,
+                    "<p class=\"ramp\">slow start: tier {} takes {}% of new connections, tier {} the rest ({} s left)</p>",
+                    ramp.to_tier,
+                    ramp.share_percent,
+                    ramp.from_tier,
+                    ramp.remaining_ms.div_ceil(1000),
+                );
+            }
             for t in &p.tiers {
                 let _ = write!(
                     out,
@@ -291,7 +307,7 @@ impl PageView {
                          <b>{name}</b> <code>{address}</code> <span class=\"state\">{state}</span> \
                          <span class=\"reason\">{reason}</span> \
                          <span class=\"since\">since <time data-ms=\"{since}\">{ago}</time></span> \
-                         <span class=\"conns\">{conns} open</span></li>",
+                         <span class=\"conns\">{conns} open</span>{ramp}</li>",
                         state = escape(&u.state),
                         name = escape(&u.name),
                         address = escape(&u.address),
@@ -299,6 +315,11 @@ impl PageView {
                         since = u.since_unix_ms,
                         ago = ago(self.now_unix_ms, u.since_unix_ms),
                         conns = u.connections_active,
+                        ramp = u.slow_start.as_ref().map_or(String::new(), |r| format!(
+                            " <span class=\"ramp\">slow start {}% ({} s left)</span>",
+                            r.share_percent,
+                            r.remaining_ms.div_ceil(1000)
+                        )),
                     );
                 }
                 out.push_str("</ul></div>");

@@ -45,6 +45,9 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
     /// How long established connections may finish after SIGTERM/SIGINT. Default 30s.
     pub shutdown_grace: Duration,
+    /// Holds the serving process's PID while it runs (taken over by the new process of
+    /// a binary upgrade). Relative to the config file's folder; `None`: no file.
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

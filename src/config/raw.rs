@@ -43,6 +43,8 @@ pub struct RawRuntime {
     pub worker_threads: S<i64>,
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: S<String>,
+    #[serde(default)]
+    pub pid_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,6 +341,7 @@ impl Default for RawRuntime {
         Self {
             worker_threads: default_worker_threads(),
             shutdown_grace: default_shutdown_grace(),
+            pid_file: String::new(),
         }
     }
 }

@@ -294,6 +294,8 @@ impl Validator<'_> {
                     worker_threads
                 },
                 shutdown_grace: shutdown_grace?,
+                pid_file: (!raw.runtime.pid_file.is_empty())
+                    .then(|| base_dir.join(&raw.runtime.pid_file)),
             },
             log: LogConfig {
                 level: level?.to_string(),

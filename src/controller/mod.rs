@@ -36,7 +36,7 @@ use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
 use crate::discovery::{self, Membership};
 use crate::events::{EventKind, EventLog};
 use crate::health::passive::{Feedback, PassiveReport};
-use crate::health::state::{AdminOverride, State, UpstreamState};
+use crate::health::state::{AdminOverride, CarriedState, State, UpstreamState};
 use crate::health::{
     CheckFailure, CheckReport, CheckReports, Checker, NetworkChecks, SpawnChecker,
 };
@@ -75,6 +75,29 @@ pub enum Message {
     Status {
         reply: oneshot::Sender<Vec<PoolView>>,
     },
+    /// Every pool's state, for the new process of a binary upgrade.
+    Carried {
+        reply: oneshot::Sender<Vec<CarriedPool>>,
+    },
+}
+
+/// A pool's state as a binary upgrade hands it over, keyed as a reload keys it (pool
+/// name, upstream addresses).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedPool {
+    pub pool: String,
+    /// The active tier's priority: kept as a reload keeps it, so that an upgrade never
+    /// fails back on its own (a manual failback still pending, say).
+    pub active_tier: Option<u32>,
+    pub upstreams: Vec<CarriedUpstream>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedUpstream {
+    pub address: SocketAddr,
+    pub state: CarriedState,
+    /// What the status showed as the reason, so that it goes on saying why.
+    pub reason: String,
 }
 
 /// The first check of each upstream a reload adds, by (pool, address).
@@ -259,6 +282,12 @@ impl ControllerHandle {
     }
 
     /// Manual failback; returns the priority of the new active tier.
+    pub async fn carried(&self) -> Result<Vec<CarriedPool>, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Carried { reply });
+        answer.await.map_err(|_| ControlError::Stopped)
+    }
+
     pub async fn failback(&self, pool: &str) -> Result<u32, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.send(Message::Failback {
@@ -377,7 +406,61 @@ impl Controller {
             Message::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Message::Carried { reply } => {
+                let _ = reply.send(self.carried());
+            }
         }
+    }
+
+    fn carried(&self) -> Vec<CarriedPool> {
+        self.pools
+            .iter()
+            .map(|pool| CarriedPool {
+                pool: pool.config.name.clone(),
+                active_tier: pool
+                    .active_tier
+                    .and_then(|t| pool.config.priorities().get(t).copied()),
+                upstreams: pool
+                    .slots
+                    .iter()
+                    .map(|slot| CarriedUpstream {
+                        address: slot.upstream.config.address,
+                        state: slot.state.carried(),
+                        reason: slot.shown_reason.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Takes over the pool states a previous process handed over (before [`run`]
+    /// applies any check result): no transition and no event, since nothing changed for
+    /// the clients; each pool keeps its active tier, as a reload does. Pools and
+    /// upstreams the config no longer has are ignored; new ones start as at a fresh
+    /// start.
+    ///
+    /// [`run`]: Self::run
+    pub fn inherit(&mut self, carried: &[CarriedPool]) {
+        let now = Instant::now();
+        for entry in carried {
+            let Some(pool) = self.pools.iter_mut().find(|p| p.config.name == entry.pool) else {
+                continue;
+            };
+            for upstream in &entry.upstreams {
+                let Some(slot) = pool
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.upstream.config.address == upstream.address)
+                else {
+                    continue;
+                };
+                slot.state = UpstreamState::from_carried(upstream.state);
+                slot.shown = slot.state.state(now);
+                slot.shown_reason.clone_from(&upstream.reason);
+            }
+            pool.active_tier = pool.initial_tier(entry.active_tier);
+        }
+        self.publish_all();
     }
 
     /// Applies one active check result and answers the checker with its next interval.

@@ -1089,3 +1089,51 @@ async fn dns_memberships_replace_only_their_entrys_members_and_never_empty_it() 
         ("removed", "DNS")
     );
 }
+
+/// A binary upgrade: the old controller's states, taken over by a new one, decide the
+/// tier at once, without an event, and the checks go on counting from where they were.
+#[tokio::test(start_paused = true)]
+async fn inherited_states_choose_the_tier_without_an_event_and_checks_go_on_from_them() {
+    let pool = "[pools.p.health]\nrise = 2\nfall = 2\n";
+    let mut old = Harness::start(&config(pool, TWO));
+    old.check("a", false);
+    old.check("a", false);
+    old.check("c", true);
+    assert_eq!(old.active(), Some(1));
+    let carried = old.controller.carried();
+    assert_eq!(carried.len(), 1);
+    assert_eq!(carried[0].upstreams.len(), 2);
+
+    let mut new = Harness::start(&config(pool, TWO));
+    new.controller.inherit(&carried);
+    assert_eq!(new.state("a"), State::Down);
+    assert_eq!(new.active(), Some(1), "on the backup from the start");
+    assert!(new.events.all().is_empty(), "taking over is no transition");
+
+    // Down, it needs `rise` passes in a row (a fresh start's first pass would do).
+    new.check("a", true);
+    assert_eq!(new.state("a"), State::Down, "a pass out of two");
+    new.check("a", true);
+    assert_eq!(new.state("a"), State::Up);
+    assert_eq!(
+        new.upstream_events(),
+        vec![upstream_event("a", "down", "up")]
+    );
+}
+
+/// An upgrade never fails back on its own: with a manual failback pending, the new
+/// process stays on the tier the old one served from.
+#[tokio::test(start_paused = true)]
+async fn an_inherited_active_tier_is_kept_while_a_manual_failback_is_pending() {
+    let pool = "failback = \"manual\"";
+    let mut old = Harness::start(&config(pool, TWO));
+    old.check("a", false);
+    old.check("a", true);
+    assert_eq!(old.state("a"), State::Up);
+    assert_eq!(old.active(), Some(1), "waiting for the operator");
+
+    let mut new = Harness::start(&config(pool, TWO));
+    new.controller.inherit(&old.controller.carried());
+    assert_eq!(new.active(), Some(1));
+    assert!(new.events.all().is_empty());
+}

@@ -5,12 +5,15 @@
 //! A client connects, reads one greeting line `hello <name>` and hangs up: the name says
 //! which upstream served it, the time it took is its latency. The stream only observes;
 //! it never looks inside the proxy, so it measures HAProxy as well as switchyard.
-//! [`upstream`] is the greeting upstream it expects on the other side.
+//! [`upstream`] is the greeting upstream it expects on the other side. [`run_clients`]
+//! runs a stream of any other client that can say who served it (a real database
+//! client, in the tests and the bench).
 
 pub mod exercise;
 pub mod upstream;
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,15 +74,15 @@ pub enum Stop {
     ServedBy(String),
 }
 
-/// What one client saw.
+/// What one client saw; `E` says why a client was not served.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientRecord {
+pub struct ClientRecord<E = ClientError> {
     /// When it started, after the stream's start.
     pub started: Duration,
     /// From its connect to its greeting, or until it failed.
     pub latency: Duration,
     /// The name of the upstream that greeted it, or why none did.
-    pub served_by: Result<String, ClientError>,
+    pub served_by: Result<String, E>,
 }
 
 /// Why a client got no greeting.
@@ -97,10 +100,10 @@ pub enum ClientError {
 
 /// Every client of one stream, in the order they started.
 #[derive(Debug, Clone)]
-pub struct Timeline {
+pub struct Timeline<E = ClientError> {
     /// When the stream started: [`ClientRecord::started`] counts from here.
     pub start: Instant,
-    pub records: Vec<ClientRecord>,
+    pub records: Vec<ClientRecord<E>>,
 }
 
 /// Connects to `addr` and reads the greeting `hello <name>`; returns the name.
@@ -162,6 +165,21 @@ impl Probe {
     }
 }
 
+/// One client of a [`ClientStream`]: who served it, or why none did, within `within`.
+async fn probe_client(
+    addr: SocketAddr,
+    within: Duration,
+    probe: Probe,
+) -> Result<String, ClientError> {
+    match probe {
+        Probe::Greeting { speaks_first } => ask_greeting(addr, within, speaks_first).await,
+        probe => match timeout(within, probe_once(addr, &probe)).await {
+            Ok(served) => served.map(|()| String::new()),
+            Err(_) => Err(ClientError::Timeout),
+        },
+    }
+}
+
 /// One [`Probe::Tcp`] or [`Probe::SendExpect`] client.
 async fn probe_once(addr: SocketAddr, probe: &Probe) -> Result<(), ClientError> {
     let mut stream = TcpStream::connect(addr)
@@ -206,78 +224,92 @@ impl ClientStream {
     /// Starts a client every `every` until `stop` or `limit`; returns once every client
     /// finished, which each does within `client_timeout`.
     pub async fn run(self, stop: Stop) -> Timeline {
-        let start = Instant::now();
-        let end = start + self.limit;
-        let never = CancellationToken::new();
-        let cancelled = match &stop {
-            Stop::On(token) => token,
-            _ => &never,
-        };
-        let wanted = match &stop {
-            Stop::ServedBy(name) => Some(name.as_str()),
-            _ => None,
-        };
-        let mut clients = JoinSet::new();
-        let mut records = Vec::new();
-        let mut tick = tokio::time::interval(self.every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        'spawn: loop {
-            tokio::select! {
-                biased;
-                () = cancelled.cancelled() => break,
-                () = sleep_until(end) => break,
-                _ = tick.tick() => {
-                    clients.spawn(self.clone().client(start));
-                }
-            }
-            while let Some(done) = clients.try_join_next() {
-                if let Ok(record) = done {
-                    let found = wanted.is_some() && record.served_by.as_deref().ok() == wanted;
-                    records.push(record);
-                    if found {
-                        break 'spawn;
-                    }
-                }
-            }
-        }
-        while let Some(done) = clients.join_next().await {
-            if let Ok(record) = done {
-                records.push(record);
-            }
-        }
-        records.sort_by_key(|r| r.started);
-        Timeline { start, records }
+        let (addr, within, probe) = (self.addr, self.client_timeout, self.probe);
+        run_clients(self.every, self.limit, stop, move |_| {
+            probe_client(addr, within, probe.clone())
+        })
+        .await
     }
+}
 
-    async fn client(self, stream_start: Instant) -> ClientRecord {
-        let started = Instant::now();
-        let served_by = match &self.probe {
-            Probe::Greeting { speaks_first } => {
-                ask_greeting(self.addr, self.client_timeout, *speaks_first).await
+/// Starts `client(n)` for the n-th client every `every` (a missed tick is skipped) until
+/// `stop` or `limit`; returns once every client finished. Each client answers who served
+/// it and bounds its own time.
+pub async fn run_clients<F, Fut, E>(
+    every: Duration,
+    limit: Duration,
+    stop: Stop,
+    mut client: F,
+) -> Timeline<E>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<String, E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let start = Instant::now();
+    let end = start + limit;
+    let never = CancellationToken::new();
+    let cancelled = match &stop {
+        Stop::On(token) => token,
+        _ => &never,
+    };
+    let wanted = match &stop {
+        Stop::ServedBy(name) => Some(name.as_str()),
+        _ => None,
+    };
+    let mut clients = JoinSet::new();
+    let mut records = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut n = 0;
+    'spawn: loop {
+        tokio::select! {
+            biased;
+            () = cancelled.cancelled() => break,
+            () = sleep_until(end) => break,
+            _ = tick.tick() => {
+                let request = client(n);
+                n += 1;
+                clients.spawn(async move {
+                    let started = Instant::now();
+                    let served_by = request.await;
+                    ClientRecord {
+                        started: started.saturating_duration_since(start),
+                        latency: started.elapsed(),
+                        served_by,
+                    }
+                });
             }
-            probe => match timeout(self.client_timeout, probe_once(self.addr, probe)).await {
-                Ok(served) => served.map(|()| String::new()),
-                Err(_) => Err(ClientError::Timeout),
-            },
-        };
-        ClientRecord {
-            started: started.saturating_duration_since(stream_start),
-            latency: started.elapsed(),
-            served_by,
+        }
+        while let Some(done) = clients.try_join_next() {
+            if let Ok(record) = done {
+                let found = wanted.is_some() && record.served_by.as_deref().ok() == wanted;
+                records.push(record);
+                if found {
+                    break 'spawn;
+                }
+            }
         }
     }
+    while let Some(done) = clients.join_next().await {
+        if let Ok(record) = done {
+            records.push(record);
+        }
+    }
+    records.sort_by_key(|r| r.started);
+    Timeline { start, records }
 }
 
 // === impl ClientRecord ===
 
-impl ClientRecord {
+impl<E> ClientRecord<E> {
     /// When it got its greeting or gave up, after the stream's start.
     pub fn finished(&self) -> Duration {
         self.started + self.latency
     }
 
     pub fn is_served_by(&self, name: &str) -> bool {
-        self.served_by.as_deref() == Ok(name)
+        self.served_by.as_ref().is_ok_and(|served| served == name)
     }
 }
 
@@ -304,7 +336,7 @@ impl std::error::Error for ClientError {}
 
 // === impl Timeline ===
 
-impl Timeline {
+impl<E> Timeline<E> {
     /// `at` (an instant during the stream) as an offset from its start.
     pub fn offset(&self, at: Instant) -> Duration {
         at.saturating_duration_since(self.start)

@@ -21,7 +21,7 @@ pub enum State {
 }
 
 /// An operator's override; `None` leaves the upstream to health checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdminOverride {
     Drain,
     Maint,
@@ -33,6 +33,18 @@ enum Health {
     Unknown,
     Up,
     Down,
+}
+
+/// What a binary upgrade carries to the new process: the checks' verdict and counts
+/// and the operator's override. A passive ejection is not carried: its end is an instant
+/// of this process's clock, and the checks that go on decide again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedState {
+    /// `None` while no check has completed.
+    pub checked_up: Option<bool>,
+    pub passes_in_a_row: u32,
+    pub failures_in_a_row: u32,
+    pub admin: Option<AdminOverride>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +101,35 @@ impl UpstreamState {
             None if self.outlier.is_ejected(now) => State::Ejected,
             None if self.health == Health::Down => State::Down,
             None => State::Up,
+        }
+    }
+
+    pub fn carried(&self) -> CarriedState {
+        CarriedState {
+            checked_up: match self.health {
+                Health::Unknown => None,
+                Health::Up => Some(true),
+                Health::Down => Some(false),
+            },
+            passes_in_a_row: self.passes_in_a_row,
+            failures_in_a_row: self.failures_in_a_row,
+            admin: self.admin,
+        }
+    }
+
+    /// The state a previous process handed over, so that the next check goes on from
+    /// where it left off instead of deciding afresh.
+    pub fn from_carried(carried: CarriedState) -> Self {
+        Self {
+            health: match carried.checked_up {
+                None => Health::Unknown,
+                Some(true) => Health::Up,
+                Some(false) => Health::Down,
+            },
+            passes_in_a_row: carried.passes_in_a_row,
+            failures_in_a_row: carried.failures_in_a_row,
+            admin: carried.admin,
+            outlier: Outlier::default(),
         }
     }
 

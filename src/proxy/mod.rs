@@ -193,7 +193,7 @@ async fn relay(
         };
         let mut opened = Moved::default();
         if let Some(watch) = &link.opening {
-            let replay =
+            let kept =
                 replay.get_or_insert_with(|| Replay::new(watch.replay_bound, origin.early.len()));
             let bounds = opening::Bounds {
                 first_byte_timeout: watch.first_byte_timeout,
@@ -206,7 +206,7 @@ async fn relay(
             let opening = Box::pin(opening::until_answered(
                 &mut client,
                 &mut upstream_stream,
-                replay,
+                kept,
                 &bounds,
                 &inbound,
                 &outbound,
@@ -238,7 +238,7 @@ async fn relay(
                         .connect_failed(upstream.id, &upstream.stats, failure);
                 }
                 opening::abandon(upstream_stream);
-                if !replay.replayable() {
+                if !kept.replayable() {
                     record.end = match why {
                         Unanswered::Down => End::UpstreamDown,
                         Unanswered::Closed => End::UpstreamClosed,
@@ -251,6 +251,9 @@ async fn relay(
                 tried.push(upstream.id);
                 continue;
             }
+            // Answered: nothing will be replayed, and a connection open for hours must
+            // not keep the copy.
+            replay = None;
         }
         let closed = std::pin::pin!(async {
             tokio::select! {

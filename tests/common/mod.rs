@@ -1,6 +1,8 @@
 //! Shared test fixtures, by topic: an in-process proxy on port 0 ([`proxy`]), loopback
-//! upstreams ([`upstream`]), clients ([`client`]), the admin API ([`admin`]) and the
-//! binary as a child process ([`child`]); polling with a deadline instead of sleeps.
+//! upstreams ([`upstream`]), clients ([`client`]), the admin API ([`admin`]), the
+//! binary as a child process ([`child`]), real servers ([`servers`], [`pg_crash`]) and
+//! real client libraries ([`real_clients`]); polling with a deadline instead of sleeps.
+//! benches/failover.rs includes it too, for the real servers and their clients.
 
 // Each file in tests/ is a crate of its own that compiles this module again and uses
 // a different part of it: what one of them does not use (a fixture, or a whole topic's
@@ -12,7 +14,9 @@ pub mod child;
 pub mod client;
 pub mod events;
 pub mod patroni;
+pub mod pg_crash;
 pub mod proxy;
+pub mod real_clients;
 pub mod servers;
 pub mod upstream;
 
@@ -21,7 +25,9 @@ pub use child::*;
 pub use client::*;
 pub use events::*;
 pub use patroni::*;
+pub use pg_crash::*;
 pub use proxy::*;
+pub use real_clients::*;
 pub use servers::*;
 pub use upstream::*;
 

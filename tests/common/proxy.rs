@@ -48,7 +48,11 @@ impl Drop for TestProxy {
 /// Starts a proxy in this runtime from TOML text (binds should use port 0), loaded
 /// from a file of its own so that tests can rewrite it and reload.
 pub fn start_proxy(toml: &str) -> TestProxy {
-    let config_path = test_dir().join("switchyard.toml");
+    start_proxy_at(test_dir().join("switchyard.toml"), toml)
+}
+
+/// Like [`start_proxy`], from a file at `config_path` (its folder is removed on drop).
+pub fn start_proxy_at(config_path: std::path::PathBuf, toml: &str) -> TestProxy {
     std::fs::write(&config_path, toml).expect("write test config");
     let config = Config::load(&config_path)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));

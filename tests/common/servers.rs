@@ -288,7 +288,7 @@ impl PgServer {
         self.child = Some(child);
     }
 
-    fn child(&self) -> &Child {
+    pub fn child(&self) -> &Child {
         self.child.as_ref().expect("the postmaster runs")
     }
 
@@ -299,6 +299,16 @@ impl PgServer {
             stop_child(&mut child, libc::SIGQUIT, Duration::from_secs(10));
         }
         self.spawn();
+    }
+
+    /// The postmaster's process, to signal or kill (panics once it was stopped for good).
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the postmaster runs")
+    }
+
+    /// Makes `child` the postmaster (a restart by hand); the old one must be gone.
+    pub fn replace_child(&mut self, child: Child) {
+        self.child = Some(child);
     }
 
     /// Waits until it answers a query on its port (30 s at most).
