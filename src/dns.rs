@@ -22,8 +22,9 @@ pub const MAX_RECORDS: usize = 64;
 /// its hosts files with TTL 0), so a pool never re-resolves in a busy loop.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 
-/// What to ask: the A/AAAA records of a host name (each an upstream on `port`), or an
-/// SRV name (each target an upstream on the target's port, with its weight).
+/// What to ask: the addresses of a host name (each an upstream on `port`: its A
+/// records, or its AAAA records when it has no A record), or an SRV name (each target
+/// an upstream on the target's port, with its weight).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Query {
     Host { host: String, port: u16 },
@@ -35,7 +36,8 @@ pub enum Query {
 pub struct Record {
     pub address: SocketAddr,
     /// Stable across answers for as long as the record exists, for metrics and the
-    /// admin API: `ip:port` for a host name, `target:port` for an SRV target.
+    /// admin API: the IP address of a host name's record (`10.0.0.3`, `fd00::3`), or
+    /// `target:port` of an SRV target. Never holds a `/` (the admin API's paths).
     pub label: String,
     /// The SRV weight; `None` for address records.
     pub weight: Option<u16>,
@@ -78,7 +80,7 @@ impl Query {
         }
         let (host, port) = text.rsplit_once(':')?;
         let port = port.parse::<u16>().ok()?;
-        if host.is_empty() || host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+        if !is_plain_name(host) || host.parse::<IpAddr>().is_ok() {
             return None;
         }
         Some(Self::Host {
@@ -109,7 +111,10 @@ impl Resolver {
             builder
         };
         let options: &mut ResolverOpts = builder.options_mut();
-        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        // One address family per name: a dual-stack server has an A and an AAAA record,
+        // and counting it twice would double its share of clients (and of source_hash)
+        // and check it twice.
+        options.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
         options.timeout = timeout;
         options.attempts = 1;
         // Every resolution asks again; the TTL decides when, not a cache.
@@ -143,13 +148,10 @@ impl Resolver {
                 let records = found
                     .0
                     .into_iter()
-                    .map(|ip| {
-                        let address = SocketAddr::new(ip, *port);
-                        Record {
-                            address,
-                            label: address.to_string(),
-                            weight: None,
-                        }
+                    .map(|ip| Record {
+                        address: SocketAddr::new(ip, *port),
+                        label: ip.to_string(),
+                        weight: None,
                     })
                     .collect();
                 (records, found.1)
@@ -159,8 +161,9 @@ impl Resolver {
         Ok(Answer::new(records, valid_until))
     }
 
-    /// Every target of an SRV name at its lowest address; targets that do not resolve
-    /// are left out.
+    /// Every target of an SRV name at its lowest address; targets that do not resolve,
+    /// or whose name is not a plain host name (a label must stay addressable in the
+    /// admin API), are left out.
     async fn srv(&self, name: &str) -> Result<(Vec<Record>, Instant), DnsError> {
         let found = self
             .inner
@@ -170,12 +173,13 @@ impl Resolver {
         let mut valid_until = found.as_lookup().valid_until();
         let targets: Vec<(String, u16, u16)> = found
             .iter()
-            .take(MAX_RECORDS)
             .map(|srv| {
                 let target = srv.target().to_utf8();
                 let target = target.trim_end_matches('.').to_string();
                 (target, srv.port(), srv.weight())
             })
+            .filter(|(target, _, _)| is_plain_name(target))
+            .take(MAX_RECORDS)
             .collect();
         let lookups = targets.iter().map(|(target, _, _)| self.lookup(target));
         let resolved = futures_util::future::join_all(lookups).await;
@@ -204,6 +208,16 @@ impl Resolver {
         let ips = found.iter().take(MAX_RECORDS).collect();
         Ok((ips, found.valid_until()))
     }
+}
+
+/// Whether `name` is a host name as written in configs and SRV targets: letters,
+/// digits, '-', '_' and '.' only (no '/', '@' or ':' to confuse a label or a path).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Resolves `queries` from outside any runtime or inside one (a reload validates its
@@ -267,6 +281,29 @@ mod tests {
         assert_eq!(Query::host("db.internal"), None);
         assert_eq!(Query::host("db.internal:99999"), None);
         assert_eq!(Query::host(":5432"), None);
+        // Nothing that would break a label or an admin API path.
+        assert_eq!(Query::host("a/b:5432"), None);
+        assert_eq!(Query::host("a@b:5432"), None);
+        assert_eq!(Query::host("a:b:5432"), None);
+        assert_eq!(Query::host(&format!("{}:5432", "a".repeat(254))), None);
+        assert!(Query::host("my_db.internal.:5432").is_some());
+    }
+
+    #[test]
+    fn srv_targets_that_would_break_a_label_are_not_plain_names() {
+        assert!(is_plain_name("pg1.node.dc1.consul"));
+        for hostile in [
+            "",
+            "a/b",
+            "a\\/b",
+            "a@b",
+            "a:b",
+            "a b",
+            "é.test",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_plain_name(hostile), "{hostile:?}");
+        }
     }
 
     #[test]

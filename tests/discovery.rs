@@ -337,7 +337,7 @@ async fn membership_follows_dns_under_load_and_an_outage_empties_nothing() {
         let view = pools[0]
             .upstreams
             .iter()
-            .find(|u| u.name == format!("127.0.0.{new}:{port}"))
+            .find(|u| u.name == format!("db.test:{port}@127.0.0.{new}"))
             .expect("a new member in the status");
         assert_eq!(view.reason, "added by DNS; first check passed", "{view:?}");
         assert_eq!(view.address, format!("127.0.0.{new}:{port}"));
@@ -351,7 +351,13 @@ async fn membership_follows_dns_under_load_and_an_outage_empties_nothing() {
         took <= INTERVAL + SLACK,
         "a vanished record took {took:?} to go"
     );
-    let removed = wait_event(&proxy, &format!("127.0.0.2:{port}"), "removed", SOON).await;
+    let removed = wait_event(
+        &proxy,
+        &format!("db.test:{port}@127.0.0.2"),
+        "removed",
+        SOON,
+    )
+    .await;
     assert_eq!(removed.reason, "DNS");
     let before = stream.served_by(2);
     tokio::time::sleep(INTERVAL).await;
@@ -534,4 +540,119 @@ async fn a_ttl_shorter_than_the_interval_is_honoured() {
     // The TTL (1s), not the interval (1h), says when to ask again.
     let took = wait_members(&proxy, &addrs(&[2, 3], port), SOON).await;
     assert!(took <= Duration::from_secs(1) + SLACK, "took {took:?}");
+}
+
+/// One address family per name: a dual-stack name is one upstream (its A record), a
+/// name with only AAAA records is upstreams on IPv6; each labelled `host:port@ip`, and
+/// `check` shows each with the address it resolves to now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_name_is_one_upstream_and_check_shows_what_names_resolve_to() {
+    let hosts = "127.0.0.2 both.test\n::1 both.test\n::1 six.test\n";
+    let Some(dns) = Dnsmasq::start(hosts, &[]).await else {
+        return;
+    };
+    let text = config(
+        "{ address = \"both.test:9\" }, { address = \"six.test:9\", name = \"v6\", priority = 1 }",
+        dns.addr,
+    );
+    let dir = TempDir::new();
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(&path, text).expect("write the config");
+    let loaded = switchyard::config::Config::load(&path).expect("loads");
+    let found: Vec<(String, SocketAddr)> = loaded.pools[0]
+        .upstreams
+        .iter()
+        .map(|u| (u.label().to_string(), u.address))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (
+                "both.test:9@127.0.0.2".to_string(),
+                "127.0.0.2:9".parse().expect("addr")
+            ),
+            ("v6@::1".to_string(), "[::1]:9".parse().expect("addr")),
+        ]
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "tier 0 (primary): both.test:9@127.0.0.2 (from DNS both.test:9) = 127.0.0.2:9",
+        "tier 1 (backup 1): v6@::1 (from DNS six.test:9) = [::1]:9",
+        "dns: 2 entries resolved every 1s",
+    ] {
+        assert!(shown.contains(line), "{line:?} not in:\n{shown}");
+    }
+}
+
+/// Labels address DNS members in the admin API over HTTP (written as they are, or
+/// percent-encoded). The name as written still names its member while it is one
+/// upstream, as before discovery; while it is several, the call is refused with the
+/// labels to use, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_name_dns_members_by_label_and_refuse_an_ambiguous_name() {
+    let upstreams = Upstreams::start(&[2, 3]).await;
+    let port = upstreams.port;
+    let Some(dns) = Dnsmasq::start(&hosts_file("db.test", &[2]), &[]).await else {
+        return;
+    };
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        config(&format!("{{ address = \"db.test:{port}\" }}"), dns.addr)
+    );
+    let proxy = start_proxy(&text);
+    let admin = proxy.admin.expect("admin API");
+    let post = |path: String| async move {
+        let (code, body, _) = http("POST", admin, &path, None).await;
+        (code, body)
+    };
+    let state_of = |label: String| async move {
+        let status = get_json(admin, "/status").await;
+        upstream_status(&status, "p", &label).map(|u| u["state"].clone())
+    };
+    let (first, second) = (
+        format!("db.test:{port}@127.0.0.2"),
+        format!("db.test:{port}@127.0.0.3"),
+    );
+
+    let (code, body) = post(format!("/pools/p/upstreams/db.test:{port}/drain")).await;
+    assert_eq!(
+        code, 200,
+        "one member: the name as written names it; {body}"
+    );
+    assert_eq!(state_of(first.clone()).await, Some("drain".into()));
+    let (code, body) = post(format!("/pools/p/upstreams/db.test:{port}/up")).await;
+    assert_eq!(code, 200, "{body}");
+
+    dns.set_hosts(&hosts_file("db.test", &[2, 3]));
+    wait_members(&proxy, &addrs(&[2, 3], port), SOON).await;
+    let (code, body) = post(format!("/pools/p/upstreams/db.test:{port}/maint")).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains(&format!("{first}, {second}")) && body.contains("name one by its label"),
+        "{body}"
+    );
+    assert_eq!(state_of(first.clone()).await, Some("up".into()));
+    assert_eq!(state_of(second.clone()).await, Some("up".into()));
+
+    let (code, body) = post(format!("/pools/p/upstreams/{second}/maint")).await;
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["state"], "maint");
+    let encoded = format!("db.test%3A{port}%40127.0.0.2");
+    let (code, body) = post(format!("/pools/p/upstreams/{encoded}/drain")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(state_of(second).await, Some("maint".into()));
+    assert_eq!(state_of(first).await, Some("drain".into()));
 }

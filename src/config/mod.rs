@@ -188,8 +188,10 @@ pub struct UpstreamConfig {
     pub address: SocketAddr,
     /// The address as written (`host:port`, `ip:port`, or the SRV name), for display.
     pub target: String,
-    /// Found in DNS: the record's stable label (`ip:port` of an address record,
-    /// `target:port` of an SRV target), prefixed by the entry's name if it has one.
+    /// Found in DNS: the member's label, stable while its record exists and free of
+    /// `/` (admin API paths name upstreams): `host:port@ip` for a host name's record
+    /// (`NAME@ip` when the entry has a name), `target:port` for an SRV target
+    /// (`NAME@target:port`).
     pub discovered: Option<String>,
     pub name: Option<String>,
     /// 0 is the primary tier, 1 the first backup, and so on.
@@ -307,6 +309,21 @@ impl UpstreamConfig {
 // === impl DnsEntry ===
 
 impl DnsEntry {
+    /// A member's label from its record's: a host name's records are told apart by
+    /// their IP after the name (or `host:port` as written); SRV targets are names
+    /// already, prefixed by the entry's name if it has one.
+    fn member_label(&self, record: &str) -> String {
+        let prefix = match (&self.query, &self.name) {
+            (_, Some(name)) => Some(name.as_str()),
+            (crate::dns::Query::Host { .. }, None) => Some(self.target.as_str()),
+            (crate::dns::Query::Srv { .. }, None) => None,
+        };
+        match prefix {
+            Some(prefix) => format!("{prefix}@{record}"),
+            None => record.to_string(),
+        }
+    }
+
     /// The upstreams an answer gives this entry.
     pub fn members(&self, answer: &crate::dns::Answer) -> Vec<UpstreamConfig> {
         answer
@@ -315,10 +332,7 @@ impl DnsEntry {
             .map(|record| UpstreamConfig {
                 address: record.address,
                 target: self.target.clone(),
-                discovered: Some(match &self.name {
-                    Some(name) => format!("{name}/{}", record.label),
-                    None => record.label.clone(),
-                }),
+                discovered: Some(self.member_label(&record.label)),
                 name: self.name.clone(),
                 priority: self.priority,
                 // An SRV weight is 0..=65535; ours 1..=256, 0 meaning "rarely" there.

@@ -181,7 +181,7 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
                     (None, None) => u.target.clone(),
                 };
                 let address = u.address.to_string();
-                if u.target != address && u.discovered.as_deref() != Some(address.as_str()) {
+                if u.target != address {
                     let _ = write!(s, " = {}", u.address);
                 }
                 if u.weight != 1 {

@@ -110,6 +110,14 @@ pub enum ControlError {
     NoSuchPool(String),
     #[error("pool {pool:?} has no upstream named or addressed {upstream:?}")]
     NoSuchUpstream { pool: String, upstream: String },
+    /// A host name or SRV name as written in the config that DNS resolves to several
+    /// upstreams: acting on any one of them would be a guess.
+    #[error("{upstream:?} is {} upstreams of pool {pool:?} now; name one by its label: {}", labels.len(), labels.join(", "))]
+    AmbiguousUpstream {
+        pool: String,
+        upstream: String,
+        labels: Vec<String>,
+    },
     #[error("pool {pool:?} is already on the best usable tier (priority {priority})")]
     AlreadyBest { pool: String, priority: u32 },
     #[error("pool {0:?} has no usable upstream")]
@@ -564,17 +572,8 @@ impl Controller {
         admin: Option<AdminOverride>,
     ) -> Result<State, ControlError> {
         let p = self.pool_index(pool)?;
+        let u = self.upstream_index(p, upstream)?;
         let slots = &mut self.pools[p].slots;
-        let u = slots
-            .iter()
-            .position(|s| {
-                let c = &s.upstream.config;
-                c.label() == upstream || c.target == upstream || c.address.to_string() == upstream
-            })
-            .ok_or_else(|| ControlError::NoSuchUpstream {
-                pool: pool.to_string(),
-                upstream: upstream.to_string(),
-            })?;
         slots[u].state.set_admin(admin);
         slots[u].reason = Some("admin".to_string());
         self.refresh(p);
@@ -746,6 +745,37 @@ impl Controller {
             .iter()
             .position(|p| p.config.name == pool)
             .ok_or_else(|| ControlError::NoSuchPool(pool.to_string()))
+    }
+
+    /// The upstream of pool `p` that `upstream` names: its label, else its address
+    /// (as written or as resolved), else the host name or SRV name it was written as,
+    /// provided that names only it.
+    fn upstream_index(&self, p: usize, upstream: &str) -> Result<usize, ControlError> {
+        let pool = &self.pools[p];
+        let configs = pool.slots.iter().map(|s| &s.upstream.config);
+        if let Some(u) = configs.clone().position(|c| c.label() == upstream) {
+            return Ok(u);
+        }
+        let matching: Vec<usize> = configs
+            .enumerate()
+            .filter(|(_, c)| c.target == upstream || c.address.to_string() == upstream)
+            .map(|(u, _)| u)
+            .collect();
+        match matching[..] {
+            [u] => Ok(u),
+            [] => Err(ControlError::NoSuchUpstream {
+                pool: pool.config.name.clone(),
+                upstream: upstream.to_string(),
+            }),
+            _ => Err(ControlError::AmbiguousUpstream {
+                pool: pool.config.name.clone(),
+                upstream: upstream.to_string(),
+                labels: matching
+                    .iter()
+                    .map(|&u| pool.slots[u].upstream.label().to_string())
+                    .collect(),
+            }),
+        }
     }
 }
 
