@@ -565,7 +565,9 @@ fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
 fn control_error(e: &ControlError) -> HttpResponse {
     let status = match e {
         ControlError::NoSuchPool(_) | ControlError::NoSuchUpstream { .. } => StatusCode::NOT_FOUND,
-        ControlError::AlreadyBest { .. } | ControlError::NothingUsable(_) => StatusCode::CONFLICT,
+        ControlError::AlreadyBest { .. }
+        | ControlError::NothingUsable(_)
+        | ControlError::AmbiguousUpstream { .. } => StatusCode::CONFLICT,
         ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, &e.to_string())

@@ -13,6 +13,8 @@ pub mod config;
 pub mod controller;
 pub mod demo;
 pub mod dial;
+pub mod discovery;
+pub mod dns;
 pub mod drill;
 pub mod error;
 pub mod events;

@@ -179,6 +179,8 @@ pub struct PoolStats {
     pub failovers: AtomicU64,
     /// Active tier moved back to a better tier.
     pub failbacks: AtomicU64,
+    /// Resolutions of a DNS entry that failed or found nothing; the last set was kept.
+    pub dns_failures: AtomicU64,
     /// Time from a client's arrival to its upstream connection, retries included.
     pub connect_seconds: Histogram,
 }

@@ -6,7 +6,8 @@
 //!
 //! The file "lives" in a folder that does not exist, so relative certificate paths fail
 //! to read. Inputs that would leave the machine or block are skipped: an upstream host
-//! name (resolved through DNS) or an absolute certificate path (`/dev/zero` never ends).
+//! name or SRV name (resolved through DNS) or an absolute certificate path (`/dev/zero`
+//! never ends).
 //!
 //! Run: `cargo fuzz run config_parse` from the repository root (nightly, or
 //! `RUSTC_BOOTSTRAP=1` on stable).
@@ -54,11 +55,13 @@ fn stays_local(text: &str) -> bool {
     };
     let relative = |path: &str| !path.starts_with('/');
     let upstreams_are_ips = raw.pools.values().all(|pool| {
-        pool.get_ref()
-            .upstreams
-            .get_ref()
-            .iter()
-            .all(|u| u.get_ref().address.get_ref().parse::<SocketAddr>().is_ok())
+        pool.get_ref().upstreams.get_ref().iter().all(|u| {
+            let u = u.get_ref();
+            u.srv.is_none()
+                && u.address
+                    .as_ref()
+                    .is_none_or(|a| a.get_ref().parse::<SocketAddr>().is_ok())
+        })
     });
     let listener_paths_relative = raw.listeners.values().all(|l| {
         let Some(tls) = &l.get_ref().tls else {
@@ -94,6 +97,7 @@ fn accepted(config: &Config) {
     for pool in &config.pools {
         assert!(!pool.upstreams.is_empty());
         assert!(within(pool.connect_timeout, 1));
+        assert!(within(pool.resolve_interval, 1000));
         for d in [
             pool.hedge_after,
             pool.idle_timeout,

@@ -181,6 +181,18 @@ pub fn render(proxy: &crate::Proxy, reloads: &crate::reload::ReloadStats) -> Str
         );
     }
     e.header(
+        "switchyard_dns_failures_total",
+        "counter",
+        "Resolutions of a host-name or SRV upstream entry that failed or found nothing; the pool kept the entry's last known upstreams.",
+    );
+    for route in &pools {
+        e.sample(
+            "switchyard_dns_failures_total",
+            &[("pool", &route.config.name)],
+            route.stats.dns_failures.load(Relaxed),
+        );
+    }
+    e.header(
         "switchyard_health_checks_total",
         "counter",
         "Active health checks, by result; local_resources: not run, the proxy was out of descriptors, memory or ports.",

@@ -22,6 +22,9 @@ pub use health::{
 };
 pub use ipnet::IpNet;
 
+/// The largest `weight` of an upstream.
+pub const MAX_WEIGHT: u32 = 256;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -166,8 +169,15 @@ pub struct PoolConfig {
     pub replay_unanswered: Option<usize>,
     /// Originate TLS to the upstreams (and in health checks); `None` = plain TCP.
     pub tls: Option<crate::tls::ClientTls>,
-    /// Never empty; addresses and names unique within the pool.
+    /// Never empty; addresses and names unique within the pool. Those found in DNS are
+    /// the members of `dns` entries as last resolved.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Upstream entries given by host name or SRV name, resolved again every
+    /// `resolve_interval` (or sooner when their TTL says so).
+    pub dns: Vec<DnsEntry>,
+    pub resolve_interval: Duration,
+    /// DNS servers to ask; empty: those of /etc/resolv.conf.
+    pub resolvers: Vec<SocketAddr>,
     pub health: HealthConfig,
     pub outlier: OutlierConfig,
 }
@@ -176,12 +186,29 @@ pub struct PoolConfig {
 pub struct UpstreamConfig {
     /// Resolved at load time.
     pub address: SocketAddr,
-    /// The address as written (`host:port` or `ip:port`), for display.
+    /// The address as written (`host:port`, `ip:port`, or the SRV name), for display.
     pub target: String,
+    /// Found in DNS: the member's label, stable while its record exists and free of
+    /// `/` (admin API paths name upstreams): `host:port@ip` for a host name's record
+    /// (`NAME@ip` when the entry has a name), `target:port` for an SRV target
+    /// (`NAME@target:port`).
+    pub discovered: Option<String>,
     pub name: Option<String>,
     /// 0 is the primary tier, 1 the first backup, and so on.
     pub priority: u32,
     /// 1..=256, default 1.
+    pub weight: u32,
+}
+
+/// An upstream entry whose members come from DNS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsEntry {
+    pub query: crate::dns::Query,
+    /// As written: `host:port` or the SRV name.
+    pub target: String,
+    pub name: Option<String>,
+    pub priority: u32,
+    /// Of each member; SRV members take their record's weight instead.
     pub weight: u32,
 }
 
@@ -269,9 +296,51 @@ impl PoolConfig {
 // === impl UpstreamConfig ===
 
 impl UpstreamConfig {
-    /// How operators see this upstream: its name, else its address as written.
+    /// How operators see this upstream: its record's label when found in DNS, else
+    /// its name, else its address as written.
     pub fn label(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.target)
+        self.discovered
+            .as_deref()
+            .or(self.name.as_deref())
+            .unwrap_or(&self.target)
+    }
+}
+
+// === impl DnsEntry ===
+
+impl DnsEntry {
+    /// A member's label from its record's: a host name's records are told apart by
+    /// their IP after the name (or `host:port` as written); SRV targets are names
+    /// already, prefixed by the entry's name if it has one.
+    fn member_label(&self, record: &str) -> String {
+        let prefix = match (&self.query, &self.name) {
+            (_, Some(name)) => Some(name.as_str()),
+            (crate::dns::Query::Host { .. }, None) => Some(self.target.as_str()),
+            (crate::dns::Query::Srv { .. }, None) => None,
+        };
+        match prefix {
+            Some(prefix) => format!("{prefix}@{record}"),
+            None => record.to_string(),
+        }
+    }
+
+    /// The upstreams an answer gives this entry.
+    pub fn members(&self, answer: &crate::dns::Answer) -> Vec<UpstreamConfig> {
+        answer
+            .records
+            .iter()
+            .map(|record| UpstreamConfig {
+                address: record.address,
+                target: self.target.clone(),
+                discovered: Some(self.member_label(&record.label)),
+                name: self.name.clone(),
+                priority: self.priority,
+                // An SRV weight is 0..=65535; ours 1..=256, 0 meaning "rarely" there.
+                weight: record
+                    .weight
+                    .map_or(self.weight, |w| u32::from(w).clamp(1, MAX_WEIGHT)),
+            })
+            .collect()
     }
 }
 

@@ -130,6 +130,10 @@ pub struct RawPool {
     pub first_byte_timeout: S<String>,
     #[serde(default = "default_off")]
     pub replay_unanswered: S<String>,
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: S<String>,
+    #[serde(default)]
+    pub resolvers: Vec<S<String>>,
     pub tls: Option<S<RawPoolTls>>,
     #[serde(default = "default_upstreams")]
     pub upstreams: S<Vec<S<RawUpstream>>>,
@@ -179,7 +183,8 @@ pub struct RawPoolTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub address: S<String>,
+    pub address: Option<S<String>>,
+    pub srv: Option<S<String>>,
     #[serde(default = "default_priority")]
     pub priority: S<i64>,
     #[serde(default = "default_weight")]
@@ -284,6 +289,9 @@ fn default_min_usable() -> S<i64> {
 }
 fn default_when_all_down() -> S<String> {
     text("try_all")
+}
+fn default_resolve_interval() -> S<String> {
+    text("30s")
 }
 fn default_tcp_keepalive() -> S<String> {
     text("60s")

@@ -150,6 +150,20 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
         off_or(pool.first_byte_timeout),
     );
     let _ = writeln!(out, "  slow_start {}", off_or(pool.slow_start));
+    if !pool.dns.is_empty() {
+        let resolvers = if pool.resolvers.is_empty() {
+            "those of /etc/resolv.conf".to_string()
+        } else {
+            let servers: Vec<String> = pool.resolvers.iter().map(|s| s.to_string()).collect();
+            servers.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "  dns: {} entries resolved every {} (sooner when the TTL says so), resolvers {resolvers}",
+            pool.dns.len(),
+            human(pool.resolve_interval),
+        );
+    }
     for (rank, priority) in pool.priorities().into_iter().enumerate() {
         let role = if rank == 0 {
             "primary".to_string()
@@ -161,11 +175,13 @@ fn render_pool(out: &mut String, pool: &PoolConfig) {
             .iter()
             .filter(|u| u.priority == priority)
             .map(|u| {
-                let mut s = match &u.name {
-                    Some(name) => format!("{name} ({})", u.target),
-                    None => u.target.clone(),
+                let mut s = match (&u.discovered, &u.name) {
+                    (Some(label), _) => format!("{label} (from DNS {})", u.target),
+                    (None, Some(name)) => format!("{name} ({})", u.target),
+                    (None, None) => u.target.clone(),
                 };
-                if u.target != u.address.to_string() {
+                let address = u.address.to_string();
+                if u.target != address {
                     let _ = write!(s, " = {}", u.address);
                 }
                 if u.weight != 1 {

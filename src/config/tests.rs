@@ -262,9 +262,102 @@ fn no_listener_is_an_error() {
 #[test]
 fn host_names_are_resolved_at_load() {
     let config = parse(&MINIMAL.replace("127.0.0.1:6000", "localhost:6000")).unwrap();
-    let upstream = &config.pools[0].upstreams[0];
-    assert!(upstream.address.ip().is_loopback());
-    assert_eq!(upstream.target, "localhost:6000");
+    let pool = &config.pools[0];
+    // One address family per name: localhost has an A record, so its AAAA (::1) is
+    // not a second upstream.
+    let found: Vec<_> = pool
+        .upstreams
+        .iter()
+        .filter(|u| u.target == "localhost:6000")
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].address, "127.0.0.1:6000".parse().unwrap());
+    assert_eq!(found[0].label(), "localhost:6000@127.0.0.1");
+}
+
+#[test]
+fn dns_members_are_labelled_by_name_and_address_and_never_with_a_slash() {
+    use crate::dns::{Answer, Query, Record};
+    let entry = |query: Query, target: &str, name: Option<&str>| DnsEntry {
+        query,
+        target: target.to_string(),
+        name: name.map(str::to_string),
+        priority: 0,
+        weight: 1,
+    };
+    let host = Query::Host {
+        host: "db.service.consul".to_string(),
+        port: 5432,
+    };
+    let srv = Query::Srv {
+        name: "_pg._tcp.dr.service.consul".to_string(),
+    };
+    let addresses = Answer {
+        records: ["10.0.0.3:5432", "[fd00::3]:5432"]
+            .iter()
+            .map(|a| {
+                let address: std::net::SocketAddr = a.parse().unwrap();
+                Record {
+                    address,
+                    label: address.ip().to_string(),
+                    weight: None,
+                }
+            })
+            .collect(),
+        ttl: Duration::from_secs(30),
+    };
+    let targets = Answer {
+        records: vec![Record {
+            address: "10.0.1.7:5433".parse().unwrap(),
+            label: "pg1.node.consul:5433".to_string(),
+            weight: Some(0),
+        }],
+        ttl: Duration::from_secs(30),
+    };
+    let labels = |entry: DnsEntry, answer: &Answer| -> Vec<String> {
+        entry
+            .members(answer)
+            .iter()
+            .map(|m| m.label().to_string())
+            .collect()
+    };
+    let cases = [
+        (
+            labels(
+                entry(host.clone(), "db.service.consul:5432", None),
+                &addresses,
+            ),
+            vec![
+                "db.service.consul:5432@10.0.0.3",
+                "db.service.consul:5432@fd00::3",
+            ],
+        ),
+        (
+            labels(
+                entry(host, "db.service.consul:5432", Some("dr-site")),
+                &addresses,
+            ),
+            vec!["dr-site@10.0.0.3", "dr-site@fd00::3"],
+        ),
+        (
+            labels(
+                entry(srv.clone(), "_pg._tcp.dr.service.consul", None),
+                &targets,
+            ),
+            vec!["pg1.node.consul:5433"],
+        ),
+        (
+            labels(
+                entry(srv, "_pg._tcp.dr.service.consul", Some("dr-site")),
+                &targets,
+            ),
+            vec!["dr-site@pg1.node.consul:5433"],
+        ),
+    ];
+    for (found, want) in cases {
+        assert_eq!(found, want);
+        assert!(found.iter().all(|l| !l.contains('/')), "{found:?}");
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Raw config → typed [`Config`], collecting every problem with its position.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::path::Path;
@@ -14,7 +14,7 @@ use super::raw::{OneOrMany, RawConfig, RawListener, RawPool, RawUpstream, S};
 use super::*;
 
 /// Weights are capped so that a weighted round-robin cycle stays small.
-const MAX_WEIGHT: i64 = 256;
+const MAX_WEIGHT: i64 = super::MAX_WEIGHT as i64;
 /// More attempts than this only delay the client's error.
 const MAX_CONNECT_ATTEMPTS: i64 = 16;
 /// Replay is for a protocol's opening bytes (a handshake, a first request); a larger
@@ -61,11 +61,39 @@ const HANDSHAKE: Bounds = Bounds {
 
 /// TCP_KEEPIDLE: whole seconds from 1 to 32767 on Linux; setsockopt refuses anything
 /// else, which would leave keepalive silently off.
+/// How often DNS entries are resolved again: below a second a pool would query its DNS
+/// server in a near loop.
+const RESOLVE_INTERVAL: Bounds = Bounds {
+    min: Duration::from_secs(1),
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// At most this many DNS servers per pool.
+const MAX_RESOLVERS: usize = 8;
+
+/// Each DNS question at load gives up after this long; a dead server then delays
+/// `check`, a start or a reload by seconds, not forever.
+pub(super) const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+
 const KEEPALIVE: Bounds = Bounds {
     min: Duration::from_secs(1),
     max: Duration::from_secs(32767),
     whole_seconds: true,
 };
+
+/// What an upstream's `address` or `srv` names.
+enum Target {
+    Address(SocketAddr),
+    Dns(crate::dns::Query),
+}
+
+/// One validated upstream entry: an upstream, or a DNS entry (with where it is written)
+/// whose members are known once resolved.
+enum Entry {
+    Static(UpstreamConfig),
+    Dns(DnsEntry, Range<usize>),
+}
 
 struct Validator<'a> {
     file: &'a Path,
@@ -519,11 +547,18 @@ impl Validator<'_> {
             MAX_REPLAY_UNANSWERED,
         );
 
+        let resolve_interval = self.duration(
+            &p.resolve_interval,
+            &key("resolve_interval"),
+            RESOLVE_INTERVAL,
+        );
+        let resolvers = self.resolvers(&p.resolvers, &key("resolvers"));
+
         let tls = match &p.tls {
             None => Some(None),
             Some(tls) => self.client_tls(tls, &key("tls")).map(Some),
         };
-        let upstreams = self.upstreams(name, p, raw.span());
+        let upstreams = self.upstreams(name, p, raw.span(), resolvers.as_deref());
         let health = self.health(name, p);
         let outlier = self.outlier(name, p);
 
@@ -545,18 +580,25 @@ impl Validator<'_> {
             first_byte_timeout: first_byte_timeout?,
             replay_unanswered: replay_unanswered?,
             tls: tls?,
-            upstreams: upstreams?,
+            upstreams: upstreams.as_ref()?.0.clone(),
+            dns: upstreams?.1,
+            resolve_interval: resolve_interval?,
+            resolvers: resolvers?,
             health: health?,
             outlier: outlier?,
         })
     }
 
+    /// The pool's upstreams (those of DNS entries as resolved now) and its DNS entries.
+    /// `resolvers` is `None` when the pool's resolver list is wrong: DNS entries are
+    /// then checked for form but not resolved.
     fn upstreams(
         &mut self,
         pool: &str,
         p: &RawPool,
         pool_span: Range<usize>,
-    ) -> Option<Vec<UpstreamConfig>> {
+        resolvers: Option<&[SocketAddr]>,
+    ) -> Option<(Vec<UpstreamConfig>, Vec<DnsEntry>)> {
         let key = format!("pools.{pool}.upstreams");
         if p.upstreams.get_ref().is_empty() {
             let span = if p.upstreams.span().is_empty() {
@@ -569,37 +611,104 @@ impl Validator<'_> {
         }
         let mut addresses = HashSet::new();
         let mut names = HashSet::new();
-        let mut all = Vec::new();
+        let mut entries = Vec::new();
         let mut ok = true;
-        for raw in p.upstreams.get_ref() {
-            match self.upstream(&key, raw.get_ref(), &mut addresses, &mut names) {
-                Some(u) => all.push(u),
+        for (i, raw) in p.upstreams.get_ref().iter().enumerate() {
+            let index = format!("{key}[{i}]");
+            match self.upstream(&key, &index, raw, &mut addresses, &mut names) {
+                Some(entry) => entries.push(entry),
                 None => ok = false,
             }
         }
-        ok.then_some(all)
+        let queries: Vec<_> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Dns(entry, _) => Some(entry.query.clone()),
+                Entry::Static(_) => None,
+            })
+            .collect();
+        let mut answers = match resolvers {
+            Some(servers) if !queries.is_empty() => {
+                crate::dns::resolve_blocking(servers, &queries, DNS_TIMEOUT)
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
+        // In file order, so that the first upstream written is the first one listed.
+        let mut all = Vec::new();
+        let mut dns = Vec::new();
+        for entry in entries {
+            let (entry, span) = match entry {
+                Entry::Static(upstream) => {
+                    all.push(upstream);
+                    continue;
+                }
+                Entry::Dns(entry, span) => (entry, span),
+            };
+            match answers.next() {
+                // An address already in the pool stays the one upstream it was.
+                Some(Ok(answer)) => all.extend(
+                    entry
+                        .members(&answer)
+                        .into_iter()
+                        .filter(|m| addresses.insert(m.address)),
+                ),
+                Some(Err(crate::dns::DnsError::Empty)) => {
+                    let message = format!("{:?} resolved to no address", entry.target);
+                    self.report(span, &format!("{key}.address"), message);
+                    ok = false;
+                }
+                Some(Err(e)) => {
+                    let message = format!("cannot resolve {:?}: {e}", entry.target);
+                    self.report(span, &format!("{key}.address"), message);
+                    ok = false;
+                }
+                // Not resolved: the resolver list is wrong, already reported.
+                None => ok = false,
+            }
+            dns.push(entry);
+        }
+        ok.then_some((all, dns))
     }
 
-    /// One upstream; `addresses` and `names` are those seen earlier in the pool, checked
-    /// for duplicates even when another field of this upstream is wrong, so that one
-    /// `check` shows every problem.
+    /// One upstream entry; `addresses` and `names` are those seen earlier in the pool,
+    /// checked for duplicates even when another field of this upstream is wrong, so
+    /// that one `check` shows every problem.
     fn upstream(
         &mut self,
         key: &str,
-        raw: &RawUpstream,
+        index: &str,
+        entry: &S<RawUpstream>,
         addresses: &mut HashSet<SocketAddr>,
         names: &mut HashSet<String>,
-    ) -> Option<UpstreamConfig> {
-        let mut address = self.upstream_addr(&raw.address, &format!("{key}.address"));
-        if let Some(addr) = address
+    ) -> Option<Entry> {
+        let raw = entry.get_ref();
+        let (value, field) = match (&raw.address, &raw.srv) {
+            (Some(address), None) => (address, "address"),
+            (None, Some(srv)) => (srv, "srv"),
+            // A misspelt key was removed and reported already; this is its consequence.
+            (None, None) if self.problems.iter().any(|p| p.key.starts_with(index)) => {
+                return None;
+            }
+            _ => {
+                self.report(entry.span(), index, "give each upstream either an address (\"ip:port\" or \"host:port\") or an srv name, e.g. { srv = \"_postgresql._tcp.db.service.consul\" }");
+                return None;
+            }
+        };
+        let target = match field {
+            "address" => self.upstream_target(value, &format!("{key}.address")),
+            _ => self.srv_name(value, &format!("{key}.srv")),
+        };
+        let mut target = target;
+        if let Some(Target::Address(addr)) = target
             && !addresses.insert(addr)
         {
             self.report(
-                raw.address.span(),
-                &format!("{key}.address"),
+                value.span(),
+                &format!("{key}.{field}"),
                 format!("{addr} appears twice in this pool; each upstream address may appear once"),
             );
-            address = None;
+            target = None;
         }
         let priority = self.int(&raw.priority, &format!("{key}.priority"), 0, 1000);
         let weight = self.int(&raw.weight, &format!("{key}.weight"), 1, MAX_WEIGHT);
@@ -621,12 +730,27 @@ impl Validator<'_> {
         if !name_ok {
             return None;
         }
-        Some(UpstreamConfig {
-            address: address?,
-            target: raw.address.get_ref().clone(),
-            name: raw.name.as_ref().map(|n| n.get_ref().clone()),
-            priority: priority? as u32,
-            weight: weight? as u32,
+        let name = raw.name.as_ref().map(|n| n.get_ref().clone());
+        let (priority, weight) = (priority? as u32, weight? as u32);
+        Some(match target? {
+            Target::Address(address) => Entry::Static(UpstreamConfig {
+                address,
+                target: value.get_ref().clone(),
+                discovered: None,
+                name,
+                priority,
+                weight,
+            }),
+            Target::Dns(query) => Entry::Dns(
+                DnsEntry {
+                    query,
+                    target: value.get_ref().clone(),
+                    name,
+                    priority,
+                    weight,
+                },
+                value.span(),
+            ),
         })
     }
 
@@ -945,6 +1069,7 @@ impl Validator<'_> {
         parsed
     }
 
+    /// A host name resolved once, to its first address (a check's `address`).
     fn upstream_addr(&mut self, value: &S<String>, key: &str) -> Option<SocketAddr> {
         let text = value.get_ref();
         if let Ok(addr) = text.parse::<SocketAddr>() {
@@ -972,6 +1097,70 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// An upstream's address: an IP literal, or a host name for DNS discovery.
+    fn upstream_target(&mut self, value: &S<String>, key: &str) -> Option<Target> {
+        let text = value.get_ref();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(Target::Address(addr));
+        }
+        match crate::dns::Query::host(text) {
+            Some(query) => Some(Target::Dns(query)),
+            None => {
+                self.report(value.span(), key, format!("{text:?} is not an address; use ip:port or host:port, e.g. \"10.0.0.1:5432\" or \"db1.internal:5432\""));
+                None
+            }
+        }
+    }
+
+    fn srv_name(&mut self, value: &S<String>, key: &str) -> Option<Target> {
+        let text = value.get_ref();
+        let valid = !text.is_empty()
+            && text.len() <= 253
+            && text
+                .split('.')
+                .filter(|label| !label.is_empty())
+                .all(|label| label.len() <= 63)
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            self.report(value.span(), key, format!("{text:?} is not an SRV name; use a DNS name such as \"_postgresql._tcp.db.service.consul\""));
+            return None;
+        }
+        Some(Target::Dns(crate::dns::Query::Srv { name: text.clone() }))
+    }
+
+    /// DNS servers as `ip` (port 53) or `ip:port`.
+    fn resolvers(&mut self, values: &[S<String>], key: &str) -> Option<Vec<SocketAddr>> {
+        if values.len() > MAX_RESOLVERS {
+            let span = values.first().map(|v| v.span()).unwrap_or_default();
+            self.report(
+                span,
+                key,
+                format!("at most {MAX_RESOLVERS} DNS servers per pool"),
+            );
+            return None;
+        }
+        let mut servers = Vec::new();
+        let mut ok = true;
+        for value in values {
+            let text = value.get_ref();
+            let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                text.parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(server) => servers.push(server),
+                None => {
+                    self.report(value.span(), key, format!("{text:?} is not a DNS server address; use ip or ip:port, e.g. \"127.0.0.1:8600\""));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(servers)
     }
 
     fn bytes(&mut self, value: &S<String>, key: &str) -> Option<Vec<u8>> {

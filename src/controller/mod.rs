@@ -33,6 +33,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
 use crate::config::{Config, Failback, OnUpstreamDown, PoolConfig};
+use crate::discovery::{self, Membership};
 use crate::events::{EventKind, EventLog};
 use crate::health::passive::{Feedback, PassiveReport};
 use crate::health::state::{AdminOverride, CarriedState, State, UpstreamState};
@@ -109,6 +110,14 @@ pub enum ControlError {
     NoSuchPool(String),
     #[error("pool {pool:?} has no upstream named or addressed {upstream:?}")]
     NoSuchUpstream { pool: String, upstream: String },
+    /// A host name or SRV name as written in the config that DNS resolves to several
+    /// upstreams: acting on any one of them would be a guess.
+    #[error("{upstream:?} is {} upstreams of pool {pool:?} now; name one by its label: {}", labels.len(), labels.join(", "))]
+    AmbiguousUpstream {
+        pool: String,
+        upstream: String,
+        labels: Vec<String>,
+    },
     #[error("pool {pool:?} is already on the best usable tier (priority {priority})")]
     AlreadyBest { pool: String, priority: u32 },
     #[error("pool {0:?} has no usable upstream")]
@@ -142,6 +151,16 @@ pub struct Controller {
     commands: mpsc::UnboundedReceiver<Message>,
     checks: mpsc::UnboundedReceiver<CheckReport>,
     passive: mpsc::UnboundedReceiver<PassiveReport>,
+    discovery: Discovery,
+}
+
+/// The pools' DNS discovery tasks, restarted with every configuration.
+struct Discovery {
+    tasks: Vec<tokio::task::AbortHandle>,
+    /// Counts configurations; a membership from an older one is stale.
+    epoch: u64,
+    sender: discovery::MembershipSender,
+    found: mpsc::UnboundedReceiver<Membership>,
 }
 
 /// An event waiting for the snapshot that carries its change.
@@ -211,6 +230,16 @@ struct Slot {
     /// Why a ramp should start at the next refresh: it became usable again, or a reload
     /// added it.
     ramp_due: Option<String>,
+}
+
+// === impl Discovery ===
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 // === impl ControllerHandle ===
@@ -296,6 +325,7 @@ impl Controller {
         let (tx, commands) = mpsc::unbounded_channel();
         let (reports, checks) = mpsc::unbounded_channel();
         let (feedback, passive) = Feedback::channel();
+        let (sender, found) = mpsc::unbounded_channel();
         let checkers = Checkers { spawn, reports };
         let pools = config
             .pools
@@ -319,6 +349,12 @@ impl Controller {
             commands,
             checks,
             passive,
+            discovery: Discovery {
+                tasks: Vec::new(),
+                epoch: 0,
+                sender,
+                found,
+            },
         };
         controller.publish_all();
         debug!(pools = controller.pools.len(), "controller ready");
@@ -337,6 +373,7 @@ impl Controller {
     /// connections drain, the admin API still answers and upstreams that go down still
     /// have their connections closed.
     pub async fn run(mut self, shutdown: Shutdown) {
+        self.restart_discovery();
         loop {
             let deadline = self.next_deadline();
             // The controller holds a sender of each channel, so none of them closes.
@@ -346,6 +383,7 @@ impl Controller {
                 Some(message) = self.commands.recv() => self.on_command(message),
                 Some(report) = self.checks.recv() => self.on_check(report),
                 Some(report) = self.passive.recv() => self.on_passive(report),
+                Some(found) = self.discovery.found.recv() => self.on_membership(found),
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.on_timer();
                 }
@@ -536,17 +574,8 @@ impl Controller {
         admin: Option<AdminOverride>,
     ) -> Result<State, ControlError> {
         let p = self.pool_index(pool)?;
+        let u = self.upstream_index(p, upstream)?;
         let slots = &mut self.pools[p].slots;
-        let u = slots
-            .iter()
-            .position(|s| {
-                let c = &s.upstream.config;
-                c.label() == upstream || c.target == upstream || c.address.to_string() == upstream
-            })
-            .ok_or_else(|| ControlError::NoSuchUpstream {
-                pool: pool.to_string(),
-                upstream: upstream.to_string(),
-            })?;
         slots[u].state.set_admin(admin);
         slots[u].reason = Some("admin".to_string());
         self.refresh(p);
@@ -718,6 +747,37 @@ impl Controller {
             .iter()
             .position(|p| p.config.name == pool)
             .ok_or_else(|| ControlError::NoSuchPool(pool.to_string()))
+    }
+
+    /// The upstream of pool `p` that `upstream` names: its label, else its address
+    /// (as written or as resolved), else the host name or SRV name it was written as,
+    /// provided that names only it.
+    fn upstream_index(&self, p: usize, upstream: &str) -> Result<usize, ControlError> {
+        let pool = &self.pools[p];
+        let configs = pool.slots.iter().map(|s| &s.upstream.config);
+        if let Some(u) = configs.clone().position(|c| c.label() == upstream) {
+            return Ok(u);
+        }
+        let matching: Vec<usize> = configs
+            .enumerate()
+            .filter(|(_, c)| c.target == upstream || c.address.to_string() == upstream)
+            .map(|(u, _)| u)
+            .collect();
+        match matching[..] {
+            [u] => Ok(u),
+            [] => Err(ControlError::NoSuchUpstream {
+                pool: pool.config.name.clone(),
+                upstream: upstream.to_string(),
+            }),
+            _ => Err(ControlError::AmbiguousUpstream {
+                pool: pool.config.name.clone(),
+                upstream: upstream.to_string(),
+                labels: matching
+                    .iter()
+                    .map(|&u| pool.slots[u].upstream.label().to_string())
+                    .collect(),
+            }),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reload reconciliation (SPEC §4): the new configuration's pools and upstreams matched
 //! against the live ones by (pool name, address), so that what stays keeps its state,
 //! counters, connections and checker, and what is new starts from its first check.
+//! DNS discovery changes a pool's membership through the same path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tracing::debug;
 
 use super::{Controller, FirstChecks, PoolState, Slot, unix_ms};
 use crate::config::{Config, PoolConfig};
+use crate::discovery::{self, Membership};
 use crate::events::EventKind;
 use crate::names::SniRoutes;
 use crate::snapshot::{ListenerRoute, Upstream};
@@ -35,13 +37,78 @@ impl Controller {
         }
         for pool_config in &config.pools {
             let previous = old.remove(&pool_config.name);
-            let pool = self.reloaded_pool(pool_config.clone(), previous, first_checks, now);
+            let pool =
+                self.reloaded_pool(pool_config.clone(), previous, first_checks, now, "reload");
             self.pools.push(pool);
         }
         self.listeners = listener_routes(config);
         for p in 0..self.pools.len() {
             self.refresh_without_publish(p);
         }
+        self.publish_all();
+        self.record_published_events();
+        self.close_pending();
+        self.restart_discovery();
+    }
+
+    /// One discovery task per pool with DNS entries, for the configuration now live.
+    pub(super) fn restart_discovery(&mut self) {
+        for task in self.discovery.tasks.drain(..) {
+            task.abort();
+        }
+        self.discovery.epoch += 1;
+        for pool in &self.pools {
+            let task = discovery::spawn(
+                pool.config.clone(),
+                pool.stats.clone(),
+                self.discovery.epoch,
+                self.discovery.sender.clone(),
+            );
+            self.discovery.tasks.extend(task);
+        }
+    }
+
+    /// A DNS entry's new members: those that appear are added after their first check,
+    /// those gone are removed (no new connections; established ones finish on their
+    /// own), as a reload would.
+    pub(super) fn on_membership(&mut self, found: Membership) {
+        if found.epoch != self.discovery.epoch || found.members.is_empty() {
+            return;
+        }
+        let Some(p) = self.pools.iter().position(|p| p.config.name == found.pool) else {
+            return;
+        };
+        let current = &self.pools[p].config;
+        let mut upstreams: Vec<_> = current
+            .upstreams
+            .iter()
+            .filter(|u| u.discovered.is_none() || u.target != found.target)
+            .cloned()
+            .collect();
+        for member in found.members {
+            // An address another entry already holds stays that entry's upstream.
+            if upstreams.iter().all(|u| u.address != member.address) {
+                upstreams.push(member);
+            }
+        }
+        if upstreams == current.upstreams {
+            return;
+        }
+        let config = Arc::new(PoolConfig {
+            upstreams,
+            ..(**current).clone()
+        });
+        debug!(pool = %found.pool, target = %found.target, upstreams = config.upstreams.len(), "membership from DNS");
+        let previous = self.pools.remove(p);
+        let pool = self.reloaded_pool(
+            config,
+            Some(previous),
+            &found.first_checks,
+            Instant::now(),
+            "DNS",
+        );
+        self.pools.insert(p, pool);
+        self.refresh_without_publish(p);
         self.publish_all();
         self.record_published_events();
         self.close_pending();
@@ -53,11 +120,12 @@ impl Controller {
         previous: Option<PoolState>,
         first_checks: &FirstChecks,
         now: Instant,
+        cause: &str,
     ) -> PoolState {
         let Some(mut previous) = previous else {
             let mut pool = PoolState::fresh(config.clone(), &self.checkers);
             for slot in &mut pool.slots {
-                slot.apply_first_check(&config, first_checks, now);
+                slot.apply_first_check(&config, first_checks, now, cause);
             }
             pool.active_tier = pool.initial_tier(None);
             return pool;
@@ -88,8 +156,8 @@ impl Controller {
                 None => {
                     let mut slot =
                         Slot::new(Arc::new(Upstream::new(&config.name, upstream.clone())));
-                    slot.apply_first_check(&config, first_checks, now);
-                    slot.ramp_due = Some("added by reload".to_string());
+                    slot.apply_first_check(&config, first_checks, now, cause);
+                    slot.ramp_due = Some(format!("added by {cause}"));
                     carried.push(slot);
                 }
             }
@@ -101,7 +169,7 @@ impl Controller {
                 Some(removed.upstream.label()),
                 removed.shown.as_str(),
                 "removed",
-                "reload",
+                cause,
             );
         }
         // The active tier is kept by priority, since tier indices may have shifted.
@@ -150,7 +218,13 @@ pub(super) fn listener_routes(config: &Config) -> HashMap<String, Arc<ListenerRo
 impl Slot {
     /// A new upstream added by a reload starts from its first check's result, so that
     /// no client is sent to an upstream that is already dead.
-    fn apply_first_check(&mut self, config: &PoolConfig, first_checks: &FirstChecks, now: Instant) {
+    fn apply_first_check(
+        &mut self,
+        config: &PoolConfig,
+        first_checks: &FirstChecks,
+        now: Instant,
+        cause: &str,
+    ) {
         let key = (config.name.clone(), self.upstream.config.address);
         let Some(result) = first_checks.get(&key) else {
             return;
@@ -159,8 +233,8 @@ impl Slot {
             .on_check(result.is_ok(), config.health.rise, config.health.fall, now);
         self.shown = self.state.state(now);
         self.shown_reason = match result {
-            Ok(()) => "added by reload; first check passed".to_string(),
-            Err(failure) => format!("added by reload; first check: {failure}"),
+            Ok(()) => format!("added by {cause}; first check passed"),
+            Err(failure) => format!("added by {cause}; first check: {failure}"),
         };
         self.last_check = Some((unix_ms(), result.clone()));
     }

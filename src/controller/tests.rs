@@ -1021,6 +1021,151 @@ async fn a_second_failback_mid_ramp_ramps_from_the_tier_that_served_last() {
     assert_eq!(counts.get("d"), None);
 }
 
+#[tokio::test(start_paused = true)]
+async fn dns_memberships_replace_only_their_entrys_members_and_never_empty_it() {
+    // localhost resolves to 127.0.0.1 only: one address family per name.
+    let mut h = Harness::start(&config(
+        "",
+        r#"{ address = "127.0.0.1:10", name = "a" }, { address = "localhost:15" }"#,
+    ));
+    h.controller.discovery.epoch = 1;
+    let loaded = dns_labels(&h);
+    assert_eq!(loaded, labels(&["a", "localhost:15@127.0.0.1"]));
+
+    // From a task of an older configuration, or empty: nothing changes.
+    h.controller
+        .on_membership(found(0, vec![localhost_member(2, 1)], FirstChecks::new()));
+    h.controller
+        .on_membership(found(1, Vec::new(), FirstChecks::new()));
+    assert_eq!(dns_labels(&h), loaded);
+
+    // The loaded members vanish, 127.0.0.2 appears with a failed first check: it
+    // starts down; the written upstream stays as it was.
+    let first = FirstChecks::from([(
+        (
+            "p".to_string(),
+            "127.0.0.2:15".parse().unwrap_or_else(|_| unreachable!()),
+        ),
+        Err(CheckFailure::Connect(ConnectFailure::Refused)),
+    )]);
+    h.controller
+        .on_membership(found(1, vec![localhost_member(2, 3)], first));
+    assert_eq!(dns_labels(&h), labels(&["a", "localhost:15@127.0.0.2"]));
+    assert_eq!(h.state("127.0.0.2:15"), State::Down, "checked before use");
+    assert_eq!(h.upstream("127.0.0.2:15").config.weight, 3);
+    let removed = h
+        .events
+        .all()
+        .into_iter()
+        .find(|e| e.upstream.as_deref() == Some("localhost:15@127.0.0.1"))
+        .unwrap_or_else(|| panic!("no event for the vanished member"));
+    assert_eq!(
+        (removed.new.as_str(), removed.reason.as_str()),
+        ("removed", "DNS")
+    );
+}
+
+/// A member of the `localhost:15` entry at 127.0.0.`host`, labelled as DNS discovery
+/// labels it.
+fn localhost_member(host: u8, weight: u32) -> crate::config::UpstreamConfig {
+    let address = SocketAddr::from(([127, 0, 0, host], 15));
+    crate::config::UpstreamConfig {
+        address,
+        target: "localhost:15".to_string(),
+        discovered: Some(format!("localhost:15@{}", address.ip())),
+        name: None,
+        priority: 0,
+        weight,
+    }
+}
+
+fn found(
+    epoch: u64,
+    members: Vec<crate::config::UpstreamConfig>,
+    first: FirstChecks,
+) -> Membership {
+    Membership {
+        pool: "p".to_string(),
+        target: "localhost:15".to_string(),
+        members,
+        first_checks: first,
+        epoch,
+    }
+}
+
+fn dns_labels(h: &Harness) -> Vec<String> {
+    h.route()
+        .upstreams
+        .iter()
+        .map(|u| u.label().to_string())
+        .collect()
+}
+
+/// The admin API names upstreams by label; the `host:port` an entry was written as
+/// still names its member while it has one (scripts written before discovery), and is
+/// refused, with the labels to use, while it has several.
+#[tokio::test(start_paused = true)]
+async fn an_admin_call_by_host_name_acts_only_while_the_name_is_one_upstream() {
+    let mut h = Harness::start(&config(
+        "",
+        r#"{ address = "127.0.0.1:10", name = "a" }, { address = "localhost:15" }"#,
+    ));
+    h.controller.discovery.epoch = 1;
+    let maint = Some(AdminOverride::Maint);
+    assert_eq!(
+        h.controller.set_admin("p", "localhost:15", maint),
+        Ok(State::Maint)
+    );
+    assert_eq!(h.state("localhost:15@127.0.0.1"), State::Maint);
+    assert_eq!(
+        h.controller.set_admin("p", "localhost:15", None),
+        Ok(State::Up)
+    );
+
+    let members = vec![localhost_member(1, 1), localhost_member(2, 1)];
+    h.controller
+        .on_membership(found(1, members, FirstChecks::new()));
+    assert_eq!(
+        h.controller.set_admin("p", "localhost:15", maint),
+        Err(ControlError::AmbiguousUpstream {
+            pool: "p".to_string(),
+            upstream: "localhost:15".to_string(),
+            labels: labels(&["localhost:15@127.0.0.1", "localhost:15@127.0.0.2"]),
+        })
+    );
+    let message = h
+        .controller
+        .set_admin("p", "localhost:15", maint)
+        .map_err(|e| e.to_string());
+    assert_eq!(
+        message,
+        Err("\"localhost:15\" is 2 upstreams of pool \"p\" now; name one by its label: localhost:15@127.0.0.1, localhost:15@127.0.0.2".to_string())
+    );
+    assert!(
+        [1, 2]
+            .iter()
+            .all(|host| h.state(&format!("127.0.0.{host}:15")) == State::Up),
+        "a refused call changes nothing"
+    );
+
+    // By label, or by the address it resolves to: that one member only.
+    assert_eq!(
+        h.controller.set_admin("p", "localhost:15@127.0.0.2", maint),
+        Ok(State::Maint)
+    );
+    assert_eq!(
+        h.controller
+            .set_admin("p", "127.0.0.1:15", Some(AdminOverride::Drain)),
+        Ok(State::Drain)
+    );
+    assert_eq!(h.state("localhost:15@127.0.0.2"), State::Maint);
+    assert_eq!(h.state("localhost:15@127.0.0.1"), State::Drain);
+    assert!(matches!(
+        h.controller.set_admin("p", "localhost:16", maint),
+        Err(ControlError::NoSuchUpstream { .. })
+    ));
+}
+
 /// A binary upgrade: the old controller's states, taken over by a new one, decide the
 /// tier at once, without an event, and the checks go on counting from where they were.
 #[tokio::test(start_paused = true)]

@@ -47,7 +47,12 @@ impl Controller {
                             let (passes, failures) = slot.state.counts();
                             UpstreamView {
                                 name: u.label().to_string(),
-                                address: u.config.target.clone(),
+                                // One DNS entry gives many upstreams: each shows
+                                // where it resolved to.
+                                address: match u.config.discovered {
+                                    Some(_) => u.config.address.to_string(),
+                                    None => u.config.target.clone(),
+                                },
                                 priority: u.config.priority,
                                 weight: u.config.weight,
                                 state: slot.shown.to_string(),
