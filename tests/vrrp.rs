@@ -166,6 +166,136 @@ fn unready_pools_on_the_master_move_the_address_and_ready_ones_take_it_back() {
     println!("vrrp: A's pools ready again -> A serves again after {back}");
 }
 
+// ---------------------------------------------------------------- the probe
+
+/// The shipped probe against servers on loopback that answer each way an admin API
+/// could, or fail to: only a 200 status line passes, and nothing holds it past its own
+/// 1 s read bound. Runs anywhere (bash only, no root).
+#[test]
+fn the_readiness_probe_passes_only_on_200() {
+    let cases: [(&str, &[u8], bool); 6] = [
+        (
+            "200",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            true,
+        ),
+        ("503", b"HTTP/1.1 503 Service Unavailable\r\n\r\n", false),
+        ("2000", b"HTTP/1.1 2000 OK\r\n\r\n", false),
+        ("HTTP/1.0", b"HTTP/1.0 200 OK\r\n\r\n", false),
+        ("not HTTP", b"SSH-2.0-OpenSSH\r\n", false),
+        ("closed at once", b"", false),
+    ];
+    for (what, answer, passes) in cases {
+        let server = CannedServer::start(Answer::Bytes(answer.to_vec()));
+        let (passed, took) = run_probe(server.port);
+        assert_eq!(passed, passes, "{what}");
+        assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
+    }
+    // No answer, or one that never ends its status line: the probe's 1 s read bound
+    // ends it (keepalived's timeout would too, later).
+    for (what, answer) in [
+        ("silence", Answer::Silence),
+        ("endless line", Answer::Endless),
+    ] {
+        let server = CannedServer::start(answer);
+        let (passed, took) = run_probe(server.port);
+        assert!(!passed, "{what} fails");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{what}: the read bound ends it: {took:?}"
+        );
+    }
+    // Nothing listening: refused, at once.
+    let refused = common::closed_port().port();
+    let (passed, took) = run_probe(refused);
+    assert!(!passed, "refused fails");
+    assert!(took < Duration::from_secs(5), "refused: {took:?}");
+}
+
+/// Runs the shipped probe against 127.0.0.1:`port`: whether it passed, and how long it
+/// took.
+fn run_probe(port: u16) -> (bool, Duration) {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keepalived/switchyard-ready.sh");
+    let started = Instant::now();
+    let status = Command::new("bash")
+        .arg(&script)
+        .args(["127.0.0.1", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run the probe with bash");
+    (status.success(), started.elapsed())
+}
+
+/// How a [`CannedServer`] answers the request it reads.
+enum Answer {
+    /// These bytes, then it closes.
+    Bytes(Vec<u8>),
+    /// Nothing, and it keeps the connection open (a frozen process: the kernel still
+    /// completes the handshake).
+    Silence,
+    /// Bytes that never end a line, for up to 5 s.
+    Endless,
+}
+
+/// A loopback server that answers one connection's request with an [`Answer`].
+struct CannedServer {
+    port: u16,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CannedServer {
+    fn start(answer: Answer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let thread = std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            // The whole request first (bash may write it in pieces): closing with
+            // some of it unread would reset the connection under the probe's feet.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 1 << 16 {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+                }
+            }
+            match answer {
+                Answer::Bytes(bytes) => {
+                    let _ = stream.write_all(&bytes);
+                }
+                // Until the probe gives up and closes its end.
+                Answer::Silence => {
+                    let _ = stream.read(&mut chunk);
+                }
+                Answer::Endless => {
+                    let started = Instant::now();
+                    while started.elapsed() < Duration::from_secs(5)
+                        && stream.write_all(&[b'x'; 1024]).is_ok()
+                    {}
+                }
+            }
+        });
+        Self {
+            port,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CannedServer {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the lab
 
 #[derive(Clone, Copy, Debug, PartialEq)]
