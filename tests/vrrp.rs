@@ -166,6 +166,55 @@ fn unready_pools_on_the_master_move_the_address_and_ready_ones_take_it_back() {
     println!("vrrp: A's pools ready again -> A serves again after {back}");
 }
 
+#[test]
+fn a_binary_upgrade_on_the_master_keeps_the_address() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(mut lab) = Lab::start() else { return };
+
+    // New clients through the upgrade and for longer than any move the configs could
+    // make would take (two failed probes, then B's master-down timer: under 6 s).
+    let log_mark = lab.keepalived_log(Role::A).len();
+    let old_pid = lab.switchyard_pid(Role::A);
+    let clients = lab.clients_for(Duration::from_secs(8));
+    lab.signal_switchyard(Role::A, libc::SIGUSR2);
+    lab.wait_for("the new process in the pid file", |lab| {
+        read_pid(&lab.instance(Role::A).pid_file).is_some_and(|pid| pid != old_pid)
+    });
+    let status = lab.wait_switchyard_exit(Role::A);
+    assert!(
+        status.success(),
+        "the old process drained and exited: {status}"
+    );
+    let served = clients.join().expect("the clients' thread");
+    let through_a = served
+        .iter()
+        .filter(|via| via.as_ref() == Ok(&HOST_A))
+        .count();
+    let others: Vec<_> = served
+        .iter()
+        .filter(|via| via.as_ref() != Ok(&HOST_A))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "every new connection through A during the upgrade: {others:?}"
+    );
+    assert!(through_a >= 100, "clients kept coming: {through_a}");
+    lab.assert_settled_on(Role::A);
+    let a_log = lab.keepalived_log(Role::A);
+    for sign in ["Quorum lost", "FAULT", "Changing effective priority"] {
+        assert!(
+            !a_log[log_mark..].contains(sign),
+            "A's keepalived saw nothing of the upgrade ({sign}):\n{a_log}"
+        );
+    }
+    println!(
+        "vrrp: binary upgrade on A -> the address stayed, {through_a} of {} new connections through A, none failed",
+        served.len()
+    );
+}
+
 // ---------------------------------------------------------------- the probe
 
 /// The shipped probe against servers on loopback that answer each way an admin API
@@ -339,6 +388,10 @@ struct Instance {
     role: Role,
     namespace: String,
     dir: PathBuf,
+    /// The switchyard binary under this instance's own process name.
+    binary: PathBuf,
+    /// `runtime.pid_file`: the serving process, also after a binary upgrade.
+    pid_file: PathBuf,
     switchyard: Option<Child>,
     keepalived: Option<Child>,
 }
@@ -346,6 +399,8 @@ struct Instance {
 /// Both instances, the client, the upstream and the bridge; removed on drop.
 struct Lab {
     dir: PathBuf,
+    /// The instances' switchyard binaries, under the build's temporary folder.
+    binaries: PathBuf,
     ip: PathBuf,
     keepalived: PathBuf,
     /// Every namespace created so far, the bridge's first.
@@ -382,6 +437,7 @@ impl Lab {
             .expect("lab folder mode");
         let mut lab = Lab {
             dir,
+            binaries: Path::new(env!("CARGO_TARGET_TMPDIR")).join(&id),
             ip,
             keepalived,
             namespaces: Vec::new(),
@@ -488,16 +544,22 @@ impl Lab {
             .expect("instance folder mode");
         apply_sysctl(&namespace, &shipped("60-switchyard-vip.conf"));
 
-        std::fs::write(dir.join("switchyard.toml"), switchyard_config())
+        let pid_file = dir.join("switchyard.pid");
+        std::fs::write(dir.join("switchyard.toml"), switchyard_config(&pid_file))
             .expect("write switchyard.toml");
         // Both instances share this machine's process table, and keepalived counts
-        // processes by name: each switchyard runs under a name of its own (a symlink
-        // gives the process its name) so that each keepalived sees only its own.
-        std::os::unix::fs::symlink(
-            env!("CARGO_BIN_EXE_switchyard"),
-            dir.join(process_name(role)),
-        )
-        .expect("symlink the switchyard binary");
+        // processes by name: each switchyard runs under a name of its own, the file name
+        // it is started by, so that each keepalived sees only its own. A hard link (or a
+        // copy), not a symlink: a binary upgrade starts /proc/self/exe, which names the
+        // link itself, so the new process keeps the name. Beside the build (same file
+        // system), where a hard link is possible.
+        let binaries = self.binaries.join(role.letter());
+        std::fs::create_dir_all(&binaries).expect("binaries folder");
+        let binary = binaries.join(process_name(role));
+        if std::fs::hard_link(env!("CARGO_BIN_EXE_switchyard"), &binary).is_err() {
+            std::fs::copy(env!("CARGO_BIN_EXE_switchyard"), &binary)
+                .expect("copy the switchyard binary");
+        }
 
         let probe = dir.join("switchyard-ready.sh");
         std::fs::write(&probe, shipped("switchyard-ready.sh")).expect("write the probe");
@@ -510,6 +572,8 @@ impl Lab {
             role,
             namespace,
             dir,
+            binary,
+            pid_file,
             switchyard: None,
             keepalived: None,
         });
@@ -535,7 +599,7 @@ impl Lab {
         let mut command = Command::new(&self.ip);
         command
             .args(["netns", "exec", &instance.namespace])
-            .arg(instance.dir.join(process_name(role)))
+            .arg(&instance.binary)
             .args(["run", "-c"])
             .arg(instance.dir.join("switchyard.toml"));
         let log = instance.dir.join("switchyard.log");
@@ -582,6 +646,15 @@ impl Lab {
             .switchyard
             .as_mut()
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    fn switchyard_pid(&self, role: Role) -> libc::pid_t {
+        let child = self
+            .instance(role)
+            .switchyard
+            .as_ref()
+            .expect("switchyard started");
+        libc::pid_t::try_from(child.id()).expect("pid fits pid_t")
     }
 
     fn signal_switchyard(&self, role: Role, signal: libc::c_int) {
@@ -704,6 +777,28 @@ impl Lab {
         })
     }
 
+    /// New connections to the floating address from the client, one every 20 ms for
+    /// `window`, in the background: which instance served each, or why it failed.
+    fn clients_for(&self, window: Duration) -> JoinHandle<Vec<Result<Ipv4Addr, String>>> {
+        let client = self.client.clone();
+        std::thread::spawn(move || {
+            in_namespace(&client, move || {
+                let started = Instant::now();
+                std::thread::scope(|clients| {
+                    let mut running = Vec::new();
+                    while started.elapsed() < window {
+                        running.push(clients.spawn(connect_once));
+                        std::thread::sleep(PROBE_PAUSE);
+                    }
+                    running
+                        .into_iter()
+                        .map(|client| client.join().unwrap_or_else(|_| Err("panicked".into())))
+                        .collect()
+                })
+            })
+        })
+    }
+
     /// One admin API request in the instance's namespace: (status, body).
     fn admin(&self, role: Role, method: &str, path: &str) -> (u16, String) {
         self.try_admin(role, method, path)
@@ -770,6 +865,16 @@ impl Drop for Lab {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // A process a binary upgrade started is no child of this test: its pid
+            // file names it, and its executable shows it is this instance's.
+            if let Some(pid) = read_pid(&instance.pid_file) {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+                if exe.is_ok_and(|exe| exe == instance.binary) {
+                    // SAFETY: kill(2) takes plain integers; the pid was checked just
+                    // above to run this instance's switchyard binary.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
         drop(self.upstream.take());
         for namespace in self.namespaces.iter().rev() {
@@ -780,6 +885,7 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(Path::new("/run/keepalived").join(namespace));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.binaries);
     }
 }
 
@@ -925,15 +1031,20 @@ fn keepalived_config(shipped: &str, role: Role, probe: &Path) -> String {
 
 /// switchyard on the floating address (bound on both instances thanks to the sysctl),
 /// the admin API where the probe asks, one pool over the upstream.
-fn switchyard_config() -> String {
+fn switchyard_config(pid_file: &Path) -> String {
     format!(
-        "[runtime]\nshutdown_grace = \"5s\"\n\n\
+        "[runtime]\nshutdown_grace = \"5s\"\npid_file = \"{}\"\n\n\
          [admin]\nlisten = \"{ADMIN}\"\n\n\
          [listeners.front]\nbind = \"{FLOATING}:{SERVICE_PORT}\"\npool = \"p\"\n\n\
          [pools.p]\nconnect_timeout = \"1s\"\n\
          upstreams = [{{ name = \"u\", address = \"{UPSTREAM}:{UPSTREAM_PORT}\" }}]\n\n\
-         [pools.p.health]\ninterval = \"500ms\"\n"
+         [pools.p.health]\ninterval = \"500ms\"\n",
+        pid_file.display()
     )
+}
+
+fn read_pid(path: &Path) -> Option<libc::pid_t> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Applies a sysctl.d file's `key = value` lines inside `namespace` (the net.* keys are
@@ -1043,5 +1154,9 @@ fn remove_stale_labs(ip: &Path) {
     }
     for folder in names("/run") {
         let _ = std::fs::remove_dir_all(Path::new("/run").join(folder));
+    }
+    let binaries = env!("CARGO_TARGET_TMPDIR");
+    for folder in names(binaries) {
+        let _ = std::fs::remove_dir_all(Path::new(binaries).join(folder));
     }
 }
