@@ -11,7 +11,9 @@
 //! switch time: from the cause to the first new client connection through the address
 //! that instance B served (the upstream greets every connection with the address it
 //! came from, so it names the instance). The configs keep preemption, so a recovered A
-//! takes the address back; that return is measured too.
+//! takes the address back; that return is measured too. A binary upgrade of A must not
+//! move the address at all. The shipped readiness probe is also run on its own against
+//! canned answers (no root needed).
 
 mod common;
 
