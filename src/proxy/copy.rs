@@ -336,7 +336,7 @@ impl Direction<'_> {
         let mut splicing = false;
         let mut splice_works = true;
         loop {
-            self.from.readable().await?;
+            read_ready(self.from).await?;
             let burst = if splicing {
                 match self.splice_burst().await {
                     Ok(Some((burst, moved))) => {
@@ -456,7 +456,7 @@ impl Direction<'_> {
             while pipe.pending() > 0 {
                 match self.to.try_io(Interest::WRITABLE, || pipe.drain_into(to)) {
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.to.writable().await?,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(self.to).await?,
                     Err(e) => return Err(e),
                 }
             }
@@ -466,12 +466,26 @@ impl Direction<'_> {
     }
 }
 
+/// Waits until `socket` is readable (or may be: the caller's `try_io` clears a spurious
+/// readiness). Tokio's `readable()` future carries a waiter node of its own, 152 bytes
+/// held by every quiet direction of every idle connection; the poll form keeps the
+/// waker in the socket's one reader slot instead. One slot is enough: all the futures
+/// of a connection run in its one task, with the same waker.
+pub(super) async fn read_ready(socket: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| socket.poll_read_ready(cx)).await
+}
+
+/// [`read_ready`] for writing.
+async fn write_ready(socket: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await
+}
+
 pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match to.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(to).await?,
             Err(e) => return Err(e),
         }
     }

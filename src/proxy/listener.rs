@@ -499,7 +499,8 @@ upstreams = [{ address = "127.0.0.1:1" }]
         drop(client);
     }
 
-    /// What the test allows: the size measured when it was written, with a little room
-    /// for a compiler's layout changes.
-    const TASK_BOUND: usize = 4096;
+    /// What the test allows: 2,584 bytes measured in the debug build `cargo test` makes
+    /// (2,840 before the pumps waited with `poll_read_ready`), plus some room for layout
+    /// changes of the compiler or tokio. A rare path left inline grows it past this.
+    const TASK_BOUND: usize = 2816;
 }

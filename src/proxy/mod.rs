@@ -584,10 +584,10 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
 async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + window;
     loop {
-        // `readable()` may wake spuriously; `try_io` clears the readiness on WouldBlock.
+        // Readiness may be spurious; `try_io` clears it on WouldBlock.
         tokio::select! {
             biased;
-            ready = upstream.readable() => {
+            ready = copy::read_ready(upstream) => {
                 if ready.is_err() {
                     return true;
                 }
@@ -598,7 +598,7 @@ async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: D
                     Err(_) => return true,
                 }
             }
-            _ = client.readable() => {
+            _ = copy::read_ready(client) => {
                 match client.try_io(Interest::READABLE, || peek(client)) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     // Bytes, EOF or an error: the copy takes it from here.
