@@ -261,9 +261,12 @@ async fn relay(
                 _ = link.close.cancelled() => {}
             }
         });
+        // Done ends this function (a reconnect follows only a close from outside), and
+        // with it both streams.
         let limits = Limits {
             idle_timeout: link.idle_timeout,
             closed,
+            closed_after_done: true,
         };
         let outcome = copy::run(&mut client, &mut upstream_stream, limits, inbound, outbound).await;
         record.copied(&outcome, shutdown.is_force_closed());
@@ -359,7 +362,13 @@ async fn connect_client(
             }
         };
         let index = connected.upstream;
-        let introduced = introduce(&connected.stream, route.config.proxy_protocol, origin).await;
+        let introduced = introduce(
+            client,
+            &connected.stream,
+            route.config.proxy_protocol,
+            origin,
+        )
+        .await;
         let established = match (&route.config.tls, introduced) {
             (_, Err(_)) => Err(ConnectFailure::Reset),
             (Some(tls), Ok(())) => {
@@ -446,8 +455,10 @@ async fn connect_client(
 struct Origin {
     /// The client's address: the TCP peer, or the source of its PROXY header.
     source: SocketAddr,
-    /// The address it connected to: our socket, or the destination of its PROXY header.
-    destination: SocketAddr,
+    /// The destination of its PROXY header; `None` for our own socket's address, which
+    /// is looked up only when a PROXY header to the upstream needs it (a syscall that
+    /// most connections never use).
+    destination: Option<SocketAddr>,
     /// Bytes that followed the PROXY header in the same reads; the upstream gets them
     /// first.
     early: Vec<u8>,
@@ -464,12 +475,9 @@ async fn client_origin(
     record: &mut ConnectionRecord<'_>,
 ) -> Option<Origin> {
     let context = steps.context;
-    let local = client
-        .local_addr()
-        .unwrap_or_else(|_| unspecified_like(peer));
     let direct = Origin {
         source: peer,
-        destination: local,
+        destination: None,
         early: Vec::new(),
     };
     let settings = &listener.config;
@@ -491,8 +499,8 @@ async fn client_origin(
         .await?;
     // LOCAL / UNKNOWN headers (a balancer's own health check) carry no client address.
     let (source, destination) = match header.addresses() {
-        Some(addresses) => (addresses.source, addresses.destination),
-        None => (peer, local),
+        Some(addresses) => (addresses.source, Some(addresses.destination)),
+        None => (peer, None),
     };
     Some(Origin {
         source,
@@ -544,12 +552,18 @@ fn pool_for_name(
 
 /// Sends the pool's PROXY header, then whatever the client sent after its own header.
 async fn introduce(
+    client: &TcpStream,
     upstream: &TcpStream,
     version: Option<ProxyProtocolVersion>,
     origin: &Origin,
 ) -> std::io::Result<()> {
     if let Some(version) = version {
-        handshake::send_proxy_header(upstream, version, origin.source, origin.destination).await?;
+        let destination = origin.destination.unwrap_or_else(|| {
+            client
+                .local_addr()
+                .unwrap_or_else(|_| unspecified_like(origin.source))
+        });
+        handshake::send_proxy_header(upstream, version, origin.source, destination).await?;
     }
     if !origin.early.is_empty() {
         copy::write_all(upstream, &origin.early).await?;
@@ -570,10 +584,10 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
 async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + window;
     loop {
-        // `readable()` may wake spuriously; `try_io` clears the readiness on WouldBlock.
+        // Readiness may be spurious; `try_io` clears it on WouldBlock.
         tokio::select! {
             biased;
-            ready = upstream.readable() => {
+            ready = copy::read_ready(upstream) => {
                 if ready.is_err() {
                     return true;
                 }
@@ -584,7 +598,7 @@ async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: D
                     Err(_) => return true,
                 }
             }
-            _ = client.readable() => {
+            _ = copy::read_ready(client) => {
                 match client.try_io(Interest::READABLE, || peek(client)) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     // Bytes, EOF or an error: the copy takes it from here.

@@ -313,3 +313,30 @@ async fn port_0_is_never_taken_from_the_table() {
     assert_ne!(inodes(sockets_of(&bound)), [ino]);
     assert_eq!(bound.leftovers, [(Kind::Traffic, any)]);
 }
+
+/// Why accepted connections cost no setsockopt(2): on Linux they inherit `TCP_NODELAY`
+/// and keepalive (with its idle time) from the listening socket they came from.
+#[tokio::test]
+async fn accepted_connections_inherit_nodelay_and_keepalive_from_the_listener() {
+    let bound = bind(
+        &config(&["127.0.0.1:0".parse().unwrap()], "9s", None),
+        1,
+        SocketTable::default(),
+    )
+    .unwrap();
+    let socket = &bound.listeners[0][0].1;
+    let addr = socket.local_addr().unwrap();
+    let (client, accepted) = tokio::time::timeout(SOON, async {
+        tokio::join!(tokio::net::TcpStream::connect(addr), socket.accept())
+    })
+    .await
+    .expect("connected and accepted in time");
+    let (_client, accepted) = (client.expect("connect"), accepted.expect("accept").0);
+    let options = SockRef::from(&accepted);
+    assert!(options.tcp_nodelay().unwrap(), "TCP_NODELAY not inherited");
+    assert!(options.keepalive().unwrap(), "SO_KEEPALIVE not inherited");
+    assert_eq!(
+        options.tcp_keepalive_time().unwrap(),
+        Duration::from_secs(9)
+    );
+}
