@@ -4,7 +4,7 @@
 //! it) beside HAProxy where HAProxy has the same feature.
 //!
 //! ```text
-//! cargo bench --bench scale                      # full run, about 6 minutes
+//! cargo bench --bench scale                      # full run, about 5 minutes
 //! SCALE_QUICK=1 cargo bench --bench scale        # smoke run, about a minute
 //! SCALE_ONLY=idle,reload cargo bench --bench scale
 //! ```
@@ -18,33 +18,38 @@
 //!   settings as compare.sh: 2 threads, no checks, long timeouts, backlog 4096) for the
 //!   ratio. User-space memory only: the kernel's socket buffers are not in RSS.
 //! - health checks: 0, 100 and 1,000 pools of one upstream each, every upstream checked
-//!   every second (TCP connect checks; the upstreams are loopback listeners in this
-//!   process); the proxy's CPU time (utime+stime of /proc/PID/stat) over a window that
-//!   starts once every upstream has been checked, as a share of one core, and the checks
-//!   per second the upstreams saw. HAProxy with 1,000 backends of one server each,
-//!   `check inter 1s`, for the ratio.
-//! - reload: a SIGHUP that adds 100 or 1,000 such pools to a proxy serving one pool.
-//!   The time from the signal to the swap is the bench's clock at `kill(2)` to the
-//!   timestamp of the proxy's `configuration reloaded` log line (JSON logs), which it
-//!   writes once routing has swapped (the first checks of the new upstreams included).
-//!   Meanwhile a new client connects through the existing pool every 2 ms and reads the
-//!   upstream's greeting, from 1 s before the signal to 1 s after the swap, and 50
-//!   connections opened before the signal must still echo after it: every failure is
-//!   counted.
-//! - failover: the "killed" scenario of benches/failover.rs (the primary's listener and
-//!   connections close; the same check and outlier settings, the same greeting upstreams
-//!   and client stream from the library's `drill` module) with 1 pool and with 1,000
-//!   more pools, each with its own upstream checked every second. Detection is the
-//!   injection to the primary's `down`/`ejected` event (`GET /events`); switch is the
-//!   injection to the first client started after it that the backup greeted. The two
-//!   sizes alternate within each round; medians of the rounds and their ratio.
+//!   every second with the send/expect check of benches/failover.rs (a line sent, the
+//!   greeting expected), and 1,000 with a plain TCP connect check (switchyard's
+//!   default); the upstreams are loopback listeners in this process that count the
+//!   checks. The proxy's CPU time (utime+stime of /proc/PID/stat) over a window that
+//!   starts once every upstream has been checked, as a share of one core, and the
+//!   checks per second the upstreams saw. HAProxy with 1,000 backends of one server
+//!   each, the same check (`tcp-check`), `inter 1s`, for the ratio (its plain connect
+//!   check resets the connection before the upstream accepts it: it cannot be counted).
+//! - reload: a SIGHUP that adds 100 or 1,000 such pools to a proxy serving one pool,
+//!   and 1,000 unchecked ones (what the new upstreams' first checks cost). The time
+//!   from the signal to the swap is the bench's clock at `kill(2)` to the timestamp of
+//!   the proxy's `configuration reloaded` log line (JSON logs), which it writes once
+//!   routing has swapped (after the first checks of the new upstreams). Meanwhile a new
+//!   client connects through the existing pool every 2 ms and reads the upstream's
+//!   greeting, from 1 s before the signal to 1 s after the swap, and 50 connections
+//!   opened before the signal must still echo after it: every failure is counted.
+//! - failover: benches/failover.rs's "killed" scenario (the primary's listener and
+//!   connections close) and its "hung" one (the primary accepts and never answers, so
+//!   only the active check's timeout tells), with its check and outlier settings, its
+//!   greeting upstreams and client stream (the library's `drill` module), with 1 pool
+//!   and with 1,000 more pools, each with its own upstream checked every second.
+//!   Detection is the injection to the primary's `down`/`ejected` event (`GET
+//!   /events`, whole milliseconds); switch is the injection to the first client started
+//!   after it that the backup greeted. The sizes alternate within each round; medians
+//!   of the rounds, and the difference between the sizes.
 //!
 //! Prints Markdown tables and writes them to benches/results/scale.md, and every
 //! round's values to benches/results/scale.json. The machine's load average at the start
 //! and end is part of both: timings taken while other work runs are noisy, ratios less.
 //!
 //! Settings (environment): `SCALE_QUICK=1` (fewer and smaller steps, 5 s CPU windows,
-//! one round), `SCALE_ROUNDS` (reload and failover rounds, default 3),
+//! one round), `SCALE_ROUNDS` (reload and failover rounds, default 5),
 //! `SCALE_ONLY` (a comma-separated subset of `idle,checks,reload,failover`). HAProxy is
 //! looked up on PATH and in /usr/sbin; without it the HAProxy cells are "-" (install
 //! it with `apt-get install haproxy`; the bench installs nothing).
@@ -105,14 +110,17 @@ const QUICK_CHECK_WINDOW: Duration = Duration::from_secs(5);
 const FIRST_CHECKS_LIMIT: Duration = Duration::from_secs(30);
 
 // Reload.
-const RELOAD_SIZES: [usize; 2] = [100, 1_000];
-const QUICK_RELOAD_SIZES: [usize; 1] = [1_000];
+/// Pools added, and whether their upstreams are checked (their first checks run before
+/// the swap): the unchecked case tells what the checks cost.
+const RELOAD_CASES: [(usize, bool); 3] = [(100, true), (1_000, true), (1_000, false)];
+const QUICK_RELOAD_CASES: [(usize, bool); 1] = [(1_000, true)];
 const HELD_ACROSS_RELOAD: usize = 50;
 const RELOAD_LIMIT: Duration = Duration::from_secs(30);
 const LOG_POLL_EVERY: Duration = Duration::from_millis(5);
 
 // Failover: the settings of benches/failover.rs.
 const EXTRA_POOLS: [usize; 2] = [0, 1_000];
+const FAULTS: [Fault; 2] = [Fault::Killed, Fault::Hung];
 const CHECK_INTERVAL_MS: u64 = 200;
 const CHECK_FAST_INTERVAL_MS: u64 = 100;
 const CHECK_TIMEOUT_MS: u64 = 100;
@@ -130,7 +138,7 @@ const LEAD_IN: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(2);
 const READY_LIMIT: Duration = Duration::from_secs(10);
 
-const DEFAULT_ROUNDS: usize = 3;
+const DEFAULT_ROUNDS: usize = 5;
 const HAPROXY_COMMAND_LIMIT: Duration = Duration::from_secs(10);
 const TEARDOWN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -142,8 +150,10 @@ struct Settings {
     idle_counts: Vec<usize>,
     check_counts: Vec<usize>,
     check_window_s: f64,
-    reload_sizes: Vec<usize>,
+    /// (pools added, checked).
+    reload_cases: Vec<(usize, bool)>,
     extra_pools: Vec<usize>,
+    faults: Vec<Fault>,
     parts: Vec<String>,
     /// The soft RLIMIT_NOFILE after raising it.
     nofile: u64,
@@ -174,6 +184,8 @@ struct ChecksResult {
 #[derive(Debug, Clone, Serialize)]
 struct ReloadRound {
     pools_added: usize,
+    /// The new upstreams' check.
+    check: String,
     /// The bench's kill(2) → the `configuration reloaded` log line.
     signal_to_swap_ms: f64,
     /// The proxy's own `SIGHUP received` line → its `configuration reloaded` line.
@@ -188,6 +200,7 @@ struct ReloadRound {
 
 #[derive(Debug, Clone, Serialize)]
 struct FailoverRound {
+    fault: String,
     pools: usize,
     detection_ms: Option<f64>,
     detected_by: Option<String>,
@@ -218,6 +231,15 @@ struct HaproxyChild {
     dir: PathBuf,
 }
 
+/// How the primary fails in the failover part (benches/failover.rs's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Fault {
+    /// Its listener and connections close: connects are refused.
+    Killed,
+    /// It accepts and never answers: only a check's timeout tells.
+    Hung,
+}
+
 /// The health check of the extra pools' upstreams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CheckKind {
@@ -227,6 +249,8 @@ enum CheckKind {
     /// A TCP connect, switchyard's default. (HAProxy's own connect check resets the
     /// connection before the upstream accepts it, so the upstreams could not count it.)
     Connect,
+    /// No checks.
+    Off,
 }
 
 /// Loopback listeners that health checks connect to: each greets (`hello t`), holds a
@@ -289,17 +313,17 @@ async fn run(nofile: u64, started: std::time::Instant) -> Result<()> {
     let haproxy = haproxy().await;
     let mut results = Results::default();
     let wants = |part: &str| settings.parts.iter().any(|p| p == part);
+    if wants("idle") {
+        println!("\n== idle connections");
+        idle_part(&settings, haproxy.as_ref(), &mut results).await;
+    }
+    // Opened after the idle part, whose connections need the descriptors.
     let needs_targets = wants("checks") || wants("reload") || wants("failover");
     let targets = if needs_targets {
         Some(CheckTargets::start(MOST_TARGETS).await?)
     } else {
         None
     };
-
-    if wants("idle") {
-        println!("\n== idle connections");
-        idle_part(&settings, haproxy.as_ref(), &mut results).await;
-    }
     if let Some(targets) = &targets {
         if wants("checks") {
             println!("\n== health checks, every upstream every 1 s");
@@ -405,12 +429,13 @@ impl Settings {
                 CHECK_WINDOW
             }
             .as_secs_f64(),
-            reload_sizes: if quick {
-                QUICK_RELOAD_SIZES.to_vec()
+            reload_cases: if quick {
+                QUICK_RELOAD_CASES.to_vec()
             } else {
-                RELOAD_SIZES.to_vec()
+                RELOAD_CASES.to_vec()
             },
             extra_pools: EXTRA_POOLS.to_vec(),
+            faults: FAULTS.to_vec(),
             parts,
             nofile,
             idle_left_out,
@@ -652,7 +677,7 @@ async fn checks_switchyard(
     let (admin, front) = (closed_port(), closed_port());
     let toml = format!(
         "{}{}",
-        front_config(admin, front, "warn", "text", &targets.addrs[0].to_string()),
+        front_config(admin, front, ("warn", "text"), targets.addrs[0], false),
         extra_pools(&targets.addrs[..k], kind)
     );
     let proxy = ChildProxy::start(&toml, admin).await;
@@ -735,13 +760,19 @@ async fn reload_part(settings: &Settings, targets: &CheckTargets, results: &mut 
         Err(e) => return results.error(format!("reload: the upstream: {e}")),
     };
     for round in 0..settings.rounds {
-        for &size in &settings.reload_sizes {
-            match reload_round(&primary, targets, size).await {
+        for &(size, checked) in &settings.reload_cases {
+            let kind = if checked {
+                CheckKind::Greeting
+            } else {
+                CheckKind::Off
+            };
+            match reload_round(&primary, targets, size, kind).await {
                 Ok(r) => {
                     println!(
-                        "  round {} add {size}: signal -> swap {:.1} ms (logged {:.1} ms), \
+                        "  round {} add {size} ({}): signal -> swap {:.1} ms (logged {:.1} ms), \
                          {} of {} clients failed{}, {} of {} held connections broken",
                         round + 1,
+                        r.check,
                         r.signal_to_swap_ms,
                         r.logged_ms,
                         r.failed,
@@ -752,7 +783,11 @@ async fn reload_part(settings: &Settings, targets: &CheckTargets, results: &mut 
                     );
                     results.reload.push(r);
                 }
-                Err(e) => results.error(format!("reload round {} add {size}: {e}", round + 1)),
+                Err(e) => results.error(format!(
+                    "reload round {} add {size} ({}): {e}",
+                    round + 1,
+                    kind.label()
+                )),
             }
         }
     }
@@ -762,9 +797,10 @@ async fn reload_round(
     primary: &GreetingUpstream,
     targets: &CheckTargets,
     size: usize,
+    kind: CheckKind,
 ) -> Result<ReloadRound> {
     let (admin, front) = (closed_port(), closed_port());
-    let base = front_config(admin, front, "info", "json", &primary.addr.to_string());
+    let base = front_config(admin, front, ("info", "json"), primary.addr, true);
     let proxy = ChildProxy::start(&base, admin).await;
     wait_served_by(front, "primary").await?;
 
@@ -784,10 +820,7 @@ async fn reload_round(
 
     std::fs::write(
         &proxy.config_path,
-        format!(
-            "{base}{}",
-            extra_pools(&targets.addrs[..size], CheckKind::Greeting)
-        ),
+        format!("{base}{}", extra_pools(&targets.addrs[..size], kind)),
     )?;
     let signalled = SystemTime::now();
     proxy.signal(libc::SIGHUP);
@@ -822,6 +855,7 @@ async fn reload_round(
     let failed_why = failures(&timeline);
     Ok(ReloadRound {
         pools_added: size,
+        check: kind.label().to_string(),
         signal_to_swap_ms: millis_between(signalled, reloaded),
         logged_ms: millis_between(received, reloaded),
         clients: timeline.records.len(),
@@ -898,12 +932,18 @@ fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
 
 async fn failover_part(settings: &Settings, targets: &CheckTargets, results: &mut Results) {
     for round in 0..settings.rounds {
-        for &extra in &settings.extra_pools {
-            match failover_round(targets, extra).await {
+        let cases: Vec<(Fault, usize)> = settings
+            .faults
+            .iter()
+            .flat_map(|&f| settings.extra_pools.iter().map(move |&e| (f, e)))
+            .collect();
+        for (fault, extra) in cases {
+            match failover_round(targets, extra, fault).await {
                 Ok(r) => {
                     println!(
-                        "  round {} {} pool(s): detection {} ({}), switch {}, failed {} of {}",
+                        "  round {} {} {} pool(s): detection {} ({}), switch {}, failed {} of {}",
                         round + 1,
+                        r.fault,
                         r.pools,
                         opt_ms(r.detection_ms),
                         r.detected_by.as_deref().unwrap_or("no down event"),
@@ -914,8 +954,9 @@ async fn failover_part(settings: &Settings, targets: &CheckTargets, results: &mu
                     results.failover.push(r);
                 }
                 Err(e) => results.error(format!(
-                    "failover round {} with {} pools: {e}",
+                    "failover round {} {} with {} pools: {e}",
                     round + 1,
+                    fault.label(),
                     extra + 1
                 )),
             }
@@ -923,7 +964,11 @@ async fn failover_part(settings: &Settings, targets: &CheckTargets, results: &mu
     }
 }
 
-async fn failover_round(targets: &CheckTargets, extra: usize) -> Result<FailoverRound> {
+async fn failover_round(
+    targets: &CheckTargets,
+    extra: usize,
+    fault: Fault,
+) -> Result<FailoverRound> {
     let mut primary = GreetingUpstream::start_with_backlog("primary", UPSTREAM_BACKLOG).await?;
     let backup = GreetingUpstream::start_with_backlog("backup", UPSTREAM_BACKLOG).await?;
     let (admin, front) = (closed_port(), closed_port());
@@ -958,7 +1003,10 @@ async fn failover_round(targets: &CheckTargets, extra: usize) -> Result<Failover
     let events_before = last_event_id(admin).await;
     let injected = Instant::now();
     let injected_unix_ms = unix_ms();
-    primary.kill().await;
+    match fault {
+        Fault::Killed => primary.kill().await,
+        Fault::Hung => primary.hang(),
+    }
     sleep_until(injected + WINDOW).await;
     stop.cancel();
     let timeline = stream
@@ -997,6 +1045,7 @@ async fn failover_round(targets: &CheckTargets, extra: usize) -> Result<Failover
         .collect();
     drop(proxy);
     Ok(FailoverRound {
+        fault: fault.label().to_string(),
         pools: extra + 1,
         detection_ms,
         detected_by,
@@ -1062,15 +1111,20 @@ consecutive_failures = {CONSECUTIVE_FAILURES}
 
 // === shared pieces ===
 
-/// A proxy with an admin API and one listener `front` → pool `p` of `upstream`
-/// (checked every second), logging at `level` in `format`.
+/// A proxy with an admin API and one listener `front` → pool `p` of `upstream`,
+/// checked every second (or not at all, `checked` false), logging at `level` in
+/// `format`.
 fn front_config(
     admin: SocketAddr,
     front: SocketAddr,
-    level: &str,
-    format: &str,
-    upstream: &str,
+    (level, format): (&str, &str),
+    upstream: SocketAddr,
+    checked: bool,
 ) -> String {
+    let health = match checked {
+        true => "interval = \"1s\"",
+        false => "enabled = false",
+    };
     format!(
         r#"[runtime]
 worker_threads = 2
@@ -1090,17 +1144,17 @@ pool = "p"
 upstreams = [{{ address = "{upstream}" }}]
 
 [pools.p.health]
-interval = "1s"
+{health}
 "#
     )
 }
 
-/// One pool per address, named `c<i>`, its one upstream checked every second.
+/// One pool per address, named `c<i>`, its one upstream checked every second by `kind`.
 fn extra_pools(addrs: &[SocketAddr], kind: CheckKind) -> String {
     let mut text = String::new();
     for (i, addr) in addrs.iter().enumerate() {
         text.push_str(&format!(
-            "\n[pools.c{i}]\nupstreams = [{{ address = \"{addr}\" }}]\n\n[pools.c{i}.health]\ninterval = \"1s\"\n{}",
+            "\n[pools.c{i}]\nupstreams = [{{ address = \"{addr}\" }}]\n\n[pools.c{i}.health]\n{}",
             kind.switchyard()
         ));
     }
@@ -1160,6 +1214,17 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+// === impl Fault ===
+
+impl Fault {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Killed => "killed",
+            Self::Hung => "hung",
+        }
+    }
+}
+
 // === impl CheckKind ===
 
 impl CheckKind {
@@ -1167,14 +1232,16 @@ impl CheckKind {
         match self {
             Self::Greeting => "send/expect",
             Self::Connect => "TCP connect",
+            Self::Off => "unchecked",
         }
     }
 
-    /// Lines of switchyard's `[pools.NAME.health]`, besides the interval.
+    /// The body of switchyard's `[pools.NAME.health]`.
     fn switchyard(self) -> &'static str {
         match self {
-            Self::Greeting => "send = \"PING\\r\\n\"\nexpect = \"hello\"\n",
-            Self::Connect => "",
+            Self::Greeting => "interval = \"1s\"\nsend = \"PING\\r\\n\"\nexpect = \"hello\"\n",
+            Self::Connect => "interval = \"1s\"\n",
+            Self::Off => "enabled = false\n",
         }
     }
 
@@ -1184,7 +1251,7 @@ impl CheckKind {
             Self::Greeting => {
                 "    option tcp-check\n    tcp-check connect\n    tcp-check send \"PING\\r\\n\"\n    tcp-check expect string hello\n"
             }
-            Self::Connect => "",
+            Self::Connect | Self::Off => "",
         }
     }
 }
@@ -1451,6 +1518,14 @@ fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
     }
 }
 
+/// `value - reference`, signed, e.g. "+2.0".
+fn difference(value: Option<f64>, reference: Option<f64>) -> String {
+    match (value, reference) {
+        (Some(v), Some(r)) => format!("{:+.1}", v - r),
+        _ => "-".to_string(),
+    }
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -1603,11 +1678,17 @@ fn render(
     if !results.reload.is_empty() {
         md.push_str("### A reload (SIGHUP) that adds pools\n\n");
         let mut rows = Vec::new();
-        for &size in &settings.reload_sizes {
+        for &(size, checked) in &settings.reload_cases {
+            let check = if checked {
+                CheckKind::Greeting
+            } else {
+                CheckKind::Off
+            }
+            .label();
             let rounds: Vec<&ReloadRound> = results
                 .reload
                 .iter()
-                .filter(|r| r.pools_added == size)
+                .filter(|r| r.pools_added == size && r.check == check)
                 .collect();
             if rounds.is_empty() {
                 continue;
@@ -1619,6 +1700,7 @@ fn render(
             let held: usize = rounds.iter().map(|r| r.held).sum();
             rows.push(vec![
                 size.to_string(),
+                check.to_string(),
                 rounds.len().to_string(),
                 cell(swap, 1),
                 cell(
@@ -1636,8 +1718,8 @@ fn render(
                 && let Some(swap) = swap
             {
                 goals.push(format!(
-                    "a {size}-pool reload swapped in {swap:.1} ms (median) with {failed} failed \
-                     connections (goal ≤ 50 ms, 0 failed): {}",
+                    "a {size}-pool reload ({check}) swapped in {swap:.1} ms (median) with {failed} \
+                     failed new and {broken} broken held connections (goal ≤ 50 ms, 0 failed): {}",
                     met(swap <= 50.0 && failed == 0 && broken == 0)
                 ));
             }
@@ -1645,6 +1727,7 @@ fn render(
         md.push_str(&table(
             &[
                 "pools added",
+                "their check",
                 "rounds",
                 "signal → swap ms (median)",
                 "max",
@@ -1654,67 +1737,85 @@ fn render(
             ],
             &rows,
         ));
-        md.push_str(
-            "\nThe swap includes the first check of every new upstream; new clients every 2 ms \
-             through the existing pool, from 1 s before the signal to 1 s after the swap.\n\n",
-        );
+        md.push_str(&format!(
+            "\nA checked pool's swap includes the first check of its upstream. New clients every \
+             2 ms through the existing pool from 1 s before the signal to 1 s after the swap; \
+             {HELD_ACROSS_RELOAD} connections opened before the signal echo after it.\n\n"
+        ));
     }
 
     if !results.failover.is_empty() {
-        md.push_str("### Failover (primary killed) with 1 pool and with 1,001 pools\n\n");
+        md.push_str("### Failover with 1 pool and with 1,001 pools\n\n");
         let mut rows = Vec::new();
-        let mut medians = Vec::new();
-        for &extra in &settings.extra_pools {
-            let rounds: Vec<&FailoverRound> = results
-                .failover
-                .iter()
-                .filter(|r| r.pools == extra + 1)
-                .collect();
-            if rounds.is_empty() {
-                continue;
-            }
-            let detection = median(rounds.iter().filter_map(|r| r.detection_ms).collect());
-            let switch = median(rounds.iter().filter_map(|r| r.switch_ms).collect());
-            medians.push((extra + 1, detection, switch));
-            rows.push(vec![
-                (extra + 1).to_string(),
-                rounds.len().to_string(),
-                cell(detection, 1),
-                cell(switch, 1),
-                rounds
+        for &fault in &settings.faults {
+            let mut medians = Vec::new();
+            for &extra in &settings.extra_pools {
+                let rounds: Vec<&FailoverRound> = results
+                    .failover
                     .iter()
-                    .map(|r| r.failed)
-                    .max()
-                    .unwrap_or(0)
-                    .to_string(),
-            ]);
+                    .filter(|r| r.pools == extra + 1 && r.fault == fault.label())
+                    .collect();
+                if rounds.is_empty() {
+                    continue;
+                }
+                let detection = median(rounds.iter().filter_map(|r| r.detection_ms).collect());
+                let switch = median(rounds.iter().filter_map(|r| r.switch_ms).collect());
+                medians.push((detection, switch));
+                let (vs_detection, vs_switch) = match medians.first() {
+                    Some(&(d1, s1)) if medians.len() > 1 => {
+                        (difference(detection, d1), difference(switch, s1))
+                    }
+                    _ => ("".to_string(), "".to_string()),
+                };
+                rows.push(vec![
+                    fault.label().to_string(),
+                    (extra + 1).to_string(),
+                    rounds.len().to_string(),
+                    cell(detection, 1),
+                    vs_detection,
+                    cell(switch, 1),
+                    vs_switch,
+                    rounds
+                        .iter()
+                        .map(|r| r.failed)
+                        .max()
+                        .unwrap_or(0)
+                        .to_string(),
+                ]);
+            }
+            if let [(d1, s1), .., (dn, sn)] = medians.as_slice() {
+                goals.push(format!(
+                    "failover ({}) with {} pools against 1: detection {} ms, switch {} ms \
+                     (goal: the same within noise)",
+                    fault.label(),
+                    settings.extra_pools.iter().max().map_or(0, |n| n + 1),
+                    difference(*dn, *d1),
+                    difference(*sn, *s1),
+                ));
+            }
         }
         md.push_str(&table(
             &[
+                "fault",
                 "pools",
                 "rounds",
                 "detection ms",
+                "vs 1 pool",
                 "switch ms",
+                "vs 1 pool",
                 "failed (worst round)",
             ],
             &rows,
         ));
-        if let [(_, d1, s1), .., (most, dn, sn)] = medians.as_slice() {
-            md.push_str(&format!(
-                "\nThe extra pools each have one upstream, TCP-checked every second; pool `p` \
-                 has benches/failover.rs's settings (checks every {CHECK_INTERVAL_MS} ms, fall \
-                 {FALL}, outlier after {CONSECUTIVE_FAILURES} failed connects). {most} pools / \
-                 1 pool: detection {}, switch {}.\n\n",
-                ratio(*dn, *d1),
-                ratio(*sn, *s1)
-            ));
-            goals.push(format!(
-                "failover with {most} pools / 1 pool: detection {}, switch {} (goal: the same \
-                 within noise)",
-                ratio(*dn, *d1),
-                ratio(*sn, *s1)
-            ));
-        }
+        md.push_str(&format!(
+            "\nPool `p` has benches/failover.rs's settings (send/expect checks every \
+             {CHECK_INTERVAL_MS} ms, {CHECK_FAST_INTERVAL_MS} ms while deciding, timeout \
+             {CHECK_TIMEOUT_MS} ms, fall {FALL}; ejected after {CONSECUTIVE_FAILURES} failed \
+             connects); each extra pool has one upstream, send/expect-checked every second. \
+             Killed: connects are refused, so the clients' failed connects eject the primary \
+             (passive); hung: it accepts and never answers, so only the active check's timeout \
+             tells. Detection comes from event timestamps in whole milliseconds.\n\n"
+        ));
     }
 
     if !goals.is_empty() {
