@@ -1738,8 +1738,11 @@ fn render(
             &rows,
         ));
         md.push_str(&format!(
-            "\nA checked pool's swap includes the first check of its upstream. New clients every \
-             2 ms through the existing pool from 1 s before the signal to 1 s after the swap; \
+            "\nThe swap waits for the first check of every new upstream: in the checked rows \
+             1,000 checks at once against upstreams in the bench's process, on the same \
+             machine, so those rows measure this machine's answer to them as much as the \
+             proxy; the unchecked row is the reload itself. New clients every 2 ms through \
+             the existing pool from 1 s before the signal to 1 s after the swap; \
              {HELD_ACROSS_RELOAD} connections opened before the signal echo after it.\n\n"
         ));
     }
@@ -1814,7 +1817,11 @@ fn render(
              connects); each extra pool has one upstream, send/expect-checked every second. \
              Killed: connects are refused, so the clients' failed connects eject the primary \
              (passive); hung: it accepts and never answers, so only the active check's timeout \
-             tells. Detection comes from event timestamps in whole milliseconds.\n\n"
+             tells, and the injection's random phase against the check schedule spreads \
+             detection over one interval ({CHECK_INTERVAL_MS} ms). Failed: clients in flight \
+             at the injection or started within {} s after it that got no greeting. Detection \
+             comes from event timestamps in whole milliseconds.\n\n",
+            WINDOW.as_secs()
         ));
     }
 
