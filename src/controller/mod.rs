@@ -152,6 +152,11 @@ pub struct Controller {
     checks: mpsc::UnboundedReceiver<CheckReport>,
     passive: mpsc::UnboundedReceiver<PassiveReport>,
     discovery: Discovery,
+    /// Upstream id → (pool, slot), for the reports of checks and traffic: a scan of
+    /// every pool per report is what 1,000 checked pools cannot afford. A hint, checked
+    /// at each use and rebuilt when it is wrong, so that nothing that moves slots has to
+    /// remember to update it.
+    where_is: HashMap<u64, (usize, usize)>,
 }
 
 /// The pools' DNS discovery tasks, restarted with every configuration.
@@ -355,6 +360,7 @@ impl Controller {
                 sender,
                 found,
             },
+            where_is: HashMap::new(),
         };
         controller.publish_all();
         debug!(pools = controller.pools.len(), "controller ready");
@@ -711,35 +717,57 @@ impl Controller {
     /// The earliest moment something changes without a message: an ejection ends, a
     /// failback hold elapses, a gradual close is due or a slow start is over.
     fn next_deadline(&self) -> Option<Instant> {
-        let mut deadlines = Vec::new();
-        for pool in &self.pools {
-            deadlines.extend(
+        // Asked after every message: one pass, no allocation (1,000 pools checked every
+        // second make this the controller's hottest loop).
+        self.pools
+            .iter()
+            .flat_map(|pool| {
+                let hold = match (pool.better_since, pool.config.failback) {
+                    (Some(since), Failback::After(hold)) => Some(since + hold),
+                    _ => None,
+                };
                 pool.slots
                     .iter()
-                    .filter_map(|s| s.state.outlier.ejected_until()),
-            );
-            if let (Some(since), Failback::After(hold)) = (pool.better_since, pool.config.failback)
-            {
-                deadlines.push(since + hold);
-            }
-            deadlines.extend(
-                pool.drains
-                    .iter()
-                    .filter(|d| d.next_bucket < CLOSE_BUCKETS)
-                    .map(|d| d.due(d.next_bucket)),
-            );
-            deadlines.extend(pool.ramp_ends());
-        }
-        deadlines.into_iter().min()
+                    .filter_map(|s| s.state.outlier.ejected_until())
+                    .chain(hold)
+                    .chain(
+                        pool.drains
+                            .iter()
+                            .filter(|d| d.next_bucket < CLOSE_BUCKETS)
+                            .map(|d| d.due(d.next_bucket)),
+                    )
+                    .chain(pool.ramp_ends())
+            })
+            .min()
     }
 
-    fn find(&self, upstream: u64) -> Option<(usize, usize)> {
-        self.pools.iter().enumerate().find_map(|(p, pool)| {
-            pool.slots
-                .iter()
-                .position(|s| s.upstream.id == upstream)
-                .map(|u| (p, u))
-        })
+    fn find(&mut self, upstream: u64) -> Option<(usize, usize)> {
+        let holds = |pools: &[PoolState], (p, u): (usize, usize)| {
+            pools
+                .get(p)
+                .and_then(|pool| pool.slots.get(u))
+                .is_some_and(|slot| slot.upstream.id == upstream)
+        };
+        if let Some(&at) = self.where_is.get(&upstream)
+            && holds(&self.pools, at)
+        {
+            return Some(at);
+        }
+        self.where_is = self
+            .pools
+            .iter()
+            .enumerate()
+            .flat_map(|(p, pool)| {
+                pool.slots
+                    .iter()
+                    .enumerate()
+                    .map(move |(u, slot)| (slot.upstream.id, (p, u)))
+            })
+            .collect();
+        self.where_is
+            .get(&upstream)
+            .copied()
+            .filter(|&at| holds(&self.pools, at))
     }
 
     fn pool_index(&self, pool: &str) -> Result<usize, ControlError> {
