@@ -21,7 +21,18 @@ use switchyard::metrics::{ConnectFailure, UpstreamStats};
 
 /// A hung primary is detected by its first unanswered client, whose request goes to
 /// the backup instead.
-const WATCHED: &str = "first_byte_timeout = \"150ms\"\nreplay_unanswered = \"16KiB\"\n";
+/// Pool lines: a server that leaves a client's first bytes unanswered for `first_byte`
+/// is a failed attempt, and those bytes are replayed to the next one.
+fn watched(first_byte: &str) -> String {
+    format!("first_byte_timeout = \"{first_byte}\"\nreplay_unanswered = \"16KiB\"\n")
+}
+
+/// Redis answers from memory: anything slower than this is a hung server.
+const REDIS_FIRST_BYTE: &str = "150ms";
+/// PostgreSQL forks a backend per login, which on a loaded machine (2 cores, busy
+/// loops, its own WAL replay beside it) can take longer than a Redis answer: a healthy
+/// backup must not be taken for a hung one.
+const POSTGRES_FIRST_BYTE: &str = "2s";
 
 const QUICK: &str =
     "interval = \"200ms\"\nfast_interval = \"100ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2";
@@ -66,10 +77,15 @@ async fn wait_served(proxy: &TestProxy, label: &str) {
 
 /// switchyard in front of `primary` (priority 0) and `backup` (1), replay on, checked
 /// with `check`; returns once both passed a check.
-async fn proxy_in_front(primary: SocketAddr, backup: SocketAddr, check: &str) -> TestProxy {
+async fn proxy_in_front(
+    primary: SocketAddr,
+    backup: SocketAddr,
+    check: &str,
+    first_byte: &str,
+) -> TestProxy {
     let proxy = start_proxy(&pool_config(
         &[("primary", primary, 0), ("backup", backup, 1)],
-        WATCHED,
+        &watched(first_byte),
         &health(check),
     ));
     wait_all_checked(&proxy, "p").await;
@@ -119,7 +135,13 @@ async fn redis_primary_fault_costs_no_client(fault: RedisFault) {
     redis_name_server(backup.addr, "backup")
         .await
         .expect("name the backup");
-    let proxy = proxy_in_front(primary.addr, backup.addr, "kind = \"redis\"").await;
+    let proxy = proxy_in_front(
+        primary.addr,
+        backup.addr,
+        "kind = \"redis\"",
+        REDIS_FIRST_BYTE,
+    )
+    .await;
     let addr = proxy.addr("front");
 
     let stop = CancellationToken::new();
@@ -240,7 +262,7 @@ async fn a_killed_postgres_primary_gets_clients_back_only_once_it_takes_logins()
         (backup.addr.port(), "backup"),
     ];
     let check = "kind = \"postgres\"\nuser = \"postgres\"";
-    let proxy = proxy_in_front(primary.addr, backup.addr, check).await;
+    let proxy = proxy_in_front(primary.addr, backup.addr, check, POSTGRES_FIRST_BYTE).await;
     let addr = proxy.addr("front");
 
     let stop = CancellationToken::new();
