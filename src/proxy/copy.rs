@@ -197,16 +197,17 @@ pub fn run<'a, A: Stream, B: Stream>(
         // Written inside the `select!` rather than handed to a helper: a future passed by
         // value into another async fn is stored twice, and these are most of a
         // connection's task.
+        // No local lives across the await but the timer itself.
         let idle = async {
-            let Some(limit) = limits.idle_timeout else {
+            if limits.idle_timeout.is_none() {
                 return std::future::pending().await;
-            };
+            }
             loop {
-                let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit;
-                if Instant::now() >= deadline {
-                    return;
-                }
-                sleep_until(deadline).await;
+                let timer = match idle_deadline(limits.idle_timeout, started, &last_activity) {
+                    Some(deadline) => sleep_until(deadline),
+                    None => return,
+                };
+                timer.await;
             }
         };
         let end = tokio::select! {
@@ -240,6 +241,17 @@ pub fn run<'a, A: Stream, B: Stream>(
             first_to_end: first_end.get(),
         }
     }
+}
+
+/// The idle deadline: `limit` after the last byte read either way. `None` once it has
+/// passed (or without a limit).
+fn idle_deadline(
+    limit: Option<Duration>,
+    started: Instant,
+    last_activity: &AtomicU64,
+) -> Option<Instant> {
+    let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit?;
+    (Instant::now() < deadline).then_some(deadline)
 }
 
 /// Tokio's copy over streams that tally what is read through them.

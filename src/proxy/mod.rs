@@ -75,23 +75,30 @@ pub(crate) fn serve<'a>(
         let _active = Active::enter(&context.stats.connections_active);
         // Written when dropped, however the connection ends.
         let mut record = ConnectionRecord::new(listener.access_log, &context.name, peer);
-        // One deadline for every step before routing (PROXY header, ClientHello, TLS
-        // handshake), so that a slow client cannot buy a fresh timeout per step.
-        let steps = Handshake {
-            context,
-            shutdown,
-            deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
+        // In a block of its own, so that the task does not keep the steps' state while
+        // it copies.
+        let (client, origin, pool) = {
+            // One deadline for every step before routing (PROXY header, ClientHello, TLS
+            // handshake), so that a slow client cannot buy a fresh timeout per step.
+            let steps = Handshake {
+                context,
+                shutdown,
+                deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
+            };
+            let Some(mut origin) =
+                client_origin(&client, peer, listener, &steps, &mut record).await
+            else {
+                return;
+            };
+            record.client = origin.source;
+            let Some((client, pool)) =
+                admit(client, &mut origin, listener, &steps, &mut record).await
+            else {
+                return;
+            };
+            (client, origin, pool)
         };
-        let Some(mut origin) = client_origin(&client, peer, listener, &steps, &mut record).await
-        else {
-            return;
-        };
-        record.client = origin.source;
-        let Some((client, pool)) = admit(client, &mut origin, listener, &steps, &mut record).await
-        else {
-            return;
-        };
-        relay(client, &origin, &pool, context, shutdown, &mut record).await;
+        relay(client, &origin, pool, context, shutdown, &mut record).await;
     }
     .instrument(span)
 }
@@ -123,13 +130,13 @@ struct Link {
 /// The client as the copy sees it (the TLS session, when this listener terminates TLS)
 /// and the pool it goes to: the listener's, or the one its TLS server name selects.
 /// `None` when the client was refused (counted by reason).
-async fn admit(
+async fn admit<'l>(
     client: TcpStream,
     origin: &mut Origin,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
-) -> Option<(ClientStream, String)> {
+) -> Option<(ClientStream, &'l str)> {
     let Some(server_tls) = &listener.config.tls else {
         let pool = choose_pool(&client, origin, listener, steps, record).await?;
         return Some((Either::Left(client), pool));
@@ -525,15 +532,15 @@ async fn client_origin(
 /// The pool for this client: the listener's, or with SNI routes the one its TLS server
 /// name selects (the ClientHello is peeked, never consumed or changed). `None` when the
 /// client was refused (counted by reason).
-async fn choose_pool(
+async fn choose_pool<'l>(
     client: &TcpStream,
     origin: &Origin,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
-) -> Option<String> {
+) -> Option<&'l str> {
     if listener.sni.is_empty() {
-        return listener.config.pool.clone();
+        return listener.config.pool.as_deref();
     }
     let name = steps
         .run(
@@ -547,14 +554,18 @@ async fn choose_pool(
 
 /// The pool a TLS server name selects: its SNI route, else the listener's pool. `None`
 /// (counted as `NoRoute`) when neither exists.
-fn pool_for_name(
+fn pool_for_name<'l>(
     name: Option<&str>,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     context: &ListenerContext,
     record: &mut ConnectionRecord<'_>,
-) -> Option<String> {
-    let routed = name.and_then(|n| listener.sni.lookup(n)).cloned();
-    let pool = routed.or_else(|| listener.config.pool.clone());
+) -> Option<&'l str> {
+    // Borrowed from the listener's route, which the connection's task holds anyway: no
+    // copy of the name per connection.
+    let routed = name
+        .and_then(|n| listener.sni.lookup(n))
+        .map(String::as_str);
+    let pool = routed.or(listener.config.pool.as_deref());
     if pool.is_none() {
         context.stats.reject(RejectReason::NoRoute);
         record.reject(RejectReason::NoRoute);
