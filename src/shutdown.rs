@@ -51,8 +51,10 @@ impl Shutdown {
     }
 
     /// Resolves when established connections must close now.
-    pub async fn force_closed(&self) {
-        self.force_close.cancelled().await;
+    pub fn force_closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        // Not an async fn: every open connection holds this future, and the wrapper
+        // would add its own state to each.
+        self.force_close.cancelled()
     }
 
     pub(crate) fn connections(&self) -> &TaskTracker {

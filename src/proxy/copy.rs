@@ -17,6 +17,14 @@
 //! encryption), tokio's buffered copy runs over streams that count what is read through
 //! them. Nothing is logged per read.
 
+// The hot path's functions return `async move` blocks instead of being `async fn`s: an
+// async fn keeps a second copy of each argument in its future, held by every open
+// connection's task (see `listener::connection_task`).
+#![expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice; these futures are every connection's state"
+)]
+
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsFd;
@@ -70,8 +78,8 @@ pub struct Limits<C> {
     /// No byte in either direction for this long ends the copy.
     pub idle_timeout: Option<Duration>,
     /// Resolves when the connection must close from outside (shutdown grace expired,
-    /// upstream marked down). Pass it pinned (`Pin<&mut _>`) to keep it out of the
-    /// copy's own state.
+    /// upstream marked down). Pass it pinned (`Pin<&mut _>`), or as a future made of
+    /// pinned references, to keep it out of the copy's own state.
     pub closed: C,
     /// The caller closes both streams as soon as the copy returns [`CopyEnd::Done`]:
     /// the last direction to end then leaves its FIN to that close(2) instead of a
@@ -155,80 +163,95 @@ struct Counted<'a, S> {
 
 /// Copies until both directions are done, an error, the idle deadline (no byte read
 /// either way for `idle_timeout`) or `limits.closed` resolves; the caller closes the
-/// streams. `inbound` counts the client's bytes, `outbound` the upstream's.
-pub async fn run<A: Stream, B: Stream>(
-    client: &mut A,
-    upstream: &mut B,
-    limits: Limits<impl std::future::Future<Output = ()>>,
-    inbound: Counters<'_>,
-    outbound: Counters<'_>,
-) -> CopyOutcome {
-    let started = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let sent = AtomicU64::new(0);
-    let received = AtomicU64::new(0);
-    let first_end = FirstEnd::default();
-    let to_upstream = Tally {
-        side: Side::Client,
-        first_end: &first_end,
-        counters: inbound,
-        total: &sent,
-        last_activity: &last_activity,
-        started,
-    };
-    let to_client = Tally {
-        side: Side::Upstream,
-        first_end: &first_end,
-        counters: outbound,
-        total: &received,
-        last_activity: &last_activity,
-        started,
-    };
-    // Written inside the `select!` rather than handed to a helper: a future passed by
-    // value into another async fn is stored twice, and these are most of a
-    // connection's task.
-    let idle = async {
-        let Some(limit) = limits.idle_timeout else {
-            return std::future::pending().await;
+/// streams. `inbound` counts the client's bytes, `outbound` the upstream's. (An
+/// `async move` block: an `async fn` would keep a second copy of its arguments.)
+pub fn run<'a, A: Stream, B: Stream>(
+    client: &'a mut A,
+    upstream: &'a mut B,
+    limits: Limits<impl std::future::Future<Output = ()> + 'a>,
+    inbound: Counters<'a>,
+    outbound: Counters<'a>,
+) -> impl std::future::Future<Output = CopyOutcome> + 'a {
+    async move {
+        let started = Instant::now();
+        let last_activity = AtomicU64::new(0);
+        let sent = AtomicU64::new(0);
+        let received = AtomicU64::new(0);
+        let first_end = FirstEnd::default();
+        let to_upstream = Tally {
+            side: Side::Client,
+            first_end: &first_end,
+            counters: inbound,
+            total: &sent,
+            last_activity: &last_activity,
+            started,
         };
-        loop {
-            let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit;
-            if Instant::now() >= deadline {
-                return;
+        let to_client = Tally {
+            side: Side::Upstream,
+            first_end: &first_end,
+            counters: outbound,
+            total: &received,
+            last_activity: &last_activity,
+            started,
+        };
+        // Written inside the `select!` rather than handed to a helper: a future passed by
+        // value into another async fn is stored twice, and these are most of a
+        // connection's task.
+        // No local lives across the await but the timer itself.
+        let idle = async {
+            if limits.idle_timeout.is_none() {
+                return std::future::pending().await;
             }
-            sleep_until(deadline).await;
+            loop {
+                let timer = match idle_deadline(limits.idle_timeout, started, &last_activity) {
+                    Some(deadline) => sleep_until(deadline),
+                    None => return,
+                };
+                timer.await;
+            }
+        };
+        let end = tokio::select! {
+            result = async {
+                if let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp()) {
+                    let to_upstream = Direction {
+                        from: client,
+                        to: upstream,
+                        tally: &to_upstream,
+                        closed_after_done: limits.closed_after_done,
+                    };
+                    let to_client = Direction {
+                        from: upstream,
+                        to: client,
+                        tally: &to_client,
+                        closed_after_done: limits.closed_after_done,
+                    };
+                    return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
+                }
+                // Boxed: a plain pair never takes this branch, and its task should not
+                // carry the buffered copy's state.
+                Box::pin(buffered(client, upstream, &to_upstream, &to_client)).await
+            } => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
+            _ = idle => CopyEnd::Idle,
+            _ = limits.closed => CopyEnd::Closed,
+        };
+        CopyOutcome {
+            end,
+            client_to_upstream: sent.load(Relaxed),
+            upstream_to_client: received.load(Relaxed),
+            first_to_end: first_end.get(),
         }
-    };
-    let end = tokio::select! {
-        result = async {
-            if let (Some(client), Some(upstream)) = (client.plain_tcp(), upstream.plain_tcp()) {
-                let to_upstream = Direction {
-                    from: client,
-                    to: upstream,
-                    tally: &to_upstream,
-                    closed_after_done: limits.closed_after_done,
-                };
-                let to_client = Direction {
-                    from: upstream,
-                    to: client,
-                    tally: &to_client,
-                    closed_after_done: limits.closed_after_done,
-                };
-                return tokio::try_join!(to_upstream.pump(), to_client.pump()).map(drop);
-            }
-            // Boxed: a plain pair never takes this branch, and its task should not
-            // carry the buffered copy's state.
-            Box::pin(buffered(client, upstream, &to_upstream, &to_client)).await
-        } => if result.is_ok() { CopyEnd::Done } else { CopyEnd::Error },
-        _ = idle => CopyEnd::Idle,
-        _ = limits.closed => CopyEnd::Closed,
-    };
-    CopyOutcome {
-        end,
-        client_to_upstream: sent.load(Relaxed),
-        upstream_to_client: received.load(Relaxed),
-        first_to_end: first_end.get(),
     }
+}
+
+/// The idle deadline: `limit` after the last byte read either way. `None` once it has
+/// passed (or without a limit).
+fn idle_deadline(
+    limit: Option<Duration>,
+    started: Instant,
+    last_activity: &AtomicU64,
+) -> Option<Instant> {
+    let deadline = started + Duration::from_millis(last_activity.load(Relaxed)) + limit?;
+    (Instant::now() < deadline).then_some(deadline)
 }
 
 /// Tokio's copy over streams that tally what is read through them.
@@ -325,102 +348,108 @@ impl Tally<'_> {
 
 impl Direction<'_> {
     /// Forwards until `from` finishes sending; an end or a failure is noted as `from`'s.
-    async fn pump(&self) -> io::Result<()> {
-        let result = self.forward().await;
-        self.tally.ended();
-        result
+    fn pump(&self) -> impl Future<Output = io::Result<()>> {
+        async move {
+            let result = self.forward().await;
+            self.tally.ended();
+            result
+        }
     }
 
-    async fn forward(&self) -> io::Result<()> {
-        let mut full_reads = 0u32;
-        let mut splicing = false;
-        let mut splice_works = true;
-        loop {
-            read_ready(self.from).await?;
-            let burst = if splicing {
-                match self.splice_burst().await {
-                    Ok(Some((burst, moved))) => {
-                        // A small burst means the stream is over: copy is cheaper.
-                        splicing = moved >= SPLICE_KEEP_BYTES;
-                        burst
+    fn forward(&self) -> impl Future<Output = io::Result<()>> {
+        async move {
+            let mut full_reads = 0u32;
+            let mut splicing = false;
+            let mut splice_works = true;
+            loop {
+                read_ready(self.from).await?;
+                let burst = if splicing {
+                    match self.splice_burst().await {
+                        Ok(Some((burst, moved))) => {
+                            // A small burst means the stream is over: copy is cheaper.
+                            splicing = moved >= SPLICE_KEEP_BYTES;
+                            burst
+                        }
+                        // No pipe to be had right now: copy this burst.
+                        Ok(None) => {
+                            splicing = false;
+                            self.copy_burst(&mut full_reads).await?
+                        }
+                        Err(e) if splice::is_unsupported(&e) => {
+                            splicing = false;
+                            splice_works = false;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    // No pipe to be had right now: copy this burst.
-                    Ok(None) => {
-                        splicing = false;
-                        self.copy_burst(&mut full_reads).await?
+                } else {
+                    let burst = self.copy_burst(&mut full_reads).await?;
+                    if splice_works && full_reads >= SPLICE_AFTER_FULL_READS {
+                        splicing = true;
+                        full_reads = 0;
                     }
-                    Err(e) if splice::is_unsupported(&e) => {
-                        splicing = false;
-                        splice_works = false;
-                        continue;
+                    burst
+                };
+                if let Burst::Eof = burst {
+                    // The other direction may still flow: pass the FIN on. Unless it already
+                    // ended (an error there would have ended the copy), so that this end
+                    // ends it: then the caller's close(2) sends the FIN.
+                    let last = self.tally.first_end.get().is_some();
+                    if !(last && self.closed_after_done) {
+                        // The peer may already be gone; its own direction reports that.
+                        let _ = SockRef::from(self.to).shutdown(std::net::Shutdown::Write);
                     }
-                    Err(e) => return Err(e),
+                    return Ok(());
                 }
-            } else {
-                let burst = self.copy_burst(&mut full_reads).await?;
-                if splice_works && full_reads >= SPLICE_AFTER_FULL_READS {
-                    splicing = true;
-                    full_reads = 0;
-                }
-                burst
-            };
-            if let Burst::Eof = burst {
-                // The other direction may still flow: pass the FIN on. Unless it already
-                // ended (an error there would have ended the copy), so that this end
-                // ends it: then the caller's close(2) sends the FIN.
-                let last = self.tally.first_end.get().is_some();
-                if !(last && self.closed_after_done) {
-                    // The peer may already be gone; its own direction reports that.
-                    let _ = SockRef::from(self.to).shutdown(std::net::Shutdown::Write);
-                }
-                return Ok(());
             }
         }
     }
 
     /// Reads until the socket would block (or the direction starts streaming), writing
     /// each read out before the next. Counts consecutive full reads in `full_reads`.
-    async fn copy_burst(&self, full_reads: &mut u32) -> io::Result<Burst> {
-        let mut buffer = Buffer::take();
-        let buf = buffer.as_mut();
-        let fd = self.from.as_fd();
-        loop {
-            // A short read almost always means the socket is drained: report it to tokio
-            // as "would block" so its readiness is cleared now, saving the extra read
-            // that would only find nothing. Tokio keeps the readiness if an event
-            // arrived meanwhile, so no data is ever left unnoticed.
-            let mut short = None;
-            let read = self.from.try_io(Interest::READABLE, || {
-                let n = splice::recv(fd, buf)?;
-                if n > 0 && n < buf.len() {
-                    short = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            let n = match (read, short) {
-                (Ok(0), _) => return Ok(Burst::Eof),
-                (Ok(n), _) => n,
-                (Err(_), Some(n)) => n,
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+    fn copy_burst(&self, full_reads: &mut u32) -> impl Future<Output = io::Result<Burst>> {
+        async move {
+            let mut buffer = Buffer::take();
+            let buf = buffer.as_mut();
+            let fd = self.from.as_fd();
+            loop {
+                // A short read almost always means the socket is drained: report it to tokio
+                // as "would block" so its readiness is cleared now, saving the extra read
+                // that would only find nothing. Tokio keeps the readiness if an event
+                // arrived meanwhile, so no data is ever left unnoticed.
+                let mut short = None;
+                let read = self.from.try_io(Interest::READABLE, || {
+                    let n = splice::recv(fd, buf)?;
+                    if n > 0 && n < buf.len() {
+                        short = Some(n);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                let n = match (read, short) {
+                    (Ok(0), _) => return Ok(Burst::Eof),
+                    (Ok(n), _) => n,
+                    (Err(_), Some(n)) => n,
+                    (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Burst::Drained);
+                    }
+                    (Err(e), None) => return Err(e),
+                };
+                self.tally.mark_activity();
+                write_all(self.to, &buf[..n]).await?;
+                self.tally.count(n as u64);
+                if short.is_some() {
+                    *full_reads = 0;
                     return Ok(Burst::Drained);
                 }
-                (Err(e), None) => return Err(e),
-            };
-            self.tally.mark_activity();
-            write_all(self.to, &buf[..n]).await?;
-            self.tally.count(n as u64);
-            if short.is_some() {
-                *full_reads = 0;
-                return Ok(Burst::Drained);
-            }
-            if n == buf.len() {
-                *full_reads += 1;
-                if *full_reads >= SPLICE_AFTER_FULL_READS {
-                    return Ok(Burst::Drained);
+                if n == buf.len() {
+                    *full_reads += 1;
+                    if *full_reads >= SPLICE_AFTER_FULL_READS {
+                        return Ok(Burst::Drained);
+                    }
+                } else {
+                    *full_reads = 0;
                 }
-            } else {
-                *full_reads = 0;
             }
         }
     }
@@ -428,40 +457,49 @@ impl Direction<'_> {
     /// Splices until the socket would block. `Ok(None)` when no pipe is available;
     /// otherwise how the burst ended and how many bytes it moved. If this future is
     /// dropped mid-burst, the lease's drop closes the pipe and keeps the pool's counts.
-    async fn splice_burst(&self) -> io::Result<Option<(Burst, u64)>> {
-        let Some(mut pipe) = splice::take() else {
-            return Ok(None);
-        };
-        let result = self.splice_through(&mut pipe).await;
-        splice::give(pipe);
-        result.map(Some)
+    fn splice_burst(&self) -> impl Future<Output = io::Result<Option<(Burst, u64)>>> {
+        async move {
+            let Some(mut pipe) = splice::take() else {
+                return Ok(None);
+            };
+            let result = self.splice_through(&mut pipe).await;
+            splice::give(pipe);
+            result.map(Some)
+        }
     }
 
-    async fn splice_through(&self, pipe: &mut splice::Pipe) -> io::Result<(Burst, u64)> {
-        let (from, to) = (self.from.as_fd(), self.to.as_fd());
-        let mut moved = 0u64;
-        loop {
-            let n = match self
-                .from
-                .try_io(Interest::READABLE, || pipe.fill_from(from))
-            {
-                Ok(0) => return Ok((Burst::Eof, moved)),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok((Burst::Drained, moved));
-                }
-                Err(e) => return Err(e),
-            };
-            self.tally.mark_activity();
-            while pipe.pending() > 0 {
-                match self.to.try_io(Interest::WRITABLE, || pipe.drain_into(to)) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(self.to).await?,
+    fn splice_through(
+        &self,
+        pipe: &mut splice::Pipe,
+    ) -> impl Future<Output = io::Result<(Burst, u64)>> {
+        async move {
+            let (from, to) = (self.from.as_fd(), self.to.as_fd());
+            let mut moved = 0u64;
+            loop {
+                let n = match self
+                    .from
+                    .try_io(Interest::READABLE, || pipe.fill_from(from))
+                {
+                    Ok(0) => return Ok((Burst::Eof, moved)),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok((Burst::Drained, moved));
+                    }
                     Err(e) => return Err(e),
+                };
+                self.tally.mark_activity();
+                while pipe.pending() > 0 {
+                    match self.to.try_io(Interest::WRITABLE, || pipe.drain_into(to)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            write_ready(self.to).await?
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                self.tally.count(n as u64);
+                moved += n as u64;
             }
-            self.tally.count(n as u64);
-            moved += n as u64;
         }
     }
 }
@@ -471,25 +509,27 @@ impl Direction<'_> {
 /// held by every quiet direction of every idle connection; the poll form keeps the
 /// waker in the socket's one reader slot instead. One slot is enough: all the futures
 /// of a connection run in its one task, with the same waker.
-pub(super) async fn read_ready(socket: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| socket.poll_read_ready(cx)).await
+pub(super) fn read_ready(socket: &TcpStream) -> impl Future<Output = io::Result<()>> {
+    std::future::poll_fn(|cx| socket.poll_read_ready(cx))
 }
 
 /// [`read_ready`] for writing.
-async fn write_ready(socket: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await
+fn write_ready(socket: &TcpStream) -> impl Future<Output = io::Result<()>> {
+    std::future::poll_fn(|cx| socket.poll_write_ready(cx))
 }
 
-pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(to).await?,
-            Err(e) => return Err(e),
+pub(crate) fn write_all(to: &TcpStream, mut data: &[u8]) -> impl Future<Output = io::Result<()>> {
+    async move {
+        while !data.is_empty() {
+            match to.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(to).await?,
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 // === impl Buffer ===

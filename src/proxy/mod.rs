@@ -56,43 +56,51 @@ impl Drop for Active<'_> {
     }
 }
 
-pub(crate) async fn serve(
+/// Serves one client (an `async move` block rather than an `async fn`, see
+/// `listener::connection_task`).
+pub(crate) fn serve<'a>(
     client: TcpStream,
     peer: SocketAddr,
-    context: &ListenerContext,
-    listener: &ListenerRoute,
-    shutdown: &Shutdown,
-) {
+    context: &'a ListenerContext,
+    listener: &'a ListenerRoute,
+    shutdown: &'a Shutdown,
+) -> impl Future<Output = ()> + Send + 'a {
     let span = tracing::debug_span!(
         "conn",
         listener = %context.name,
         client.addr = %peer,
         upstream = tracing::field::Empty,
     );
-    async {
+    async move {
         let _active = Active::enter(&context.stats.connections_active);
         // Written when dropped, however the connection ends.
         let mut record = ConnectionRecord::new(listener.access_log, &context.name, peer);
-        // One deadline for every step before routing (PROXY header, ClientHello, TLS
-        // handshake), so that a slow client cannot buy a fresh timeout per step.
-        let steps = Handshake {
-            context,
-            shutdown,
-            deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
+        // In a block of its own, so that the task does not keep the steps' state while
+        // it copies.
+        let (client, origin, pool) = {
+            // One deadline for every step before routing (PROXY header, ClientHello, TLS
+            // handshake), so that a slow client cannot buy a fresh timeout per step.
+            let steps = Handshake {
+                context,
+                shutdown,
+                deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
+            };
+            let Some(mut origin) =
+                client_origin(&client, peer, listener, &steps, &mut record).await
+            else {
+                return;
+            };
+            record.client = origin.source;
+            let Some((client, pool)) =
+                admit(client, &mut origin, listener, &steps, &mut record).await
+            else {
+                return;
+            };
+            (client, origin, pool)
         };
-        let Some(mut origin) = client_origin(&client, peer, listener, &steps, &mut record).await
-        else {
-            return;
-        };
-        record.client = origin.source;
-        let Some((client, pool)) = admit(client, &mut origin, listener, &steps, &mut record).await
-        else {
-            return;
-        };
-        relay(client, &origin, &pool, context, shutdown, &mut record).await;
+        relay(client, &origin, pool, context, shutdown, &mut record).await;
     }
     .instrument(span)
-    .await
 }
 
 /// What a copy needs to know about the upstream side.
@@ -122,13 +130,13 @@ struct Link {
 /// The client as the copy sees it (the TLS session, when this listener terminates TLS)
 /// and the pool it goes to: the listener's, or the one its TLS server name selects.
 /// `None` when the client was refused (counted by reason).
-async fn admit(
+async fn admit<'l>(
     client: TcpStream,
     origin: &mut Origin,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
-) -> Option<(ClientStream, String)> {
+) -> Option<(ClientStream, &'l str)> {
     let Some(server_tls) = &listener.config.tls else {
         let pool = choose_pool(&client, origin, listener, steps, record).await?;
         return Some((Either::Left(client), pool));
@@ -156,141 +164,153 @@ async fn admit(
 /// never answers) lost nothing, so it moves to another upstream instead of seeing an
 /// error, whatever TLS either side speaks. With `replay_unanswered`, so does a client
 /// whose bytes got no answer, within the bound: they are sent again to the next.
-async fn relay(
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice; this future is every connection's state"
+)]
+fn relay(
     mut client: ClientStream,
     origin: &Origin,
     pool: &str,
     context: &ListenerContext,
     shutdown: &Shutdown,
     record: &mut ConnectionRecord<'_>,
-) {
-    // Created on the first connect of a pool that watches the opening exchange.
-    let mut replay: Option<Replay> = None;
-    // Upstreams that left this client unanswered; allocated only then.
-    let mut tried: Vec<u64> = Vec::new();
-    loop {
-        let socket = client_socket(&client);
-        let Some(link) =
-            connect_client(socket, origin, pool, context, shutdown, record, &tried).await
-        else {
-            return;
-        };
-        let Link {
-            stream: mut upstream_stream,
-            meta: link,
-        } = link;
-        let upstream = &link.upstream;
-        tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
-        upstream.stats.connections_total.fetch_add(1, Relaxed);
-        let _upstream_active = Active::enter(&upstream.stats.connections_active);
-        let inbound = Counters {
-            listener: &context.stats.bytes_in,
-            upstream: &upstream.stats.bytes_sent,
-        };
-        let outbound = Counters {
-            listener: &context.stats.bytes_out,
-            upstream: &upstream.stats.bytes_received,
-        };
-        let mut opened = Moved::default();
-        if let Some(watch) = &link.opening {
-            let kept =
-                replay.get_or_insert_with(|| Replay::new(watch.replay_bound, origin.early.len()));
-            let bounds = opening::Bounds {
-                first_byte_timeout: watch.first_byte_timeout,
-                idle_timeout: link.idle_timeout,
-                close: &link.close,
-                shutdown,
+) -> impl Future<Output = ()> {
+    async move {
+        // Created on the first connect of a pool that watches the opening exchange.
+        let mut replay: Option<Replay> = None;
+        // Upstreams that left this client unanswered; allocated only then.
+        let mut tried: Vec<u64> = Vec::new();
+        loop {
+            let socket = client_socket(&client);
+            // Taken apart at once: a `Link` kept whole would stay in the task beside its
+            // parts.
+            let Some(Link {
+                stream: mut upstream_stream,
+                meta: link,
+            }) = connect_client(socket, origin, pool, context, shutdown, record, &tried).await
+            else {
+                return;
             };
-            // Boxed: only pools that watch the opening exchange pay for its state, and
-            // every other connection's task stays as small as before.
-            let opening = Box::pin(opening::until_answered(
-                &mut client,
-                &mut upstream_stream,
-                kept,
-                &bounds,
-                &inbound,
-                &outbound,
-                &mut opened,
-            ))
-            .await;
-            record.moved(opened.client_to_upstream, opened.upstream_to_client);
-            let unanswered = match opening {
-                Opening::Handover => None,
-                Opening::Unanswered(why) => Some(why),
-                Opening::Idle | Opening::ClientFailed | Opening::Shutdown => {
-                    record.end = match opening {
-                        Opening::Idle => End::IdleTimeout,
-                        Opening::Shutdown => End::Shutdown,
-                        _ => End::ClientClosed,
-                    };
-                    return;
-                }
+            let upstream = &link.upstream;
+            tracing::Span::current().record("upstream", tracing::field::display(upstream.label()));
+            upstream.stats.connections_total.fetch_add(1, Relaxed);
+            let _upstream_active = Active::enter(&upstream.stats.connections_active);
+            let inbound = Counters {
+                listener: &context.stats.bytes_in,
+                upstream: &upstream.stats.bytes_sent,
             };
-            if let Some(why) = unanswered {
-                let failure = match why {
-                    Unanswered::Timeout => Some(ConnectFailure::FirstByteTimeout),
-                    Unanswered::Closed => Some(ConnectFailure::Reset),
-                    Unanswered::Down => None,
+            let outbound = Counters {
+                listener: &context.stats.bytes_out,
+                upstream: &upstream.stats.bytes_received,
+            };
+            let mut opened = Moved::default();
+            if let Some(watch) = &link.opening {
+                let kept = replay
+                    .get_or_insert_with(|| Replay::new(watch.replay_bound, origin.early.len()));
+                let bounds = opening::Bounds {
+                    first_byte_timeout: watch.first_byte_timeout,
+                    idle_timeout: link.idle_timeout,
+                    close: &link.close,
+                    shutdown,
                 };
-                if let Some(failure) = failure {
-                    watch
-                        .feedback
-                        .connect_failed(upstream.id, &upstream.stats, failure);
-                }
-                opening::abandon(upstream_stream);
-                if !kept.replayable() {
-                    record.end = match why {
-                        Unanswered::Down => End::UpstreamDown,
-                        Unanswered::Closed => End::UpstreamClosed,
-                        Unanswered::Timeout => End::Unanswered,
+                // Boxed: only pools that watch the opening exchange pay for its state, and
+                // every other connection's task stays as small as before.
+                let opening = Box::pin(opening::until_answered(
+                    &mut client,
+                    &mut upstream_stream,
+                    kept,
+                    &bounds,
+                    &inbound,
+                    &outbound,
+                    &mut opened,
+                ))
+                .await;
+                record.moved(opened.client_to_upstream, opened.upstream_to_client);
+                let unanswered = match opening {
+                    Opening::Handover => None,
+                    Opening::Unanswered(why) => Some(why),
+                    Opening::Idle | Opening::ClientFailed | Opening::Shutdown => {
+                        record.end = match opening {
+                            Opening::Idle => End::IdleTimeout,
+                            Opening::Shutdown => End::Shutdown,
+                            _ => End::ClientClosed,
+                        };
+                        return;
+                    }
+                };
+                if let Some(why) = unanswered {
+                    let failure = match why {
+                        Unanswered::Timeout => Some(ConnectFailure::FirstByteTimeout),
+                        Unanswered::Closed => Some(ConnectFailure::Reset),
+                        Unanswered::Down => None,
                     };
-                    debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; more was sent than can be replayed, closing");
-                    return;
+                    if let Some(failure) = failure {
+                        watch
+                            .feedback
+                            .connect_failed(upstream.id, &upstream.stats, failure);
+                    }
+                    opening::abandon(upstream_stream);
+                    if !kept.replayable() {
+                        record.end = match why {
+                            Unanswered::Down => End::UpstreamDown,
+                            Unanswered::Closed => End::UpstreamClosed,
+                            Unanswered::Timeout => End::Unanswered,
+                        };
+                        debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; more was sent than can be replayed, closing");
+                        return;
+                    }
+                    debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; replaying to the next");
+                    tried.push(upstream.id);
+                    continue;
                 }
-                debug!(upstream = %upstream.label(), ?why, "upstream left the client unanswered; replaying to the next");
-                tried.push(upstream.id);
-                continue;
+                // Answered: nothing will be replayed, and a connection open for hours must
+                // not keep the copy.
+                replay = None;
             }
-            // Answered: nothing will be replayed, and a connection open for hours must
-            // not keep the copy.
-            replay = None;
-        }
-        let closed = std::pin::pin!(async {
-            tokio::select! {
-                _ = shutdown.force_closed() => {}
-                _ = link.close.cancelled() => {}
+            // Two waits, polled by hand: `select!` would add its own state to every
+            // connection.
+            let mut forced = std::pin::pin!(shutdown.force_closed());
+            let mut down = std::pin::pin!(link.close.cancelled());
+            let closed = std::future::poll_fn(move |cx| {
+                if forced.as_mut().poll(cx).is_ready() || down.as_mut().poll(cx).is_ready() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            // Done ends this function (a reconnect follows only a close from outside), and
+            // with it both streams.
+            let limits = Limits {
+                idle_timeout: link.idle_timeout,
+                closed,
+                closed_after_done: true,
+            };
+            let outcome =
+                copy::run(&mut client, &mut upstream_stream, limits, inbound, outbound).await;
+            record.copied(&outcome, shutdown.is_force_closed());
+            debug!(
+                upstream = %upstream.label(),
+                end = %record.end,
+                sent = outcome.client_to_upstream + opened.client_to_upstream,
+                received = outcome.upstream_to_client + opened.upstream_to_client,
+                "upstream connection closed"
+            );
+            let silent = outcome.client_to_upstream == 0
+                && outcome.upstream_to_client == 0
+                && opened.client_to_upstream == 0
+                && opened.upstream_to_client == 0;
+            let moved_by_failover = outcome.end == CopyEnd::Closed
+                && link.close.is_cancelled()
+                && !shutdown.is_force_closed();
+            if !(silent && moved_by_failover) {
+                return;
             }
-        });
-        // Done ends this function (a reconnect follows only a close from outside), and
-        // with it both streams.
-        let limits = Limits {
-            idle_timeout: link.idle_timeout,
-            closed,
-            closed_after_done: true,
-        };
-        let outcome = copy::run(&mut client, &mut upstream_stream, limits, inbound, outbound).await;
-        record.copied(&outcome, shutdown.is_force_closed());
-        debug!(
-            upstream = %upstream.label(),
-            end = %record.end,
-            sent = outcome.client_to_upstream + opened.client_to_upstream,
-            received = outcome.upstream_to_client + opened.upstream_to_client,
-            "upstream connection closed"
-        );
-        let silent = outcome.client_to_upstream == 0
-            && outcome.upstream_to_client == 0
-            && opened.client_to_upstream == 0
-            && opened.upstream_to_client == 0;
-        let moved_by_failover = outcome.end == CopyEnd::Closed
-            && link.close.is_cancelled()
-            && !shutdown.is_force_closed();
-        if !(silent && moved_by_failover) {
-            return;
+            debug!(
+                upstream = %upstream.label(),
+                "upstream went down before any byte; reconnecting the client"
+            );
         }
-        debug!(
-            upstream = %upstream.label(),
-            "upstream went down before any byte; reconnecting the client"
-        );
     }
 }
 
@@ -512,15 +532,15 @@ async fn client_origin(
 /// The pool for this client: the listener's, or with SNI routes the one its TLS server
 /// name selects (the ClientHello is peeked, never consumed or changed). `None` when the
 /// client was refused (counted by reason).
-async fn choose_pool(
+async fn choose_pool<'l>(
     client: &TcpStream,
     origin: &Origin,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
-) -> Option<String> {
+) -> Option<&'l str> {
     if listener.sni.is_empty() {
-        return listener.config.pool.clone();
+        return listener.config.pool.as_deref();
     }
     let name = steps
         .run(
@@ -534,14 +554,18 @@ async fn choose_pool(
 
 /// The pool a TLS server name selects: its SNI route, else the listener's pool. `None`
 /// (counted as `NoRoute`) when neither exists.
-fn pool_for_name(
+fn pool_for_name<'l>(
     name: Option<&str>,
-    listener: &ListenerRoute,
+    listener: &'l ListenerRoute,
     context: &ListenerContext,
     record: &mut ConnectionRecord<'_>,
-) -> Option<String> {
-    let routed = name.and_then(|n| listener.sni.lookup(n)).cloned();
-    let pool = routed.or_else(|| listener.config.pool.clone());
+) -> Option<&'l str> {
+    // Borrowed from the listener's route, which the connection's task holds anyway: no
+    // copy of the name per connection.
+    let routed = name
+        .and_then(|n| listener.sni.lookup(n))
+        .map(String::as_str);
+    let pool = routed.or(listener.config.pool.as_deref());
     if pool.is_none() {
         context.stats.reject(RejectReason::NoRoute);
         record.reject(RejectReason::NoRoute);
