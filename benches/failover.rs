@@ -95,17 +95,12 @@ use common::{
 };
 
 type BoxError = Box<dyn Error + Send + Sync>;
+#[path = "shared/failover_settings.rs"]
+mod failover_settings;
+use failover_settings::*;
+
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
-/// Proxy settings, the same for both proxies.
-const CHECK_INTERVAL_MS: u64 = 200;
-const CHECK_FAST_INTERVAL_MS: u64 = 100;
-const CHECK_TIMEOUT_MS: u64 = 100;
-const RISE: u32 = 2;
-const FALL: u32 = 2;
-const CONNECT_TIMEOUT_MS: u64 = 300;
-const CONNECT_ATTEMPTS: u32 = 3;
-const CONSECUTIVE_FAILURES: u32 = 2;
 /// switchyard only: HAProxy has no hedged connects.
 const HEDGE_AFTER_MS: u64 = 50;
 /// switchyard only: HAProxy has no replay of a client's unanswered bytes.
@@ -114,18 +109,9 @@ const REPLAY_KIB: u64 = 16;
 /// The PostgreSQL rows' check timeout (both proxies): its check forks a backend.
 const POSTGRES_CHECK_TIMEOUT_MS: u64 = 300;
 
-/// The client stream.
-const CLIENT_EVERY: Duration = Duration::from_millis(2);
-const LEAD_IN: Duration = Duration::from_secs(1);
-/// The failover window after the injection, in which failures and latency are counted.
-const WINDOW: Duration = Duration::from_secs(2);
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
 /// PostgreSQL forks a backend for every connection: fewer clients than the others.
 const POSTGRES_CLIENT_EVERY: Duration = Duration::from_millis(5);
-
-/// Upstreams' accept queue: small, so that few connections fill it for a black hole.
-const UPSTREAM_BACKLOG: i32 = 16;
 
 const READY_LIMIT: Duration = Duration::from_secs(5);
 /// After the proxy serves: lets the first checks of both upstreams finish.

@@ -82,6 +82,9 @@ use switchyard::drill::{ClientStream, Probe, Stop, Timeline, ask_greeting};
 // The tests' launcher of the binary and their loopback servers, not a copy of them.
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "shared/failover_settings.rs"]
+mod failover_settings;
+use failover_settings::*;
 
 use common::{ChildProxy, Server, closed_port, get_json};
 
@@ -118,24 +121,10 @@ const HELD_ACROSS_RELOAD: usize = 50;
 const RELOAD_LIMIT: Duration = Duration::from_secs(30);
 const LOG_POLL_EVERY: Duration = Duration::from_millis(5);
 
-// Failover: the settings of benches/failover.rs.
+// Failover: benches/failover.rs's check, connect and client-stream settings
+// (benches/shared/failover_settings.rs), with 0 and 1,000 extra pools.
 const EXTRA_POOLS: [usize; 2] = [0, 1_000];
 const FAULTS: [Fault; 2] = [Fault::Killed, Fault::Hung];
-const CHECK_INTERVAL_MS: u64 = 200;
-const CHECK_FAST_INTERVAL_MS: u64 = 100;
-const CHECK_TIMEOUT_MS: u64 = 100;
-const RISE: u32 = 2;
-const FALL: u32 = 2;
-const CONNECT_TIMEOUT_MS: u64 = 300;
-const CONNECT_ATTEMPTS: u32 = 3;
-const CONSECUTIVE_FAILURES: u32 = 2;
-const UPSTREAM_BACKLOG: i32 = 16;
-
-// The client stream of the reload and failover parts.
-const CLIENT_EVERY: Duration = Duration::from_millis(2);
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
-const LEAD_IN: Duration = Duration::from_secs(1);
-const WINDOW: Duration = Duration::from_secs(2);
 const READY_LIMIT: Duration = Duration::from_secs(10);
 
 const DEFAULT_ROUNDS: usize = 5;
