@@ -13,6 +13,7 @@
 //! message loop and the upstream transitions; `reconcile` applies a reload, `tiers`
 //! switches tiers and drains, `view` renders the status.
 
+mod deadlines;
 mod ramps;
 mod reconcile;
 mod tiers;
@@ -47,6 +48,7 @@ use crate::snapshot::{
     Upstream,
 };
 use crate::status::PoolView;
+use deadlines::Deadlines;
 use tiers::GradualClose;
 
 /// What operators (admin API, reload) ask of the controller; each carries its reply.
@@ -157,6 +159,8 @@ pub struct Controller {
     /// at each use and rebuilt when it is wrong, so that nothing that moves slots has to
     /// remember to update it.
     where_is: HashMap<u64, (usize, usize)>,
+    /// When each pool next changes by itself: what the run loop sleeps until.
+    deadlines: Deadlines,
 }
 
 /// The pools' DNS discovery tasks, restarted with every configuration.
@@ -361,6 +365,7 @@ impl Controller {
                 found,
             },
             where_is: HashMap::new(),
+            deadlines: Deadlines::default(),
         };
         controller.publish_all();
         debug!(pools = controller.pools.len(), "controller ready");
@@ -380,20 +385,35 @@ impl Controller {
     /// have their connections closed.
     pub async fn run(mut self, shutdown: Shutdown) {
         self.restart_discovery();
+        self.reset_deadlines();
         loop {
-            let deadline = self.next_deadline();
+            debug_assert_eq!(self.deadlines.earliest(), self.next_deadline());
+            let deadline = self.deadlines.earliest();
             // The controller holds a sender of each channel, so none of them closes.
-            tokio::select! {
+            // Reports change one pool; everything else may change any.
+            let changed = tokio::select! {
                 biased;
                 _ = shutdown.drained() => return,
-                Some(message) = self.commands.recv() => self.on_command(message),
-                Some(report) = self.checks.recv() => self.on_check(report),
-                Some(report) = self.passive.recv() => self.on_passive(report),
-                Some(found) = self.discovery.found.recv() => self.on_membership(found),
+                Some(message) = self.commands.recv() => {
+                    self.on_command(message);
+                    None
+                }
+                Some(report) = self.checks.recv() => Some(self.on_check(report)),
+                Some(report) = self.passive.recv() => Some(self.on_passive(report)),
+                Some(found) = self.discovery.found.recv() => {
+                    self.on_membership(found);
+                    None
+                }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.on_timer();
+                    None
                 }
                 else => return,
+            };
+            match changed {
+                Some(Some(p)) => self.deadlines.set(p, self.pools[p].next_deadline()),
+                Some(None) => {}
+                None => self.reset_deadlines(),
             }
         }
     }
@@ -480,15 +500,14 @@ impl Controller {
     }
 
     /// Applies one active check result and answers the checker with its next interval.
-    fn on_check(&mut self, report: CheckReport) {
+    /// Returns the pool changed, if any.
+    fn on_check(&mut self, report: CheckReport) -> Option<usize> {
         let CheckReport {
             upstream,
             result,
             reply,
         } = report;
-        let Some((p, u)) = self.find(upstream) else {
-            return;
-        };
+        let (p, u) = self.find(upstream)?;
         let now = Instant::now();
         let pool = &mut self.pools[p];
         let health = &pool.config.health;
@@ -524,19 +543,18 @@ impl Controller {
         };
         let _ = reply.send(interval);
         self.refresh(p);
+        Some(p)
     }
 
     /// Applies one report from real traffic: failures may eject, and both wake the
-    /// upstream's checker for an immediate check.
-    fn on_passive(&mut self, report: PassiveReport) {
+    /// upstream's checker for an immediate check. Returns the pool changed, if any.
+    fn on_passive(&mut self, report: PassiveReport) -> Option<usize> {
         let upstream = match report {
             PassiveReport::ConnectFailed { upstream, .. } | PassiveReport::Slow { upstream } => {
                 upstream
             }
         };
-        let Some((p, u)) = self.find(upstream) else {
-            return;
-        };
+        let (p, u) = self.find(upstream)?;
         let pool = &mut self.pools[p];
         let slot = &mut pool.slots[u];
         if let Some(checker) = &slot.checker {
@@ -546,7 +564,7 @@ impl Controller {
             reason, in_a_row, ..
         } = report
         else {
-            return;
+            return None;
         };
         let now = Instant::now();
         if let Some(ejected_for) =
@@ -564,6 +582,7 @@ impl Controller {
             // last in attempt orders.
             upstream.stats.connect_failures_in_a_row.store(0, Relaxed);
         }
+        Some(p)
     }
 
     /// Something in [`next_deadline`](Self::next_deadline) is due.
@@ -715,30 +734,15 @@ impl Controller {
     }
 
     /// The earliest moment something changes without a message: an ejection ends, a
-    /// failback hold elapses, a gradual close is due or a slow start is over.
+    /// failback hold elapses, a gradual close is due or a slow start is over. A scan of
+    /// every pool: the run loop keeps [`Deadlines`] instead.
     fn next_deadline(&self) -> Option<Instant> {
-        // Asked after every message: one pass, no allocation (1,000 pools checked every
-        // second make this the controller's hottest loop).
-        self.pools
-            .iter()
-            .flat_map(|pool| {
-                let hold = match (pool.better_since, pool.config.failback) {
-                    (Some(since), Failback::After(hold)) => Some(since + hold),
-                    _ => None,
-                };
-                pool.slots
-                    .iter()
-                    .filter_map(|s| s.state.outlier.ejected_until())
-                    .chain(hold)
-                    .chain(
-                        pool.drains
-                            .iter()
-                            .filter(|d| d.next_bucket < CLOSE_BUCKETS)
-                            .map(|d| d.due(d.next_bucket)),
-                    )
-                    .chain(pool.ramp_ends())
-            })
-            .min()
+        self.pools.iter().filter_map(PoolState::next_deadline).min()
+    }
+
+    fn reset_deadlines(&mut self) {
+        self.deadlines
+            .reset(self.pools.iter().map(PoolState::next_deadline));
     }
 
     fn find(&mut self, upstream: u64) -> Option<(usize, usize)> {
@@ -892,6 +896,26 @@ impl PoolState {
     /// The tier SPEC §3 prefers now, with no failback hold.
     fn preferred_tier(&self) -> Option<usize> {
         crate::pool::preferred_tier(&self.usable_counts(), self.config.min_usable)
+    }
+
+    /// When this pool next changes by itself (see [`Controller::next_deadline`]).
+    fn next_deadline(&self) -> Option<Instant> {
+        let hold = match (self.better_since, self.config.failback) {
+            (Some(since), Failback::After(hold)) => Some(since + hold),
+            _ => None,
+        };
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.outlier.ejected_until())
+            .chain(hold)
+            .chain(
+                self.drains
+                    .iter()
+                    .filter(|d| d.next_bucket < CLOSE_BUCKETS)
+                    .map(|d| d.due(d.next_bucket)),
+            )
+            .chain(self.ramp_ends())
+            .min()
     }
 
     /// The active tier of a pool that starts (at start-up or added by a reload), or
