@@ -14,6 +14,9 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use socket2::SockRef;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, timeout_at};
@@ -46,6 +49,12 @@ pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
         }
         Err(Unconnected::LocalResources(error)) => return Checked::NotRun(error),
     };
+    if closes_with_reset(&health.kind) {
+        // As HAProxy does: a check's connection ends with a reset, not a FIN exchange
+        // and a TIME_WAIT socket per check (1,000 upstreams every second are 60,000
+        // sockets in TIME_WAIT). Where it fails, the close is only more expensive.
+        let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
     let checked = async {
         if let Some(version) = pool.proxy_protocol
             && health.target == CheckTarget::Upstream
@@ -72,6 +81,19 @@ pub async fn check(upstream: &UpstreamConfig, pool: &PoolConfig) -> Checked {
             .await
             .unwrap_or(Err(CheckFailure::Timeout)),
     )
+}
+
+/// Whether a check of `kind` may end its connection with a reset: not where the server
+/// would log it as a client gone wrong (PostgreSQL, MySQL: their checks end the session
+/// as a client does).
+fn closes_with_reset(kind: &CheckKind) -> bool {
+    match kind {
+        CheckKind::Tcp
+        | CheckKind::SendExpect { .. }
+        | CheckKind::Http(_)
+        | CheckKind::Redis(_) => true,
+        CheckKind::Postgres(_) | CheckKind::Mysql => false,
+    }
 }
 
 /// The kind's exchange over plain TCP or TLS; `target` is the `host:port` checked.

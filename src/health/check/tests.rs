@@ -475,6 +475,42 @@ async fn send_with_an_empty_expect_needs_a_reply_byte() {
     assert_eq!(checked(silent, health).await, Err(CheckFailure::Timeout));
 }
 
+/// How the check's connection to a server that sends `greeting` ends, as the server
+/// sees it: `true` for a reset, `false` for an orderly close.
+async fn ended_with_reset(health: &str, greeting: &'static [u8]) -> bool {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        stream.write_all(greeting).await.unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    assert_eq!(checked(addr, health).await, Ok(()));
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the check's connection ended")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn checks_end_with_a_reset_except_where_a_server_would_log_it() {
+    // No FIN exchange and no TIME_WAIT socket per check (HAProxy's way)...
+    assert!(ended_with_reset("timeout = \"2s\"", b"").await);
+    assert!(ended_with_reset("send = \"PING\\r\\n\"\nexpect = \"hello\"", b"hello\n").await);
+    // ...but a database whose check talks its protocol is left as a client leaves it
+    // (a whole greeting: bytes left unread would make the kernel reset anyway).
+    let greeting = b"\x1d\x00\x00\x00\x0a10.11.6-MariaDB\x00\x08\x00\x00\x00abcdefgh";
+    assert!(!ended_with_reset(MYSQL, greeting).await);
+}
+
 #[tokio::test]
 async fn a_check_port_is_checked_on_the_upstreams_host_instead_of_its_address() {
     let rest_api = answering(b"HTTP/1.1 200 OK\r\n\r\n").await;
