@@ -37,7 +37,7 @@ const KEY_KINDS: &[(&str, &[&str])] = &[
 
 impl Validator<'_> {
     pub(super) fn health(&mut self, pool: &str, p: &RawPool) -> Option<HealthConfig> {
-        let key = |field: &str| format!("pools.{pool}.health.{field}");
+        let key = |field: &str| super::dotted(&["pools", pool, "health", field]);
         let h = &p.health;
         let interval = self.duration(&h.interval, &key("interval"), CHECK_INTERVAL);
         let fast_interval = self.duration(&h.fast_interval, &key("fast_interval"), CHECK_INTERVAL);
