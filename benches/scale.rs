@@ -179,6 +179,11 @@ struct ReloadRound {
     signal_to_swap_ms: f64,
     /// The proxy's own `SIGHUP received` line → its `configuration reloaded` line.
     logged_ms: f64,
+    /// The parts of the reload, as that line gives them: reading the file, the new
+    /// upstreams' first checks, the controller's swap.
+    read_ms: f64,
+    first_checks_ms: f64,
+    swap_ms: f64,
     clients: usize,
     failed: usize,
     /// Why they failed: (why, how many).
@@ -758,12 +763,16 @@ async fn reload_part(settings: &Settings, targets: &CheckTargets, results: &mut 
             match reload_round(&primary, targets, size, kind).await {
                 Ok(r) => {
                     println!(
-                        "  round {} add {size} ({}): signal -> swap {:.1} ms (logged {:.1} ms), \
+                        "  round {} add {size} ({}): signal -> swap {:.1} ms (logged {:.1} ms: \
+                         read {:.1}, first checks {:.1}, swap {:.1}), \
                          {} of {} clients failed{}, {} of {} held connections broken",
                         round + 1,
                         r.check,
                         r.signal_to_swap_ms,
                         r.logged_ms,
+                        r.read_ms,
+                        r.first_checks_ms,
+                        r.swap_ms,
                         r.failed,
                         r.clients,
                         describe_failures(&r.failed_why),
@@ -841,12 +850,16 @@ async fn reload_round(
     }
     let reloaded = log_time(&lines, "configuration reloaded")?;
     let received = log_time(&lines, "SIGHUP received")?;
+    let part = |field: &str| log_number(&lines, "configuration reloaded", field);
     let failed_why = failures(&timeline);
     Ok(ReloadRound {
         pools_added: size,
         check: kind.label().to_string(),
         signal_to_swap_ms: millis_between(signalled, reloaded),
         logged_ms: millis_between(received, reloaded),
+        read_ms: part("read_ms")?,
+        first_checks_ms: part("first_checks_ms")?,
+        swap_ms: part("swap_ms")?,
         clients: timeline.records.len(),
         failed: failed_why.iter().map(|(_, n)| n).sum(),
         failed_why,
@@ -908,6 +921,16 @@ fn log_time(lines: &[serde_json::Value], what: &str) -> Result<SystemTime> {
         .ok_or_else(|| format!("log line {what:?} has no timestamp: {line}"))?;
     humantime::parse_rfc3339(stamp)
         .map_err(|e| format!("log line {what:?}: timestamp {stamp:?}: {e}").into())
+}
+
+/// The number `field` of the last log line starting with `what`.
+fn log_number(lines: &[serde_json::Value], what: &str, field: &str) -> Result<f64> {
+    lines
+        .iter()
+        .rev()
+        .find(|l| message(l).starts_with(what))
+        .and_then(|l| l["fields"][field].as_f64().or_else(|| l[field].as_f64()))
+        .ok_or_else(|| format!("no number {field:?} in log line {what:?}").into())
 }
 
 fn millis_between(from: SystemTime, to: SystemTime) -> f64 {
@@ -1700,6 +1723,12 @@ fn render(
                     1,
                 ),
                 cell(median(rounds.iter().map(|r| r.logged_ms).collect()), 1),
+                cell(median(rounds.iter().map(|r| r.read_ms).collect()), 1),
+                cell(
+                    median(rounds.iter().map(|r| r.first_checks_ms).collect()),
+                    1,
+                ),
+                cell(median(rounds.iter().map(|r| r.swap_ms).collect()), 1),
                 format!("{failed} / {clients}"),
                 format!("{broken} / {held}"),
             ]);
@@ -1721,6 +1750,9 @@ fn render(
                 "signal → swap ms (median)",
                 "max",
                 "SIGHUP logged → swap ms",
+                "of which: read",
+                "first checks",
+                "swap",
                 "failed new clients",
                 "broken held connections",
             ],

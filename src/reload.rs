@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -126,7 +127,7 @@ impl Reloader {
     pub async fn reload(&self) -> Result<ConfigDiff, ReloadError> {
         let mut current = self.current.lock().await;
         match self.swap(&current).await {
-            Ok((config, diff)) => {
+            Ok((config, diff, took)) => {
                 warn_about_restart_only_changes(&current, &config);
                 let token_file = admin_token_file(&config);
                 if admin_token_file(&current) != token_file {
@@ -146,6 +147,10 @@ impl Reloader {
                     pools_added = ?diff.pools_added,
                     pools_removed = ?diff.pools_removed,
                     pools_changed = ?diff.pools_changed,
+                    read_ms = took.read.as_secs_f64() * 1e3,
+                    first_checks = took.first_checks,
+                    first_checks_ms = took.checking.as_secs_f64() * 1e3,
+                    swap_ms = took.swap.as_secs_f64() * 1e3,
                     "configuration reloaded"
                 );
                 Ok(diff)
@@ -158,19 +163,44 @@ impl Reloader {
         }
     }
 
-    async fn swap(&self, current: &Config) -> Result<(Arc<Config>, ConfigDiff), ReloadError> {
+    async fn swap(
+        &self,
+        current: &Config,
+    ) -> Result<(Arc<Config>, ConfigDiff, ReloadTimes), ReloadError> {
+        let started = Instant::now();
         let new = Arc::new(Config::load(&self.path)?);
         let diff = ConfigDiff::between(current, &new);
         let prepared = self.proxy.listeners.prepare(&new)?;
+        let read = started.elapsed();
         let checks = first_checks(current, &new).await;
+        let first_checks = checks.len();
+        let checking = started.elapsed() - read;
         self.proxy
             .controller
             .reload(new.clone(), checks)
             .await
             .map_err(|_| ReloadError::Stopped)?;
         self.proxy.listeners.apply(prepared);
-        Ok((new, diff))
+        let swap = started.elapsed() - read - checking;
+        let took = ReloadTimes {
+            read,
+            first_checks,
+            checking,
+            swap,
+        };
+        Ok((new, diff, took))
     }
+}
+
+/// Where a reload's time went, for its log line: with many new upstreams the first
+/// checks are most of it.
+struct ReloadTimes {
+    /// Reading and validating the file, binding new listeners.
+    read: Duration,
+    first_checks: usize,
+    checking: Duration,
+    /// The controller's swap and the listeners' changes.
+    swap: Duration,
 }
 
 /// The first health check of every upstream that `new` adds (by pool and address),
