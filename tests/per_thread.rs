@@ -176,8 +176,90 @@ async fn short_connections_through_several_listeners_are_served_on_every_worker_
         others < total / 4,
         "the other threads woke {others} times for {total} connections"
     );
+    // The counters every worker adds to are the listeners' own, seen whole.
+    for (name, _) in &listeners {
+        let accepted =
+            metric_sum(admin, "switchyard_connections_total", &[("listener", name)]).await;
+        assert_eq!(accepted, connections as f64, "listener {name}");
+    }
     let log = proxy.stderr();
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_across_the_worker_threads() {
+    let upstream = Server::echo().await;
+    let (admin, front) = (closed_port(), closed_port());
+    let toml = config(&[("front", front)], admin, upstream.addr, "")
+        .replace("pool = \"p\"\n", "pool = \"p\"\nmax_connections = 3\n");
+    let proxy = ChildProxy::start(&toml, admin).await;
+    // Twelve clients at once, from twelve source ports: the kernel spreads them over
+    // both workers' sockets, and only three are admitted, whichever thread took them.
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(TcpStream::connect(front).await.expect("connect"));
+    }
+    let mut served = 0;
+    for client in &mut clients {
+        if echo_on(client, b"in?").await.is_ok() {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 3, "{}", proxy.stderr());
+    let rejected = metric_sum(
+        admin,
+        "switchyard_connections_rejected_total",
+        &[("listener", "front"), ("reason", "max_connections")],
+    )
+    .await;
+    assert_eq!(rejected, 9.0);
+    assert_eq!(
+        metric_sum(
+            admin,
+            "switchyard_connections_active",
+            &[("listener", "front")]
+        )
+        .await,
+        3.0
+    );
+    // A place freed on one thread is free for the others.
+    clients.clear();
+    let deadline = Instant::now() + SOON;
+    while metric_sum(
+        admin,
+        "switchyard_connections_active",
+        &[("listener", "front")],
+    )
+    .await
+        > 0.0
+    {
+        assert!(Instant::now() < deadline, "the connections did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for round in 0..3 {
+        let mut again = Vec::new();
+        for _ in 0..3 {
+            again.push(TcpStream::connect(front).await.expect("connect"));
+        }
+        for client in &mut again {
+            echo_on(client, b"in again")
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: a freed place was not given: {e}"));
+        }
+        drop(again);
+        let deadline = Instant::now() + SOON;
+        while metric_sum(
+            admin,
+            "switchyard_connections_active",
+            &[("listener", "front")],
+        )
+        .await
+            > 0.0
+        {
+            assert!(Instant::now() < deadline, "the connections did not end");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
