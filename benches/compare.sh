@@ -7,8 +7,10 @@
 #   benches/compare.sh --install       # as root: first apt-get install what is missing
 #   benches/compare.sh --help          # this text; runs nothing
 #
-# Targets: direct (no proxy), switchyard, HAProxy, HAProxy with splice forced
-# (option splice-request/splice-response) and NGINX stream. Each proxy forwards one
+# Targets: direct (no proxy), switchyard (runtime.scheduler "shared", the default),
+# switchyard per_thread (the same config with scheduler = "per_thread": one event loop
+# per thread), HAProxy, HAProxy with splice forced (option
+# splice-request/splice-response) and NGINX stream. Each proxy forwards one
 # listener to one upstream per measurement, with the same settings: 2 worker threads or
 # processes, long timeouts, a high maxconn, logging at warn, no health checks, backlog 4096;
 # everything else at each one's defaults (HAProxy and NGINX: 16 KiB buffers per direction;
@@ -46,7 +48,7 @@
 # on exit, error or interrupt. Every wait polls with a deadline.
 #
 # Other knobs: DURATION (seconds per measurement), IDLE_CONNS, BASE_PORT (ports
-# BASE_PORT+1 .. BASE_PORT+44 must be free), BUDGET_S (no new round starts if the last
+# BASE_PORT+1 .. BASE_PORT+54 must be free), BUDGET_S (no new round starts if the last
 # round's length would take the run past this), KEEP_WORK=1 (keep the temporary folder
 # with the configs and logs).
 
@@ -94,8 +96,8 @@ for knob in ROUNDS DURATION IDLE_CONNS BUDGET_S BASE_PORT; do
         exit 2
     fi
 done
-if ((BASE_PORT > 65000)); then
-    echo "compare.sh: BASE_PORT must leave room for 44 ports below 65536" >&2
+if ((BASE_PORT > 65480)); then
+    echo "compare.sh: BASE_PORT must leave room for 54 ports below 65536" >&2
     exit 2
 fi
 
@@ -303,8 +305,8 @@ SVC_IPERF=1
 SVC_SOCK=2
 SVC_HTTP=3
 SVC_HOLD=4
-TARGETS=(direct switchyard haproxy haproxy_splice nginx)
-declare -A TARGET_INDEX=([direct]=0 [switchyard]=1 [haproxy]=2 [haproxy_splice]=3 [nginx]=4)
+TARGETS=(direct switchyard switchyard_per_thread haproxy haproxy_splice nginx)
+declare -A TARGET_INDEX=([direct]=0 [switchyard]=1 [haproxy]=2 [haproxy_splice]=3 [nginx]=4 [switchyard_per_thread]=5)
 
 upstream_port() { echo $((BASE_PORT + $1)); }
 # Where a client connects for a target and service: the upstream itself for direct.
@@ -316,21 +318,27 @@ write_configs() {
     local svc name
     local -a services=(iperf sockperf http hold)
 
-    # switchyard: one listener and pool per service, health checks off, warn logging.
-    {
-        printf '[runtime]\nworker_threads = 2\nshutdown_grace = "1s"\n\n[log]\nlevel = "warn"\n'
-        for svc in 1 2 3 4; do
-            name=${services[svc - 1]}
-            printf '\n[listeners.%s]\nbind = "127.0.0.1:%s"\npool = "%s"\nbacklog = 4096\n' \
-                "$name" "$(target_port switchyard "$svc")" "$name"
-            printf '\n[pools.%s]\nconnect_timeout = "5s"\nidle_timeout = "1h"\n' "$name"
-            printf 'upstreams = [{ address = "127.0.0.1:%s" }]\n' "$(upstream_port "$svc")"
-            printf '\n[pools.%s.health]\nenabled = false\n' "$name"
-        done
-    } >"$work/switchyard.toml"
+    # switchyard: one listener and pool per service, health checks off, warn logging;
+    # the two variants differ only in runtime.scheduler.
+    local scheduler variant
+    for variant in switchyard switchyard_per_thread; do
+        scheduler=shared
+        if [[ $variant == switchyard_per_thread ]]; then scheduler=per_thread; fi
+        {
+            printf '[runtime]\nworker_threads = 2\nscheduler = "%s"\nshutdown_grace = "1s"\n\n[log]\nlevel = "warn"\n' "$scheduler"
+            for svc in 1 2 3 4; do
+                name=${services[svc - 1]}
+                printf '\n[listeners.%s]\nbind = "127.0.0.1:%s"\npool = "%s"\nbacklog = 4096\n' \
+                    "$name" "$(target_port "$variant" "$svc")" "$name"
+                printf '\n[pools.%s]\nconnect_timeout = "5s"\nidle_timeout = "1h"\n' "$name"
+                printf 'upstreams = [{ address = "127.0.0.1:%s" }]\n' "$(upstream_port "$svc")"
+                printf '\n[pools.%s.health]\nenabled = false\n' "$name"
+            done
+        } >"$work/$variant.toml"
+    done
 
     # HAProxy, plain and with splice forced both ways; no "log" line: logging off.
-    local variant splice
+    local splice
     for variant in haproxy haproxy_splice; do
         splice=""
         if [[ $variant == haproxy_splice ]]; then
@@ -410,13 +418,15 @@ start_proxies() {
     local t svc ok=1
     start switchyard "$work/switchyard" run -c "$work/switchyard.toml"
     PROXY_PID[switchyard]=$LAST_PID
+    start switchyard_per_thread "$work/switchyard" run -c "$work/switchyard_per_thread.toml"
+    PROXY_PID[switchyard_per_thread]=$LAST_PID
     start haproxy haproxy -db -f "$work/haproxy.cfg"
     PROXY_PID[haproxy]=$LAST_PID
     start haproxy_splice haproxy -db -f "$work/haproxy_splice.cfg"
     PROXY_PID[haproxy_splice]=$LAST_PID
     start nginx nginx -p "$work/nginx-prefix" -e "$work/nginx-stream.err" -c "$work/nginx-stream.conf"
     PROXY_PID[nginx]=$LAST_PID
-    for t in switchyard haproxy haproxy_splice nginx; do
+    for t in switchyard switchyard_per_thread haproxy haproxy_splice nginx; do
         for svc in 1 2 3 4; do
             if ! wait_listen "$(target_port "$t" "$svc")" "${PROXY_PID[$t]}" "$t"; then
                 ok=0
@@ -439,7 +449,7 @@ start_proxies() {
 
 stop_proxies() {
     local t
-    for t in switchyard haproxy haproxy_splice nginx; do
+    for t in switchyard switchyard_per_thread haproxy haproxy_splice nginx; do
         if [[ -n ${PROXY_PID[$t]:-} ]]; then
             stop_pid "${PROXY_PID[$t]}"
         fi
@@ -640,7 +650,7 @@ fi
 CPUS=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 
-for ((p = BASE_PORT + 1; p <= BASE_PORT + 44; p++)); do
+for ((p = BASE_PORT + 1; p <= BASE_PORT + 54; p++)); do
     port_free "$p" || die "port $p is in use; choose other ports with BASE_PORT=N"
 done
 

@@ -37,6 +37,7 @@ import time
 TARGETS = [
     ("direct", "direct"),
     ("switchyard", "switchyard"),
+    ("switchyard_per_thread", "switchyard per_thread"),
     ("haproxy", "HAProxy"),
     ("haproxy_splice", "HAProxy splice"),
     ("nginx", "NGINX stream"),
@@ -276,6 +277,7 @@ def svg_chart(medians, meta, path):
     colours = {
         "direct": "#9e9e9e",
         "switchyard": "#d9480f",
+        "switchyard_per_thread": "#f59f00",
         "haproxy": "#1c7ed6",
         "haproxy_splice": "#74c0fc",
         "nginx": "#2f9e44",

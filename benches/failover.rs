@@ -1456,7 +1456,7 @@ impl InProcess {
             let _context = runtime.enter();
             let listeners = switchyard::bind_all(&config)?.listeners;
             let shutdown = Shutdown::new();
-            (Proxy::start(&config, listeners, &shutdown), shutdown)
+            (Proxy::start(&config, listeners, &shutdown)?, shutdown)
         };
         let addr = proxy
             .listener("front")

@@ -333,7 +333,7 @@ enabled = false
     let config = Config::parse(&text, Path::new("bench.toml"))
         .map_err(|e| format!("bench config rejected: {e}"))?;
     let bound = switchyard::bind_all(&config)?.listeners;
-    let proxy = switchyard::Proxy::start(&config, bound, shutdown);
+    let proxy = switchyard::Proxy::start(&config, bound, shutdown).expect("start the proxy");
     proxy
         .listener("bench")
         .and_then(|l| l.addrs.first().copied())

@@ -102,7 +102,7 @@ base_ejection = "5s"
         .map_err(|e| e.to_string())?
         .listeners;
     let shutdown = Shutdown::new();
-    let proxy = Proxy::start(&config, listeners, &shutdown);
+    let proxy = Proxy::start(&config, listeners, &shutdown).map_err(|e| e.to_string())?;
     let front = proxy
         .listener("demo")
         .and_then(|l| l.addrs.first().copied())

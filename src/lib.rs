@@ -36,16 +36,18 @@ pub mod upstream;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use admin::Admin;
-use config::Config;
+use config::{Config, Scheduler};
 use controller::{CarriedPool, Controller, ControllerHandle};
 use events::EventLog;
 use proxy::listener::{BoundListener, ListenerSet, ListenerView};
+use proxy::workers::Workers;
 use reload::Reloader;
 use shutdown::Shutdown;
 use snapshot::SharedSnapshot;
@@ -64,9 +66,15 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the controller (and with it the health checks) and accepting on
-    /// `listeners` (already bound). Returns at once; everything runs until `shutdown`
-    /// begins.
-    pub fn start(config: &Config, listeners: Vec<BoundListener>, shutdown: &Shutdown) -> Self {
+    /// `listeners` (already bound): on the current runtime, or with
+    /// `runtime.scheduler = "per_thread"` on worker threads started here. Returns at
+    /// once; everything runs until `shutdown` begins. Fails only when the worker
+    /// threads cannot start.
+    pub fn start(
+        config: &Config,
+        listeners: Vec<BoundListener>,
+        shutdown: &Shutdown,
+    ) -> Result<Self, error::StartError> {
         Self::start_inheriting(config, listeners, shutdown, &[])
     }
 
@@ -77,7 +85,14 @@ impl Proxy {
         listeners: Vec<BoundListener>,
         shutdown: &Shutdown,
         health: &[CarriedPool],
-    ) -> Self {
+    ) -> Result<Self, error::StartError> {
+        let workers = match config.runtime.scheduler {
+            Scheduler::Shared => None,
+            Scheduler::PerThread => Some(
+                Workers::start(config.runtime.worker_threads)
+                    .map_err(error::StartError::Runtime)?,
+            ),
+        };
         let events = Arc::new(EventLog::new());
         let mut controller = Controller::new(config, events.clone());
         if !health.is_empty() {
@@ -91,13 +106,14 @@ impl Proxy {
             snapshot.clone(),
             shutdown.clone(),
             config.runtime.worker_threads,
+            workers,
         ));
-        Self {
+        Ok(Self {
             snapshot,
             listeners,
             events,
             controller: handle,
-        }
+        })
     }
 
     pub fn listener(&self, name: &str) -> Option<ListenerView> {
@@ -112,7 +128,7 @@ impl Proxy {
 #[derive(Debug)]
 pub struct Listening {
     pub listeners: Vec<BoundListener>,
-    pub admin: Option<Arc<TcpListener>>,
+    pub admin: Option<Arc<std::net::TcpListener>>,
     /// The upstream states a previous process handed over with its sockets (a binary
     /// upgrade); empty on a fresh start.
     pub health: Vec<CarriedPool>,
@@ -122,7 +138,6 @@ impl Listening {
     /// Binds every socket of `config`, the admin API's included, except that each
     /// address found in `inherited` is served from the sockets there; inherited sockets
     /// the config does not bind are closed (and logged). The first failure is returned.
-    /// Needs a running tokio runtime.
     pub fn bind(config: &Config, inherited: SocketTable) -> Result<Self, error::StartError> {
         let bound = sockets::bind(config, config.runtime.worker_threads, inherited)?;
         Ok(Self {
@@ -158,7 +173,13 @@ impl Running {
         if let Some((addr, socket)) = &self.admin_socket
             && let Some(socket) = socket.upgrade()
         {
-            table.insert(Kind::Admin, *addr, socket);
+            // A duplicate: the admin API's own stays registered with its runtime.
+            match socket.as_fd().try_clone_to_owned() {
+                Ok(fd) => table.insert(Kind::Admin, *addr, Arc::new(fd.into())),
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot duplicate the admin socket; it is not handed over")
+                }
+            }
         }
         table
     }
@@ -175,11 +196,12 @@ pub fn start(
         Admin::check_token_file(admin)?;
     }
     let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
-    let proxy = Proxy::start_inheriting(&config, listening.listeners, shutdown, &listening.health);
+    let admin_registered = listening.admin.map(registered).transpose()?;
+    let proxy = Proxy::start_inheriting(&config, listening.listeners, shutdown, &listening.health)?;
     let reloader = Arc::new(Reloader::new(config, proxy.clone()));
     let mut admin_addr = None;
     let mut admin_socket = None;
-    if let Some((listen, socket)) = admin_listen.zip(listening.admin) {
+    if let Some((listen, socket)) = admin_listen.zip(admin_registered) {
         admin_addr = socket.local_addr().ok();
         admin_socket = Some((listen, Arc::downgrade(&socket)));
         Arc::new(Admin::new(proxy.clone(), reloader.clone())).spawn(socket, shutdown.clone());
@@ -244,8 +266,22 @@ pub async fn run(
         "shutting down: stopped accepting, waiting for connections to finish"
     );
     let closed = shutdown.drain(grace).await;
+    let listeners = running.proxy.listeners.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || listeners.stop_workers()).await {
+        warn!(error = %e, "the worker threads did not stop cleanly");
+    }
     info!(closed, "shutdown complete");
     Ok(())
+}
+
+/// The admin socket as the admin API accepts on it, registered with the current
+/// runtime.
+fn registered(socket: Arc<std::net::TcpListener>) -> Result<Arc<TcpListener>, error::StartError> {
+    let socket = Arc::try_unwrap(socket).or_else(|shared| shared.try_clone());
+    socket
+        .and_then(TcpListener::from_std)
+        .map(Arc::new)
+        .map_err(|e| error::StartError::Admin(format!("cannot accept on the admin socket: {e}")))
 }
 
 /// Hands this instance over to a new process of the binary; true once the new one

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
-use switchyard::config::{Config, LogFormat};
+use switchyard::config::{Config, LogFormat, Scheduler};
 use switchyard::shutdown::Shutdown;
 
 #[derive(Debug, Parser)]
@@ -383,8 +383,15 @@ fn run(cli: &Cli, path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // With per-thread runtimes the connections have threads of their own; this runtime
+    // keeps the controller, health checks, admin API and signals, for which one thread
+    // is plenty.
+    let main_threads = match config.runtime.scheduler {
+        Scheduler::Shared => config.runtime.worker_threads,
+        Scheduler::PerThread => 1,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime.worker_threads)
+        .worker_threads(main_threads)
         .enable_all()
         .build()
     {

@@ -9,6 +9,11 @@
 //! with the clients waiting in it, carries over. One address may have several sockets:
 //! the `SO_REUSEPORT` siblings that give each worker thread an accept loop of its own.
 //! Port 0 is never looked up: each such bind asks the kernel for a new port.
+//!
+//! The sockets here are plain std sockets, registered with no runtime: whoever accepts
+//! on one registers a duplicate of its descriptor with its own runtime, so that with
+//! `runtime.scheduler = "per_thread"` a socket wakes only the thread that serves it,
+//! and the descriptors stay here, ready to be handed over.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 use tracing::warn;
 
 use crate::config::{Config, ListenerConfig};
@@ -84,7 +89,7 @@ impl SocketTable {
     /// Adds a socket that comes from outside the runtime (from a previous process, say),
     /// after checking that it is a listening TCP socket bound where the table will say
     /// it is: a mix-up in the handover must fail here, not as an accept loop that never
-    /// accepts. Needs a running tokio runtime.
+    /// accepts.
     pub fn adopt(
         &mut self,
         kind: Kind,
@@ -106,8 +111,9 @@ impl SocketTable {
                 format!("the socket handed over for {addr} is bound to {local}"),
             ));
         }
+        // Shared by every duplicate an accept loop registers: tokio needs it.
         socket.set_nonblocking(true)?;
-        self.insert(kind, addr, Arc::new(TcpListener::from_std(socket)?));
+        self.insert(kind, addr, Arc::new(socket));
         Ok(())
     }
 
@@ -149,7 +155,7 @@ impl SocketTable {
 /// Every socket of `config`: its listeners' (`sockets_per_address` siblings for each
 /// address not in `existing`) and the admin API's. Entries of `existing` the config does
 /// not want are closed and named in [`Bound::leftovers`]. The first failure is returned
-/// and the sockets bound so far are closed. Needs a running tokio runtime.
+/// and the sockets bound so far are closed.
 pub fn bind(
     config: &Config,
     sockets_per_address: usize,
@@ -260,7 +266,7 @@ fn open(wanted: &Wanted<'_>, reuse_port: bool) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog_arg(wanted.backlog))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// What a traffic socket gets whether new, kept or handed over, since a reload may

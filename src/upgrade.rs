@@ -447,7 +447,8 @@ mod tests {
         let keys: Vec<_> = table.iter().map(|(kind, addr, _)| (kind, addr)).collect();
         assert_eq!(keys, vec![(Kind::Traffic, a), (Kind::Admin, b)]);
         // The same socket, not a copy: a client of `a` reaches the inherited listener.
-        let socket = table.iter().next().unwrap().2.clone();
+        let socket = table.iter().next().unwrap().2.try_clone().unwrap();
+        let socket = tokio::net::TcpListener::from_std(socket).unwrap();
         let _client = tokio::net::TcpStream::connect(a).await.unwrap();
         socket.accept().await.unwrap();
         inherited.serving().unwrap();

@@ -43,11 +43,26 @@ pub struct Config {
 pub struct RuntimeConfig {
     /// Tokio worker threads; 0 in the file means one per CPU, resolved here.
     pub worker_threads: usize,
+    /// How connections are spread over those threads.
+    pub scheduler: Scheduler,
     /// How long established connections may finish after SIGTERM/SIGINT. Default 30s.
     pub shutdown_grace: Duration,
     /// Holds the serving process's PID while it runs (taken over by the new process of
     /// a binary upgrade). Relative to the config file's folder; `None`: no file.
     pub pid_file: Option<PathBuf>,
+}
+
+/// Which threads run the connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    /// One tokio work-stealing runtime: any thread may run any connection, and an idle
+    /// thread takes work from a busy one.
+    Shared,
+    /// One single-threaded runtime per worker thread, each accepting on its own
+    /// `SO_REUSEPORT` socket of every listener and running the connections it accepted
+    /// to their end: no wake-ups across threads per connection, but the kernel spreads
+    /// connections by address hash, not by load.
+    PerThread,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,6 +417,10 @@ macro_rules! vocabulary {
 }
 
 vocabulary!(LogFormat { Text = "text", Json = "json" });
+vocabulary!(Scheduler {
+    Shared = "shared",
+    PerThread = "per_thread",
+});
 vocabulary!(Balance {
     RoundRobin = "round_robin",
     LeastConnections = "least_connections",

@@ -41,6 +41,8 @@ pub struct RawConfig {
 pub struct RawRuntime {
     #[serde(default = "default_worker_threads")]
     pub worker_threads: S<i64>,
+    #[serde(default = "default_scheduler")]
+    pub scheduler: S<String>,
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: S<String>,
     #[serde(default)]
@@ -242,6 +244,9 @@ pub struct RawOutlier {
 fn default_worker_threads() -> S<i64> {
     at(0)
 }
+fn default_scheduler() -> S<String> {
+    text("shared")
+}
 fn default_shutdown_grace() -> S<String> {
     text("30s")
 }
@@ -340,6 +345,7 @@ impl Default for RawRuntime {
     fn default() -> Self {
         Self {
             worker_threads: default_worker_threads(),
+            scheduler: default_scheduler(),
             shutdown_grace: default_shutdown_grace(),
             pid_file: String::new(),
         }

@@ -12,8 +12,9 @@ pub(super) fn render(config: &Config) -> String {
     let _ = writeln!(out, "{}: configuration is valid", config.source.display());
     let _ = writeln!(
         out,
-        "runtime: worker_threads {}, shutdown_grace {}; log: level {}, format {}",
+        "runtime: worker_threads {}, scheduler {}, shutdown_grace {}; log: level {}, format {}",
         config.runtime.worker_threads,
+        config.runtime.scheduler,
         human(config.runtime.shutdown_grace),
         config.log.level,
         config.log.format,

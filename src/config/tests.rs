@@ -52,6 +52,7 @@ fn defaults_follow_the_spec() {
     let config = parse(MINIMAL).unwrap();
     assert_eq!(config.runtime.shutdown_grace, Duration::from_secs(30));
     assert!(config.runtime.worker_threads >= 1);
+    assert_eq!(config.runtime.scheduler, Scheduler::Shared);
     assert_eq!(config.runtime.pid_file, None);
     assert_eq!(config.log.level, "info");
     assert_eq!(config.log.format, LogFormat::Text);
@@ -116,6 +117,53 @@ fn choices_and_durations_are_typed() {
     assert_eq!(p.on_upstream_down, OnUpstreamDown::Keep);
     assert_eq!(p.slow_start, Some(Duration::from_secs(2)));
     assert!(config.summary().contains("\n  slow_start 2s\n"));
+}
+
+#[test]
+fn the_scheduler_is_a_word_and_anything_else_is_reported_where_it_stands() {
+    let with =
+        |value: &str| format!("[runtime]\nworker_threads = 3\nscheduler = {value}\n{MINIMAL}");
+    let config = parse(&with("\"per_thread\"")).unwrap();
+    assert_eq!(config.runtime.scheduler, Scheduler::PerThread);
+    assert_eq!(
+        config.runtime.worker_threads, 3,
+        "its meaning is the same in both"
+    );
+    assert!(
+        config
+            .summary()
+            .contains("runtime: worker_threads 3, scheduler per_thread, ")
+    );
+    assert_eq!(
+        parse(&with("\"shared\"")).unwrap().runtime.scheduler,
+        Scheduler::Shared
+    );
+    let allowed = "use one of: shared, per_thread";
+    let long = format!("\"{}\"", "per_thread".repeat(10_000));
+    for hostile in [
+        "\"per-thread\"",
+        "\"PER_THREAD\"",
+        "\" shared\"",
+        "\"\"",
+        "\"shared\\u0000\"",
+        long.as_str(),
+    ] {
+        let problem = only_problem(&with(hostile));
+        assert!(
+            problem.starts_with("3:13 runtime.scheduler: ") && problem.ends_with(allowed),
+            "{hostile}: {problem}"
+        );
+    }
+    // Not a string at all: serde's type error, still at the key.
+    for wrong_type in ["1", "true", "[\"shared\"]", "{ kind = \"shared\" }"] {
+        let found = problems(&with(wrong_type));
+        assert_eq!(found.len(), 1, "{wrong_type}: {found:#?}");
+        assert_eq!(
+            (found[0].line, found[0].key.as_str()),
+            (3, "runtime.scheduler"),
+            "{wrong_type}: {found:#?}"
+        );
+    }
 }
 
 #[test]

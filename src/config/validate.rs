@@ -227,6 +227,11 @@ impl Validator<'_> {
             0,
             1024,
         );
+        let scheduler = self.word(
+            &raw.runtime.scheduler,
+            "runtime.scheduler",
+            Scheduler::WORDS,
+        );
         let shutdown_grace =
             self.duration(&raw.runtime.shutdown_grace, "runtime.shutdown_grace", SPAN);
         let level = self.choice(
@@ -300,6 +305,7 @@ impl Validator<'_> {
                 } else {
                     worker_threads
                 },
+                scheduler: scheduler?,
                 shutdown_grace: shutdown_grace?,
                 pid_file: (!raw.runtime.pid_file.is_empty())
                     .then(|| base_dir.join(&raw.runtime.pid_file)),

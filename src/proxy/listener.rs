@@ -3,6 +3,11 @@
 //! The listening sockets are opened, reused and tuned in `sockets`. The accept loop
 //! never exits on an accept error: running out of file descriptors or memory is a
 //! reason to back off and retry, not to stop serving.
+//!
+//! Each accept loop registers a duplicate of its socket's descriptor with the runtime
+//! it runs on, the current one or, with `runtime.scheduler = "per_thread"`, a worker's
+//! (see `workers`); the set keeps the sockets themselves, unregistered, for reloads and
+//! upgrades.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,9 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+
+use super::workers::Workers;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
@@ -57,6 +64,9 @@ pub struct ListenerSet {
     snapshot: SharedSnapshot,
     shutdown: Shutdown,
     sockets_per_address: usize,
+    /// Where the accept loops run with `runtime.scheduler = "per_thread"`; `None`: on
+    /// the runtime that starts them.
+    workers: Option<Workers>,
 }
 
 #[derive(Debug)]
@@ -70,7 +80,7 @@ struct RunningListener {
 struct RunningSocket {
     /// The configured address (port 0 stays 0 here).
     bind: SocketAddr,
-    listener: Arc<TcpListener>,
+    listener: Arc<std::net::TcpListener>,
     stop: CancellationToken,
 }
 
@@ -194,19 +204,22 @@ fn permits(max: Option<NonZeroUsize>) -> usize {
 // === impl ListenerSet ===
 
 impl ListenerSet {
-    /// Starts accepting on every socket of `bound`. A reload binds each new address
-    /// `sockets_per_address` times, like the start did.
+    /// Starts accepting on every socket of `bound`, on `workers` when given (one
+    /// socket each in turn), else on the current runtime. A reload binds each new
+    /// address `sockets_per_address` times, like the start did.
     pub fn start(
         bound: Vec<BoundListener>,
         snapshot: SharedSnapshot,
         shutdown: Shutdown,
         sockets_per_address: usize,
+        workers: Option<Workers>,
     ) -> Self {
         let set = Self {
             running: Mutex::new(Vec::new()),
             snapshot,
             shutdown,
             sockets_per_address,
+            workers,
         };
         set.apply(PreparedListeners { listeners: bound });
         set
@@ -321,19 +334,35 @@ impl ListenerSet {
         }
     }
 
+    /// Ends the worker threads of `runtime.scheduler = "per_thread"` (none otherwise)
+    /// and waits for them: after the drain, when no connection is left on them. Blocks.
+    pub fn stop_workers(&self) {
+        if let Some(workers) = &self.workers {
+            workers.stop();
+        }
+    }
+
     fn spawn_accept(
         &self,
         bind: SocketAddr,
-        listener: Arc<TcpListener>,
+        listener: Arc<std::net::TcpListener>,
         context: &Arc<ListenerContext>,
     ) -> RunningSocket {
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(
-            listener.clone(),
-            context.clone(),
-            self.shutdown.clone(),
-            stop.clone(),
-        ));
+        match listener.try_clone() {
+            Ok(own) => {
+                let task = accept_loop(own, context.clone(), self.shutdown.clone(), stop.clone());
+                match &self.workers {
+                    Some(workers) => workers.place(task),
+                    None => drop(tokio::spawn(task)),
+                }
+            }
+            Err(e) => {
+                // Out of descriptors: the socket stays in the set (a reload or an
+                // upgrade may still serve it), and its siblings accept its share.
+                error!(listener = %context.name, %bind, error = %e, "cannot accept on a listening socket: no descriptor left to register it");
+            }
+        }
         RunningSocket {
             bind,
             listener,
@@ -347,14 +376,22 @@ impl ListenerSet {
 }
 
 /// Accepts until shutdown begins or this socket is removed. Each admitted client is
-/// served on its own task.
+/// served on its own task, on the runtime this loop runs on, which `socket` (a
+/// descriptor of its own) is registered with.
 async fn accept_loop(
-    socket: Arc<TcpListener>,
+    socket: std::net::TcpListener,
     context: Arc<ListenerContext>,
     shutdown: Shutdown,
     stop: CancellationToken,
 ) {
     let local = socket.local_addr().ok();
+    let socket = match TcpListener::from_std(socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            error!(listener = %context.name, addr = ?local, error = %e, "cannot accept on a listening socket: the runtime cannot register it");
+            return;
+        }
+    };
     let mut backoff = MIN_ACCEPT_BACKOFF;
     let mut failures_in_a_row = 0u64;
     loop {

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod opening;
 pub mod splice;
 pub mod tls;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -61,9 +61,16 @@ fn sockets_of(bound: &Bound) -> impl Iterator<Item = &Arc<TcpListener>> {
     bound.listeners.iter().flatten().map(|(_, socket)| socket)
 }
 
+/// `socket` registered with the test's runtime, as an accept loop registers it: through
+/// a descriptor of its own.
+fn registered(socket: &TcpListener) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::from_std(socket.try_clone().expect("dup")).expect("register")
+}
+
 /// A client connects to `socket`'s address and `socket` itself accepts it.
 async fn accepts(socket: &TcpListener) {
     let addr = socket.local_addr().expect("addr");
+    let socket = registered(socket);
     let (client, accepted) = tokio::time::timeout(SOON, async {
         tokio::join!(tokio::net::TcpStream::connect(addr), socket.accept())
     })
@@ -244,13 +251,8 @@ async fn a_failed_bind_closes_what_it_bound_and_keeps_the_table_sockets_untouche
     let taken_addr = taken.local_addr().unwrap();
     let kept = listening();
     let kept_addr = kept.local_addr().unwrap();
-    let running = Arc::new(
-        TcpListener::from_std({
-            kept.set_nonblocking(true).unwrap();
-            kept
-        })
-        .unwrap(),
-    );
+    kept.set_nonblocking(true).unwrap();
+    let running = Arc::new(kept);
     let mut table = SocketTable::default();
     table.insert(Kind::Traffic, kept_addr, running.clone());
     let error = bind_listeners(
@@ -324,7 +326,7 @@ async fn accepted_connections_inherit_nodelay_and_keepalive_from_the_listener() 
         SocketTable::default(),
     )
     .unwrap();
-    let socket = &bound.listeners[0][0].1;
+    let socket = registered(&bound.listeners[0][0].1);
     let addr = socket.local_addr().unwrap();
     let (client, accepted) = tokio::time::timeout(SOON, async {
         tokio::join!(tokio::net::TcpStream::connect(addr), socket.accept())
