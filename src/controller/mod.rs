@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
@@ -822,8 +822,14 @@ fn unix_ms() -> u64 {
 // === impl Checkers ===
 
 impl Checkers {
-    fn start(&self, upstream: Arc<Upstream>, pool: Arc<PoolConfig>) -> Checker {
-        self.spawn.spawn(upstream, pool, self.reports.clone())
+    fn start(
+        &self,
+        upstream: Arc<Upstream>,
+        pool: Arc<PoolConfig>,
+        checked_within: Option<Duration>,
+    ) -> Checker {
+        self.spawn
+            .spawn(upstream, pool, self.reports.clone(), checked_within)
     }
 }
 
@@ -869,7 +875,17 @@ impl PoolState {
     ) -> Self {
         if config.health.enabled {
             for slot in slots.iter_mut().filter(|s| s.checker.is_none()) {
-                slot.checker = Some(checkers.start(slot.upstream.clone(), config.clone()));
+                // A reload's first check counts as a check: the next follows it as the
+                // controller would schedule it.
+                let checked_within = slot.last_check.as_ref().map(|_| {
+                    if slot.state.is_deciding() {
+                        config.health.fast_interval
+                    } else {
+                        config.health.interval
+                    }
+                });
+                slot.checker =
+                    Some(checkers.start(slot.upstream.clone(), config.clone(), checked_within));
             }
         }
         Self {

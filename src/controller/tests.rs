@@ -21,20 +21,29 @@ struct ManualChecks {
     started: Arc<Mutex<Vec<Started>>>,
 }
 
-/// One checker started: for which upstream, and what would wake it.
+/// One checker started: for which upstream, what would wake it, and when its first
+/// check was due.
 #[derive(Clone)]
 struct Started {
     address: SocketAddr,
     woken: Arc<Notify>,
+    checked_within: Option<Duration>,
 }
 
 impl SpawnChecker for ManualChecks {
-    fn spawn(&self, upstream: Arc<Upstream>, _: Arc<PoolConfig>, _: CheckReports) -> Checker {
+    fn spawn(
+        &self,
+        upstream: Arc<Upstream>,
+        _: Arc<PoolConfig>,
+        _: CheckReports,
+        checked_within: Option<Duration>,
+    ) -> Checker {
         let checker = Checker::new();
         if let Ok(mut started) = self.started.lock() {
             started.push(Started {
                 address: upstream.config.address,
                 woken: checker.woken(),
+                checked_within,
             });
         }
         checker
@@ -581,6 +590,13 @@ async fn a_reload_carries_the_state_of_upstreams_that_stay() {
         "a checker for e only; a and c keep theirs"
     );
     assert_eq!(started.last().map(|s| s.address), Some(e));
+    // Checked before the swap, e is next checked an interval later (a settled down
+    // upstream: the regular interval); the start-up checkers check at once.
+    assert_eq!(
+        started.last().map(|s| s.checked_within),
+        Some(Some(Duration::from_secs(2)))
+    );
+    assert!(started[..3].iter().all(|s| s.checked_within.is_none()));
 
     // The carried state goes on counting: one pass brings a back (rise = 1).
     h.check("a", true);

@@ -84,11 +84,15 @@ pub type CheckReports = mpsc::UnboundedSender<CheckReport>;
 /// Starts the checker of one upstream. The controller is given one, so that what runs
 /// the checks (real connections, or a test's hand) is not its concern.
 pub trait SpawnChecker: Send + Sync {
+    /// `checked_within`: `None` for an upstream never checked (its first check comes
+    /// at once, within [`FIRST_CHECK_SPREAD`]), or the interval after which an upstream
+    /// just checked (a reload's first check) is checked next.
     fn spawn(
         &self,
         upstream: Arc<Upstream>,
         pool: Arc<PoolConfig>,
         reports: CheckReports,
+        checked_within: Option<Duration>,
     ) -> Checker;
 }
 
@@ -139,12 +143,14 @@ impl SpawnChecker for NetworkChecks {
         upstream: Arc<Upstream>,
         pool: Arc<PoolConfig>,
         reports: CheckReports,
+        checked_within: Option<Duration>,
     ) -> Checker {
         let checker = Checker::new();
         tokio::spawn(check_loop(
             upstream,
             pool,
             reports,
+            checked_within,
             checker.woken(),
             checker.stopped(),
         ));
@@ -196,10 +202,16 @@ async fn check_loop(
     upstream: Arc<Upstream>,
     pool: Arc<PoolConfig>,
     reports: CheckReports,
+    checked_within: Option<Duration>,
     check_now: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut next = Instant::now() + FIRST_CHECK_SPREAD.mul_f64(fastrand::f64());
+    let mut next = match checked_within {
+        None => Instant::now() + FIRST_CHECK_SPREAD.mul_f64(fastrand::f64()),
+        // Checked a moment ago (a reload checks what it adds before the swap): a second
+        // check at once would only double the burst of a large reload.
+        Some(interval) => jittered(interval),
+    };
     // Until the controller answers, the configured interval.
     let mut interval = pool.health.interval;
     loop {
@@ -237,12 +249,17 @@ async fn check_loop(
                 warn_local_exhaustion("health check not run", &error);
             }
         }
-        // ±10% so that checks started together drift apart.
-        next = on_check_grid(
-            Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64()),
-            interval,
-        );
+        next = jittered(interval);
     }
+}
+
+/// When the next check after `interval` is due: ±10% so that checks started together
+/// drift apart, then on the checks' grid.
+fn jittered(interval: Duration) -> Instant {
+    on_check_grid(
+        Instant::now() + interval.mul_f64(0.9 + 0.2 * fastrand::f64()),
+        interval,
+    )
 }
 
 /// `at`, or the first step of the checks' grid after it (see [`CHECK_STEPS_PER_INTERVAL`]).
