@@ -17,12 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-
-use super::workers::Workers;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::workers::Workers;
 use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
 use crate::metrics::{ListenerStats, RejectReason};
