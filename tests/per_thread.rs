@@ -69,6 +69,17 @@ fn worker_names() -> Vec<String> {
         .collect()
 }
 
+/// Waits within [`SOON`] until process `pid` has every worker thread, by name: a new
+/// thread names itself once it runs, which on a loaded machine may be after the process
+/// already answers.
+async fn wait_for_worker_threads(pid: u32) {
+    wait_until(SOON, "every worker thread, by name", || {
+        let threads = switches_by_thread(pid);
+        worker_names().iter().all(|name| threads.contains_key(name))
+    })
+    .await;
+}
+
 /// How many times each worker thread woke, and every other thread together, while
 /// `load` ran.
 async fn wake_ups_during<F: Future<Output = ()>>(pid: u32, load: F) -> (Vec<u64>, u64) {
@@ -110,14 +121,19 @@ async fn short_connections(addrs: &[SocketAddr], count: usize) {
     }
 }
 
-async fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits within [`SOON`] until listener `front` has no connection left.
+async fn wait_no_active(admin: SocketAddr) {
+    let active = || {
+        metric_sum(
+            admin,
+            "switchyard_connections_active",
+            &[("listener", "front")],
+        )
+    };
+    let deadline = Instant::now() + SOON;
+    while active().await > 0.0 {
+        assert!(Instant::now() < deadline, "the connections did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -150,10 +166,8 @@ async fn short_connections_through_several_listeners_are_served_on_every_worker_
     ];
     let proxy = ChildProxy::start(&config(&listeners, admin, upstream.addr, ""), admin).await;
     let pid = proxy.child.id();
+    wait_for_worker_threads(pid).await;
     let threads = switches_by_thread(pid);
-    for name in worker_names() {
-        assert!(threads.contains_key(&name), "no thread {name}: {threads:?}");
-    }
     assert!(!threads.contains_key(&format!("{WORKER_THREAD}{WORKERS}")));
 
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
@@ -224,18 +238,7 @@ async fn max_connections_holds_across_the_worker_threads() {
     );
     // A place freed on one thread is free for the others.
     clients.clear();
-    let deadline = Instant::now() + SOON;
-    while metric_sum(
-        admin,
-        "switchyard_connections_active",
-        &[("listener", "front")],
-    )
-    .await
-        > 0.0
-    {
-        assert!(Instant::now() < deadline, "the connections did not end");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_no_active(admin).await;
     for round in 0..3 {
         let mut again = Vec::new();
         for _ in 0..3 {
@@ -247,18 +250,7 @@ async fn max_connections_holds_across_the_worker_threads() {
                 .unwrap_or_else(|e| panic!("round {round}: a freed place was not given: {e}"));
         }
         drop(again);
-        let deadline = Instant::now() + SOON;
-        while metric_sum(
-            admin,
-            "switchyard_connections_active",
-            &[("listener", "front")],
-        )
-        .await
-            > 0.0
-        {
-            assert!(Instant::now() < deadline, "the connections did not end");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_no_active(admin).await;
     }
 }
 
@@ -341,7 +333,6 @@ async fn sigterm_drains_a_held_connection_then_closes_it_and_every_thread_ends()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
-    use switchyard::drill::{ClientStream, Probe, Stop};
     let backend = Backend::start("a").await;
     let (admin, front) = (closed_port(), closed_port());
     let dir = test_dir();
@@ -356,54 +347,19 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
     )
     .await;
     let old_pid = old.child.id();
-    let stop_clients = tokio_util::sync::CancellationToken::new();
-    let clients = tokio::spawn(
-        ClientStream {
-            addr: front,
-            every: Duration::from_millis(5),
-            limit: Duration::from_secs(60),
-            client_timeout: Duration::from_secs(5),
-            probe: Probe::Greeting {
-                speaks_first: false,
-            },
-        }
-        .run(Stop::On(stop_clients.clone())),
-    );
+    let (stop_clients, clients) = greeting_clients(front);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     old.signal(libc::SIGUSR2);
-    let deadline = Instant::now() + SOON;
-    let new_pid = loop {
-        match std::fs::read_to_string(&pid_path)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-        {
-            Some(pid) if pid != old_pid => break pid,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new process: {}",
-            old.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let new_pid = successor_pid(&pid_path, old_pid, || {
+        format!("no new process: {}", old.stderr())
+    })
+    .await;
     let _successor = Successor(Some(new_pid));
     let status = wait_exit(&mut old.child, SOON).await;
     assert!(status.success(), "the old process exits 0: {status}");
     // The new process serves on its own worker threads, from the handed-over sockets.
-    let (workers, _) = wake_ups_during(new_pid, async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    })
-    .await;
-    assert_eq!(workers.len(), WORKERS);
-    let threads = switches_by_thread(new_pid);
-    for name in worker_names() {
-        assert!(
-            threads.contains_key(&name),
-            "new process lacks {name}: {threads:?}"
-        );
-    }
+    wait_for_worker_threads(new_pid).await;
     stop_clients.cancel();
     let timeline = clients.await.expect("client loop");
     let failed: Vec<_> = timeline
@@ -420,21 +376,6 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
     assert!(failed.is_empty(), "failed clients: {failed:?}");
     assert!(old.stderr().contains("the new process serves"));
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Kills the process a test's upgrade started (not our child), by pid, at the end.
-struct Successor(Option<u32>);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-            // SAFETY: kill(2) takes plain integers; `pid` is the process this test's
-            // upgrade started, read from the pid file it writes.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
 }
 
 #[test]

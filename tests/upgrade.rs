@@ -3,7 +3,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -22,21 +21,6 @@ fn child_config(
         pool_config(upstreams, "", FAST_HEALTH)
     )
     .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{front}\""))
-}
-
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-async fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,19 +125,16 @@ async fn a_pid_file_that_cannot_be_written_fails_the_start() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The process a test's child started on its own (the new process of an upgrade): killed
-/// by its PID when the test ends, however it ends.
-struct Successor(Option<u32>);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-            // SAFETY: kill(2) takes plain integers; `pid` is the upgrade's new process,
-            // read from the pid file it wrote and checked to serve this test's admin API.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
+/// Waits within [`SOON`] until `/status` shows `pid`: the new process answers the admin
+/// API.
+async fn wait_status_pid(admin: SocketAddr, pid: u32) {
+    let deadline = Instant::now() + SOON;
+    while status_pid(admin).await != pid {
+        assert!(
+            Instant::now() < deadline,
+            "/status never showed the new process"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -209,7 +190,6 @@ async fn long_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
-    use switchyard::drill::{ClientStream, Probe, Stop};
     let backend = Backend::start("a").await;
     let dead = closed_port();
     let (front, admin) = (closed_port(), closed_port());
@@ -237,46 +217,18 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
     let streams: Vec<_> = (0..3)
         .map(|seed| tokio::spawn(long_stream(front, seed, stop_streams.clone())))
         .collect();
-    let stop_clients = tokio_util::sync::CancellationToken::new();
-    let clients = tokio::spawn(
-        ClientStream {
-            addr: front,
-            every: Duration::from_millis(5),
-            limit: Duration::from_secs(60),
-            client_timeout: Duration::from_secs(5),
-            probe: Probe::Greeting {
-                speaks_first: false,
-            },
-        }
-        .run(Stop::On(stop_clients.clone())),
-    );
+    let (stop_clients, clients) = greeting_clients(front);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let signalled = Instant::now();
     old.signal(libc::SIGUSR2);
-    let deadline = Instant::now() + SOON;
-    let new_pid = loop {
-        match read_pid(&pid_path) {
-            Some(pid) if pid != old_pid => break pid,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new process took the pid file: {}",
-            old.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let new_pid = successor_pid(&pid_path, old_pid, || {
+        format!("no new process took the pid file: {}", old.stderr())
+    })
+    .await;
     let taken_over = Instant::now();
     let _successor = Successor(Some(new_pid));
-    let deadline = Instant::now() + SOON;
-    while status_pid(admin).await != new_pid {
-        assert!(
-            Instant::now() < deadline,
-            "/status never showed the new process"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_status_pid(admin, new_pid).await;
     // The old process drains: its long streams go on while the new one takes every
     // new client, until the new one has checked both upstreams (its own checks, not
     // counts carried over) for a second and more.
@@ -392,28 +344,12 @@ async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
     // It keeps its upgrade handler: a second try with a good file succeeds.
     std::fs::write(&proxy.config_path, &toml).unwrap();
     proxy.signal(libc::SIGUSR2);
-    let deadline = Instant::now() + SOON;
-    let new_pid = loop {
-        match read_pid(&pid_path) {
-            Some(pid) if pid != old_pid => break pid,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second upgrade did not happen: {}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let new_pid = successor_pid(&pid_path, old_pid, || {
+        format!("the second upgrade did not happen: {}", proxy.stderr())
+    })
+    .await;
     let _successor = Successor(Some(new_pid));
-    let deadline = Instant::now() + SOON;
-    while status_pid(admin).await != new_pid {
-        assert!(
-            Instant::now() < deadline,
-            "/status never showed the new process"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_status_pid(admin, new_pid).await;
     assert_eq!(greeted_by(front).await.expect("served by the new one"), "a");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -459,14 +395,7 @@ async fn systemd_hears_ready_and_the_new_main_pid() {
         .unwrap_or_else(|| panic!("not a MAINPID: {message:?}"));
     let _successor = Successor(Some(new_pid));
     assert_ne!(new_pid, old.id());
-    let deadline = Instant::now() + SOON;
-    while status_pid(admin).await != new_pid {
-        assert!(
-            Instant::now() < deadline,
-            "/status never showed the new process"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_status_pid(admin, new_pid).await;
     let status = wait_exit(&mut old, SOON).await;
     assert!(status.success());
     let _ = std::fs::remove_dir_all(dir);

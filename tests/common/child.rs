@@ -158,3 +158,54 @@ impl Drop for ChildProxy {
         );
     }
 }
+
+/// The PID a pid file holds, once it holds a whole one.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Waits for `child` to exit, at most `limit`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The PID of the process that takes the pid file at `path` over from `old_pid` (an
+/// upgrade's new process), waited for within [`SOON`]; `why_not` explains a timeout.
+pub async fn successor_pid(path: &Path, old_pid: u32, why_not: impl Fn() -> String) -> u32 {
+    let deadline = Instant::now() + SOON;
+    loop {
+        match read_pid(path) {
+            Some(pid) if pid != old_pid => return pid,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{}", why_not());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The process a test's child started on its own (the new process of an upgrade):
+/// killed by its PID when the test ends, however it ends.
+pub struct Successor(pub Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+            // SAFETY: kill(2) takes plain integers; `pid` is the process this test's
+            // upgrade started, read from the pid file it wrote (or from its systemd
+            // notification).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -48,3 +48,28 @@ pub async fn greeted_by(addr: SocketAddr) -> std::io::Result<String> {
         .await
         .map_err(std::io::Error::other)
 }
+
+/// A new client every 5 ms against `addr`, each reading the greeting, until the token
+/// is cancelled (a minute at most): the load an upgrade must not fail.
+pub fn greeting_clients(
+    addr: SocketAddr,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<switchyard::drill::Timeline>,
+) {
+    use switchyard::drill::{ClientStream, Probe, Stop};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients = tokio::spawn(
+        ClientStream {
+            addr,
+            every: Duration::from_millis(5),
+            limit: Duration::from_secs(60),
+            client_timeout: Duration::from_secs(5),
+            probe: Probe::Greeting {
+                speaks_first: false,
+            },
+        }
+        .run(Stop::On(stop.clone())),
+    );
+    (stop, clients)
+}
