@@ -38,6 +38,44 @@ pub struct Connected {
 /// Tries `order` (indices into `route.upstreams`) until one connects. Failures are
 /// reported here; success is the caller's to report, once the upstream proved alive.
 pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, ConnectError> {
+    if route.config.hedge_after.is_none() {
+        return connect_in_turn(route, order).await;
+    }
+    connect_hedged(route, order).await
+}
+
+/// Without hedging, one attempt at a time: no set of attempts in flight to allocate for
+/// every client.
+async fn connect_in_turn(route: &PoolRoute, order: &[usize]) -> Result<Connected, ConnectError> {
+    let config = &route.config;
+    let mut last_failure = (order[0], ConnectFailure::Error);
+    for (tried, &upstream) in order.iter().enumerate() {
+        let addr = route.upstreams[upstream].config.address;
+        // Boxed: the connection's task would otherwise keep room for it while it copies.
+        let result = Box::pin(attempt(addr, config.connect_timeout, config.tcp_keepalive)).await;
+        match result {
+            Ok(stream) => {
+                return Ok(Connected {
+                    stream,
+                    upstream,
+                    attempts: tried + 1,
+                });
+            }
+            Err(Unconnected::LocalResources(source)) => {
+                return Err(out_of_resources(route, upstream, source));
+            }
+            Err(Unconnected::Upstream(reason)) => {
+                failed(route, upstream, reason);
+                last_failure = (upstream, reason);
+            }
+        }
+    }
+    Err(every_attempt_failed(route, order.len(), last_failure))
+}
+
+/// With `hedge_after`: a slow attempt gets company from the next upstream's, and the
+/// first to connect wins.
+async fn connect_hedged(route: &PoolRoute, order: &[usize]) -> Result<Connected, ConnectError> {
     let config = &route.config;
     let start = |i: usize| -> Attempt {
         let upstream = order[i];
@@ -54,10 +92,10 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
     let mut last_failure = (order[0], ConnectFailure::Error);
     // Once our own resources ran out, every further attempt would fail the same way:
     // none is started; attempts already in flight may still connect.
-    let mut out_of_resources: Option<(usize, io::Error)> = None;
+    let mut shortage: Option<(usize, io::Error)> = None;
 
     loop {
-        let may_start = out_of_resources.is_none() && started < order.len();
+        let may_start = shortage.is_none() && started < order.len();
         let can_hedge = hedge_at.is_some() && may_start;
         tokio::select! {
             finished = in_flight.next() => {
@@ -67,17 +105,15 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
                         return Ok(Connected { stream, upstream, attempts: started });
                     }
                     Err(Unconnected::LocalResources(error)) => {
-                        out_of_resources = Some((upstream, error));
+                        shortage = Some((upstream, error));
                         if in_flight.is_empty() {
                             break;
                         }
                     }
                     Err(Unconnected::Upstream(reason)) => {
-                        let failed = &route.upstreams[upstream];
-                        route.feedback.connect_failed(failed.id, &failed.stats, reason);
-                        debug!(pool = %config.name, upstream = failed.label(), %reason, "connect attempt failed");
+                        failed(route, upstream, reason);
                         last_failure = (upstream, reason);
-                        if out_of_resources.is_none() && started < order.len() {
+                        if shortage.is_none() && started < order.len() {
                             in_flight.push(start(started));
                             started += 1;
                             hedge_at = config.hedge_after.map(|d| Instant::now() + d);
@@ -95,17 +131,38 @@ pub async fn connect(route: &PoolRoute, order: &[usize]) -> Result<Connected, Co
             }
         }
     }
-    if let Some((upstream, source)) = out_of_resources {
-        return Err(ConnectError::LocalResources {
-            upstream: route.upstreams[upstream].label().to_string(),
-            source,
-        });
+    if let Some((upstream, source)) = shortage {
+        return Err(out_of_resources(route, upstream, source));
     }
-    Err(ConnectError::Upstreams {
-        attempts: started,
-        last_upstream: route.upstreams[last_failure.0].label().to_string(),
-        last_reason: last_failure.1,
-    })
+    Err(every_attempt_failed(route, started, last_failure))
+}
+
+/// Counts a failed attempt against its upstream.
+fn failed(route: &PoolRoute, upstream: usize, reason: ConnectFailure) {
+    let failed = &route.upstreams[upstream];
+    route
+        .feedback
+        .connect_failed(failed.id, &failed.stats, reason);
+    debug!(pool = %route.config.name, upstream = failed.label(), %reason, "connect attempt failed");
+}
+
+fn out_of_resources(route: &PoolRoute, upstream: usize, source: io::Error) -> ConnectError {
+    ConnectError::LocalResources {
+        upstream: route.upstreams[upstream].label().to_string(),
+        source,
+    }
+}
+
+fn every_attempt_failed(
+    route: &PoolRoute,
+    attempts: usize,
+    (last, reason): (usize, ConnectFailure),
+) -> ConnectError {
+    ConnectError::Upstreams {
+        attempts,
+        last_upstream: route.upstreams[last].label().to_string(),
+        last_reason: reason,
+    }
 }
 
 async fn attempt(
