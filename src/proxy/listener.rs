@@ -16,11 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::wake_gate::WakeGate;
 use super::workers::Workers;
 use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
@@ -393,15 +396,27 @@ async fn accept_loop(
     };
     let mut backoff = MIN_ACCEPT_BACKOFF;
     let mut failures_in_a_row = 0u64;
+    // Made once and polled only when they fire: the tokens are shared by every accept
+    // loop of the process, and a wait made anew per accepted client would take their
+    // locks for each.
+    let mut stopping = std::pin::pin!(shutdown.stopping());
+    let mut removed = std::pin::pin!(stop.cancelled());
+    let mut stopped = WakeGate::new(std::future::poll_fn(|cx| {
+        if stopping.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }));
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.stopping() => break,
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             accepted = socket.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                forget_assumed_readiness(&stream);
                 if failures_in_a_row > 0 {
                     info!(listener = %context.name, failures = failures_in_a_row, "accepting again");
                     failures_in_a_row = 0;
@@ -418,8 +433,7 @@ async fn accept_loop(
                 }
                 failures_in_a_row += 1;
                 tokio::select! {
-                    _ = shutdown.stopping() => break,
-                    _ = stop.cancelled() => break,
+                    _ = &mut stopped => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
@@ -428,6 +442,20 @@ async fn accept_loop(
     }
     if let Some(addr) = local {
         debug!(listener = %context.name, %addr, "stopped accepting");
+    }
+}
+
+/// Tokio marks an accepted socket readable before any event says so, so that a first
+/// read is tried at once. Cleared here, without a syscall, readiness means bytes (or an
+/// end) from now on, and `upstream_gone_first` needs no peek to tell a client that has
+/// spoken from one that has not.
+fn forget_assumed_readiness(stream: &TcpStream) {
+    let would_block = || Err(std::io::ErrorKind::WouldBlock.into());
+    let _: std::io::Result<()> = stream.try_io(Interest::READABLE, would_block);
+    // Not cleared if an event for the socket came in meanwhile (another worker thread
+    // ran the driver); then a peek tells, and clears it when nothing is there.
+    if stream.ready(Interest::READABLE).now_or_never().is_some() {
+        let _ = stream.try_io(Interest::READABLE, || super::peek(stream));
     }
 }
 

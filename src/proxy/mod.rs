@@ -147,6 +147,7 @@ async fn admit<'l>(
     // The handshake reads the bytes that followed a PROXY header; none are left for the
     // upstream.
     let early = std::mem::take(&mut origin.early);
+    origin.handshake_read = true;
     // Boxed, like every TLS future here: a rustls session is large, and an inline one
     // would grow every plain connection's task by its size.
     let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
@@ -414,9 +415,13 @@ async fn connect_client(
             // it replays has none left in its socket to end this wait early.
             (None, Ok(())) if watches_opening => Ok(Either::Left(connected.stream)),
             (None, Ok(())) => {
-                if upstream_gone_first(client, &connected.stream, route.config.connect_timeout)
-                    .await
-                {
+                let gone = upstream_gone_first(
+                    client,
+                    origin.handshake_read,
+                    &connected.stream,
+                    route.config.connect_timeout,
+                );
+                if gone.await {
                     Err(ConnectFailure::Reset)
                 } else {
                     Ok(Either::Left(connected.stream))
@@ -485,6 +490,9 @@ struct Origin {
     /// Bytes that followed the PROXY header in the same reads; the upstream gets them
     /// first.
     early: Vec<u8>,
+    /// A handshake (PROXY header, TLS) read from the client's socket: its readiness may
+    /// be left over from those reads, with nothing behind it.
+    handshake_read: bool,
 }
 
 /// The client's origin. On a listener that accepts PROXY headers, reads and checks the
@@ -502,6 +510,7 @@ async fn client_origin(
         source: peer,
         destination: None,
         early: Vec::new(),
+        handshake_read: false,
     };
     let settings = &listener.config;
     let Some(accept) = settings.accept_proxy_protocol else {
@@ -529,6 +538,7 @@ async fn client_origin(
         source,
         destination,
         early,
+        handshake_read: true,
     })
 }
 
@@ -608,7 +618,14 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
 /// Waits, at most `window`, for the first sign of life after connecting. True when the
 /// upstream closed or reset before either side sent anything, so another upstream can
 /// still take the client; false as soon as either side has bytes (or the window ends).
-async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: Duration) -> bool {
+/// The client's readiness is taken at its word unless a handshake read from its socket
+/// (the accept loop cleared what tokio assumes of a new socket).
+async fn upstream_gone_first(
+    client: &TcpStream,
+    handshake_read: bool,
+    upstream: &TcpStream,
+    window: Duration,
+) -> bool {
     let deadline = tokio::time::Instant::now() + window;
     loop {
         // Readiness may be spurious; `try_io` clears it on WouldBlock.
@@ -626,6 +643,10 @@ async fn upstream_gone_first(client: &TcpStream, upstream: &TcpStream, window: D
                 }
             }
             _ = copy::read_ready(client) => {
+                if !handshake_read {
+                    // Bytes, an end or an error: the copy takes it from here.
+                    return false;
+                }
                 match client.try_io(Interest::READABLE, || peek(client)) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     // Bytes, EOF or an error: the copy takes it from here.
