@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::runtime::RuntimeFlavor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -49,12 +48,11 @@ pub struct BoundListener {
 pub struct ListenerContext {
     pub name: String,
     pub stats: Arc<ListenerStats>,
-    limit: Arc<Semaphore>,
-    /// The limit `limit` was sized for; `None` = unlimited.
-    max_connections: Mutex<Option<NonZeroUsize>>,
-    /// Permits a lowered limit could not take back yet because connections held them;
-    /// those connections forget their permit when they end instead of returning it.
-    owed: AtomicUsize,
+    /// Connections admitted and not yet ended, counted against `max_connections`.
+    admitted: AtomicUsize,
+    /// `usize::MAX` when unlimited. A lowered limit admits no one until enough
+    /// connections have ended; those already admitted go on.
+    max_connections: AtomicUsize,
     pub(crate) snapshot: SharedSnapshot,
 }
 
@@ -150,57 +148,54 @@ impl ListenerContext {
         Self {
             name: config.name.clone(),
             stats: Arc::default(),
-            limit: Arc::new(Semaphore::new(permits(config.max_connections))),
-            max_connections: Mutex::new(config.max_connections),
-            owed: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            max_connections: AtomicUsize::new(limit(config.max_connections)),
             snapshot,
         }
     }
 
     pub fn max_connections(&self) -> Option<NonZeroUsize> {
-        *self.lock_max()
+        NonZeroUsize::new(self.max_connections.load(Relaxed)).filter(|n| n.get() != usize::MAX)
     }
 
-    /// Resizes the limit in place: connections already admitted keep their permits.
+    /// Takes effect for the next client: connections already admitted go on.
     fn set_max_connections(&self, new: Option<NonZeroUsize>) {
-        let mut current = self.lock_max();
-        let (old, wanted) = (permits(*current), permits(new));
-        if wanted > old {
-            let mut grow = wanted - old;
-            let owed = self.owed.load(Relaxed);
-            let repaid = owed.min(grow);
-            self.owed.fetch_sub(repaid, Relaxed);
-            grow -= repaid;
-            self.limit.add_permits(grow);
-        } else {
-            let shrink = old - wanted;
-            let taken = self.limit.forget_permits(shrink);
-            self.owed.fetch_add(shrink - taken, Relaxed);
-        }
-        *current = new;
+        self.max_connections.store(limit(new), Relaxed);
     }
 
-    /// Gives a connection's permit back, or keeps it if a lowered limit is owed one.
-    fn release(&self, permit: OwnedSemaphorePermit) {
-        let paid = self
-            .owed
-            .fetch_update(Relaxed, Relaxed, |owed| owed.checked_sub(1))
-            .is_ok();
-        if paid {
-            permit.forget();
-        }
-    }
-
-    fn lock_max(&self) -> std::sync::MutexGuard<'_, Option<NonZeroUsize>> {
-        self.max_connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Counts a client in if the limit allows; the returned guard counts it out.
+    /// Lock-free: every worker thread admits to the same listener.
+    fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        let max = self.max_connections.load(Relaxed);
+        self.admitted
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Admitted(self.clone()))
     }
 }
 
-/// Unlimited is the semaphore's maximum, so admission is one code path either way.
-fn permits(max: Option<NonZeroUsize>) -> usize {
-    max.map_or(Semaphore::MAX_PERMITS, NonZeroUsize::get)
+fn limit(max: Option<NonZeroUsize>) -> usize {
+    max.map_or(usize::MAX, NonZeroUsize::get)
+}
+
+/// A connection counted against its listener's `max_connections`, and the listener's
+/// context it is served with; counted out when dropped, however the connection ends
+/// (even by a panic, or a task that never ran).
+#[derive(Debug)]
+struct Admitted(Arc<ListenerContext>);
+
+impl std::ops::Deref for Admitted {
+    type Target = ListenerContext;
+
+    fn deref(&self) -> &ListenerContext {
+        &self.0
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Relaxed);
+    }
 }
 
 // === impl ListenerSet ===
@@ -396,6 +391,11 @@ async fn accept_loop(
     };
     let mut backoff = MIN_ACCEPT_BACKOFF;
     let mut failures_in_a_row = 0u64;
+    // Only where no other thread runs this runtime's driver can an event not slip in
+    // between the accept and the clearing, so that the clearing wipes only tokio's
+    // assumption and never a real event.
+    let clears_readiness =
+        tokio::runtime::Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
     // Made once and polled only when they fire: the tokens are shared by every accept
     // loop of the process, and a wait made anew per accepted client would take their
     // locks for each.
@@ -416,13 +416,15 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                forget_assumed_readiness(&stream);
+                if clears_readiness {
+                    forget_assumed_readiness(&stream);
+                }
                 if failures_in_a_row > 0 {
                     info!(listener = %context.name, failures = failures_in_a_row, "accepting again");
                     failures_in_a_row = 0;
                     backoff = MIN_ACCEPT_BACKOFF;
                 }
-                admit(stream, peer, &context, &shutdown);
+                admit(stream, peer, clears_readiness, &context, &shutdown);
             }
             Err(e) if is_client_gone(&e) => {
                 debug!(listener = %context.name, error = %e, "client left before accept");
@@ -448,18 +450,20 @@ async fn accept_loop(
 /// Tokio marks an accepted socket readable before any event says so, so that a first
 /// read is tried at once. Cleared here, without a syscall, readiness means bytes (or an
 /// end) from now on, and `upstream_gone_first` needs no peek to tell a client that has
-/// spoken from one that has not.
+/// spoken from one that has not. The socket's registration queued an event of its own
+/// if bytes were already there.
 fn forget_assumed_readiness(stream: &TcpStream) {
     let would_block = || Err(std::io::ErrorKind::WouldBlock.into());
     let _: std::io::Result<()> = stream.try_io(Interest::READABLE, would_block);
-    // Not cleared if an event for the socket came in meanwhile (another worker thread
-    // ran the driver); then a peek tells, and clears it when nothing is there.
-    if stream.ready(Interest::READABLE).now_or_never().is_some() {
-        let _ = stream.try_io(Interest::READABLE, || super::peek(stream));
-    }
 }
 
-fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, shutdown: &Shutdown) {
+fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    readiness_is_news: bool,
+    context: &Arc<ListenerContext>,
+    shutdown: &Shutdown,
+) {
     context.stats.connections_total.fetch_add(1, Relaxed);
     // The listener's settings as of this moment serve the whole connection setup: one
     // snapshot load here instead of one per step.
@@ -481,7 +485,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
         debug!(listener = %context.name, client = %peer, "client network not allowed; closing");
         return;
     }
-    let Ok(permit) = context.limit.clone().try_acquire_owned() else {
+    let Some(admitted) = context.try_admit() else {
         refuse(RejectReason::MaxConnections);
         debug!(listener = %context.name, client = %peer, "max_connections reached; closing client");
         return;
@@ -489,9 +493,9 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
     let task = connection_task(
         stream,
         peer,
-        context.clone(),
+        readiness_is_news,
+        admitted,
         listener,
-        permit,
         shutdown.clone(),
     );
     shutdown.connections().spawn(task);
@@ -509,14 +513,21 @@ fn admit(stream: TcpStream, peer: SocketAddr, context: &Arc<ListenerContext>, sh
 fn connection_task(
     stream: TcpStream,
     peer: SocketAddr,
-    context: Arc<ListenerContext>,
+    readiness_is_news: bool,
+    admitted: Admitted,
     listener: Arc<ListenerRoute>,
-    permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        super::serve(stream, peer, &context, &listener, &shutdown).await;
-        context.release(permit);
+        super::serve(
+            stream,
+            peer,
+            readiness_is_news,
+            &admitted,
+            &listener,
+            &shutdown,
+        )
+        .await;
     }
 }
 
@@ -563,12 +574,48 @@ upstreams = [{ address = "127.0.0.1:1" }]
             .await
             .unwrap();
         let (accepted, peer) = socket.accept().await.unwrap();
-        let permit = context.limit.clone().try_acquire_owned().unwrap();
-        let task = connection_task(accepted, peer, context, route, permit, Shutdown::new());
+        let admitted = context.try_admit().unwrap();
+        let task = connection_task(accepted, peer, true, admitted, route, Shutdown::new());
         let size = std::mem::size_of_val(&task);
         println!("connection task: {size} bytes");
         assert!(size <= TASK_BOUND, "a connection's task takes {size} bytes");
         drop(client);
+    }
+
+    #[test]
+    fn a_lowered_limit_waits_for_connections_to_end_and_a_raised_one_admits_at_once() {
+        let config = Config::parse(CONFIG, std::path::Path::new("limit.toml")).unwrap();
+        let snapshot: SharedSnapshot = Arc::new(arc_swap::ArcSwap::from_pointee(
+            RoutingSnapshot::new(Vec::new(), HashMap::new()),
+        ));
+        let context = Arc::new(ListenerContext::new(&config.listeners[0], snapshot));
+        context.set_max_connections(NonZeroUsize::new(3));
+        let mut held: Vec<Admitted> = (0..3).map(|_| context.try_admit().unwrap()).collect();
+        assert!(
+            context.try_admit().is_none(),
+            "the fourth is over the limit"
+        );
+
+        context.set_max_connections(NonZeroUsize::new(1));
+        assert_eq!(context.max_connections(), NonZeroUsize::new(1));
+        held.pop();
+        assert!(
+            context.try_admit().is_none(),
+            "two still open, above the new limit"
+        );
+        held.pop();
+        assert!(
+            context.try_admit().is_none(),
+            "one still open: the limit is reached"
+        );
+        held.pop();
+        held.push(context.try_admit().expect("all ended: one admitted"));
+
+        context.set_max_connections(None);
+        assert_eq!(context.max_connections(), None);
+        held.extend((0..100).map(|_| context.try_admit().unwrap()));
+        drop(held);
+        assert_eq!(context.admitted.load(Relaxed), 0, "every guard counted out");
     }
 
     /// What the test allows: 1,984 bytes measured in the debug build `cargo test` makes

@@ -61,9 +61,12 @@ impl Drop for Active<'_> {
 
 /// Serves one client (an `async move` block rather than an `async fn`, see
 /// `listener::connection_task`).
+/// `readiness_is_news`: the accept loop cleared the readiness tokio assumes of a new
+/// socket, so readable means bytes or an end.
 pub(crate) fn serve<'a>(
     client: TcpStream,
     peer: SocketAddr,
+    readiness_is_news: bool,
     context: &'a ListenerContext,
     listener: &'a ListenerRoute,
     shutdown: &'a Shutdown,
@@ -88,8 +91,15 @@ pub(crate) fn serve<'a>(
                 shutdown,
                 deadline: tokio::time::Instant::now() + listener.config.handshake_timeout,
             };
-            let Some(mut origin) =
-                client_origin(&client, peer, listener, &steps, &mut record).await
+            let Some(mut origin) = client_origin(
+                &client,
+                peer,
+                readiness_is_news,
+                listener,
+                &steps,
+                &mut record,
+            )
+            .await
             else {
                 return;
             };
@@ -147,7 +157,7 @@ async fn admit<'l>(
     // The handshake reads the bytes that followed a PROXY header; none are left for the
     // upstream.
     let early = std::mem::take(&mut origin.early);
-    origin.handshake_read = true;
+    origin.readiness_may_lie = true;
     // Boxed, like every TLS future here: a rustls session is large, and an inline one
     // would grow every plain connection's task by its size.
     let accepting = Box::pin(tls::accept(server_tls.config.clone(), client, early));
@@ -417,7 +427,7 @@ async fn connect_client(
             (None, Ok(())) => {
                 let gone = upstream_gone_first(
                     client,
-                    origin.handshake_read,
+                    origin.readiness_may_lie,
                     &connected.stream,
                     route.config.connect_timeout,
                 );
@@ -490,9 +500,10 @@ struct Origin {
     /// Bytes that followed the PROXY header in the same reads; the upstream gets them
     /// first.
     early: Vec<u8>,
-    /// A handshake (PROXY header, TLS) read from the client's socket: its readiness may
-    /// be left over from those reads, with nothing behind it.
-    handshake_read: bool,
+    /// Tokio's read readiness of the client's socket may be set with nothing behind it:
+    /// assumed at accept, or left over from the reads of a handshake (PROXY header,
+    /// TLS).
+    readiness_may_lie: bool,
 }
 
 /// The client's origin. On a listener that accepts PROXY headers, reads and checks the
@@ -501,6 +512,7 @@ struct Origin {
 async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
+    readiness_is_news: bool,
     listener: &ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
@@ -510,7 +522,7 @@ async fn client_origin(
         source: peer,
         destination: None,
         early: Vec::new(),
-        handshake_read: false,
+        readiness_may_lie: !readiness_is_news,
     };
     let settings = &listener.config;
     let Some(accept) = settings.accept_proxy_protocol else {
@@ -538,7 +550,7 @@ async fn client_origin(
         source,
         destination,
         early,
-        handshake_read: true,
+        readiness_may_lie: true,
     })
 }
 
@@ -618,11 +630,10 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
 /// Waits, at most `window`, for the first sign of life after connecting. True when the
 /// upstream closed or reset before either side sent anything, so another upstream can
 /// still take the client; false as soon as either side has bytes (or the window ends).
-/// The client's readiness is taken at its word unless a handshake read from its socket
-/// (the accept loop cleared what tokio assumes of a new socket).
+/// The client's readiness is taken at its word unless it may lie.
 async fn upstream_gone_first(
     client: &TcpStream,
-    handshake_read: bool,
+    readiness_may_lie: bool,
     upstream: &TcpStream,
     window: Duration,
 ) -> bool {
@@ -643,7 +654,7 @@ async fn upstream_gone_first(
                 }
             }
             _ = copy::read_ready(client) => {
-                if !handshake_read {
+                if !readiness_may_lie {
                     // Bytes, an end or an error: the copy takes it from here.
                     return false;
                 }
