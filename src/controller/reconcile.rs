@@ -112,6 +112,7 @@ impl Controller {
         self.publish_all();
         self.record_published_events();
         self.close_pending();
+        self.start_checkers();
     }
 
     fn reloaded_pool(
@@ -123,7 +124,7 @@ impl Controller {
         cause: &str,
     ) -> PoolState {
         let Some(mut previous) = previous else {
-            let mut pool = PoolState::fresh(config.clone(), &self.checkers);
+            let mut pool = PoolState::fresh(config.clone());
             for slot in &mut pool.slots {
                 slot.apply_first_check(&config, first_checks, now, cause);
             }
@@ -176,8 +177,7 @@ impl Controller {
         let kept_priority = previous
             .active_tier
             .and_then(|t| previous.config.priorities().get(t).copied());
-        let mut pool =
-            PoolState::with_slots(config, previous.stats.clone(), carried, &self.checkers);
+        let mut pool = PoolState::with_slots(config, previous.stats.clone(), carried);
         pool.active_tier = pool.initial_tier(kept_priority);
         pool.better_since = previous.better_since;
         pool.drains = std::mem::take(&mut previous.drains);
