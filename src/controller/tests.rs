@@ -650,7 +650,10 @@ async fn a_pool_a_reload_adds_is_not_checked_again_at_once_nor_before_the_swap()
         ],
         "checked before the swap: next an interval later; never checked: at once"
     );
-    assert!(started[2..].iter().all(|s| s.routed), "started after the swap");
+    assert!(
+        started[2..].iter().all(|s| s.routed),
+        "started after the swap"
+    );
     let route = h.snapshot.load().pool("q").cloned();
     let states = route.map(|r| r.states.to_vec()).unwrap_or_default();
     assert_eq!(states, vec![State::Up, State::Down, State::Up]);
