@@ -30,16 +30,14 @@ impl Controller {
             .drain(..)
             .map(|p| (p.config.name.clone(), p))
             .collect();
-        for name in old.keys() {
-            if config.pool(name).is_none() {
-                debug!(pool = %name, "pool removed by reload");
-            }
-        }
         for pool_config in &config.pools {
             let previous = old.remove(&pool_config.name);
             let pool =
                 self.reloaded_pool(pool_config.clone(), previous, first_checks, now, "reload");
             self.pools.push(pool);
+        }
+        for name in old.keys() {
+            debug!(pool = %name, "pool removed by reload");
         }
         self.listeners = listener_routes(config);
         for p in 0..self.pools.len() {
