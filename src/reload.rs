@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::Proxy;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PoolConfig};
 use crate::error::StartError;
 use crate::health::{self, CheckFailure};
 
@@ -79,15 +79,19 @@ impl ConfigDiff {
                 diff.listeners_removed.push(o.name.clone());
             }
         }
+        // By name through a map: a search of the other file's pools for each pool was
+        // 4 ms between two files of 1,000 pools.
+        let old_pools = pools_by_name(old);
+        let new_pools = pools_by_name(new);
         for p in &new.pools {
-            match old.pool(&p.name) {
+            match old_pools.get(p.name.as_str()) {
                 None => diff.pools_added.push(p.name.clone()),
-                Some(o) if o != p => diff.pools_changed.push(p.name.clone()),
+                Some(&o) if o != p => diff.pools_changed.push(p.name.clone()),
                 Some(_) => {}
             }
         }
         for o in &old.pools {
-            if new.pool(&o.name).is_none() {
+            if !new_pools.contains_key(o.name.as_str()) {
                 diff.pools_removed.push(o.name.clone());
             }
         }
@@ -204,14 +208,19 @@ struct ReloadTimes {
 }
 
 /// The first health check of every upstream that `new` adds (by pool and address),
-/// all at once, each bounded by its pool's `health.timeout`.
+/// all at once, each bounded by its pool's `health.timeout`: not on the checks' grid nor
+/// spread as the checkers' first checks are, since the reload waits for them. With
+/// 1,000 new upstreams the checks take both cores, three quarters of it in the kernel's
+/// TCP (perf); running them as one future per worker instead of a task each changed
+/// nothing measurable.
 async fn first_checks(
     current: &Config,
     new: &Config,
 ) -> HashMap<(String, SocketAddr), Result<(), CheckFailure>> {
+    let known_pools = pools_by_name(current);
     let mut checks = JoinSet::new();
     for pool in new.pools.iter().filter(|p| p.health.enabled) {
-        let known = current.pool(&pool.name);
+        let known = known_pools.get(pool.name.as_str());
         for upstream in &pool.upstreams {
             let stays =
                 known.is_some_and(|k| k.upstreams.iter().any(|u| u.address == upstream.address));
@@ -236,6 +245,10 @@ async fn first_checks(
         }
     }
     results
+}
+
+fn pools_by_name(config: &Config) -> HashMap<&str, &Arc<PoolConfig>> {
+    config.pools.iter().map(|p| (p.name.as_str(), p)).collect()
 }
 
 fn admin_token_file(config: &Config) -> Option<PathBuf> {

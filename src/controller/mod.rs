@@ -340,7 +340,7 @@ impl Controller {
             .pools
             .iter()
             .map(|pool| {
-                let mut pool = PoolState::fresh(pool.clone(), &checkers);
+                let mut pool = PoolState::fresh(pool.clone());
                 pool.active_tier = pool.initial_tier(None);
                 pool
             })
@@ -368,6 +368,7 @@ impl Controller {
             deadlines: Deadlines::default(),
         };
         controller.publish_all();
+        controller.start_checkers();
         debug!(pools = controller.pools.len(), "controller ready");
         controller
     }
@@ -438,6 +439,8 @@ impl Controller {
             } => {
                 self.apply_config(&config, &first_checks);
                 let _ = reply.send(());
+                // Routing has swapped: what the checkers do next is an interval away.
+                self.start_checkers();
             }
             Message::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -701,6 +704,16 @@ impl Controller {
         changed
     }
 
+    /// Starts the checker of every upstream to be checked that has none: after a
+    /// reload's or a DNS change's swap, since starting 1,000 checker tasks is most of a
+    /// large reload's work in the controller (each spawn from this thread wakes an idle
+    /// worker through the I/O driver, a write(2) each) and routing does not need them.
+    fn start_checkers(&mut self) {
+        for pool in &mut self.pools {
+            pool.start_checkers(&self.checkers);
+        }
+    }
+
     fn publish(&mut self, p: usize) {
         let route = Arc::new(self.route(p));
         let next = self.snapshot.load().with_pool(route);
@@ -856,38 +869,19 @@ impl Slot {
 // === impl PoolState ===
 
 impl PoolState {
-    /// A pool whose upstreams all start up, each with a new health checker.
-    fn fresh(config: Arc<PoolConfig>, checkers: &Checkers) -> Self {
+    /// A pool whose upstreams all start up, without checkers until
+    /// [`start_checkers`](Self::start_checkers).
+    fn fresh(config: Arc<PoolConfig>) -> Self {
         let slots = config
             .upstreams
             .iter()
             .map(|u| Slot::new(Arc::new(Upstream::new(&config.name, u.clone()))))
             .collect();
-        Self::with_slots(config, Arc::default(), slots, checkers)
+        Self::with_slots(config, Arc::default(), slots)
     }
 
-    /// A pool over existing slots; slots without a checker get one if checks are on.
-    fn with_slots(
-        config: Arc<PoolConfig>,
-        stats: Arc<PoolStats>,
-        mut slots: Vec<Slot>,
-        checkers: &Checkers,
-    ) -> Self {
-        if config.health.enabled {
-            for slot in slots.iter_mut().filter(|s| s.checker.is_none()) {
-                // A reload's first check counts as a check: the next follows it as the
-                // controller would schedule it.
-                let checked_within = slot.last_check.as_ref().map(|_| {
-                    if slot.state.is_deciding() {
-                        config.health.fast_interval
-                    } else {
-                        config.health.interval
-                    }
-                });
-                slot.checker =
-                    Some(checkers.start(slot.upstream.clone(), config.clone(), checked_within));
-            }
-        }
+    /// A pool over existing slots, which keep their checkers.
+    fn with_slots(config: Arc<PoolConfig>, stats: Arc<PoolStats>, slots: Vec<Slot>) -> Self {
         Self {
             config,
             stats,
@@ -896,6 +890,26 @@ impl PoolState {
             better_since: None,
             drains: Vec::new(),
             failback_ramp: None,
+        }
+    }
+
+    /// A checker for every slot without one, if checks are on.
+    fn start_checkers(&mut self, checkers: &Checkers) {
+        if !self.config.health.enabled {
+            return;
+        }
+        for slot in self.slots.iter_mut().filter(|s| s.checker.is_none()) {
+            // A reload's first check counts as a check: the next follows it as the
+            // controller would schedule it.
+            let checked_within = slot.last_check.as_ref().map(|_| {
+                if slot.state.is_deciding() {
+                    self.config.health.fast_interval
+                } else {
+                    self.config.health.interval
+                }
+            });
+            slot.checker =
+                Some(checkers.start(slot.upstream.clone(), self.config.clone(), checked_within));
         }
     }
 

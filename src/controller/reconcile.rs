@@ -30,16 +30,14 @@ impl Controller {
             .drain(..)
             .map(|p| (p.config.name.clone(), p))
             .collect();
-        for name in old.keys() {
-            if config.pool(name).is_none() {
-                debug!(pool = %name, "pool removed by reload");
-            }
-        }
         for pool_config in &config.pools {
             let previous = old.remove(&pool_config.name);
             let pool =
                 self.reloaded_pool(pool_config.clone(), previous, first_checks, now, "reload");
             self.pools.push(pool);
+        }
+        for name in old.keys() {
+            debug!(pool = %name, "pool removed by reload");
         }
         self.listeners = listener_routes(config);
         for p in 0..self.pools.len() {
@@ -112,6 +110,7 @@ impl Controller {
         self.publish_all();
         self.record_published_events();
         self.close_pending();
+        self.start_checkers();
     }
 
     fn reloaded_pool(
@@ -123,7 +122,7 @@ impl Controller {
         cause: &str,
     ) -> PoolState {
         let Some(mut previous) = previous else {
-            let mut pool = PoolState::fresh(config.clone(), &self.checkers);
+            let mut pool = PoolState::fresh(config.clone());
             for slot in &mut pool.slots {
                 slot.apply_first_check(&config, first_checks, now, cause);
             }
@@ -176,8 +175,7 @@ impl Controller {
         let kept_priority = previous
             .active_tier
             .and_then(|t| previous.config.priorities().get(t).copied());
-        let mut pool =
-            PoolState::with_slots(config, previous.stats.clone(), carried, &self.checkers);
+        let mut pool = PoolState::with_slots(config, previous.stats.clone(), carried);
         pool.active_tier = pool.initial_tier(kept_priority);
         pool.better_since = previous.better_since;
         pool.drains = std::mem::take(&mut previous.drains);

@@ -19,15 +19,18 @@ use crate::metrics::ConnectFailure;
 #[derive(Default, Clone)]
 struct ManualChecks {
     started: Arc<Mutex<Vec<Started>>>,
+    /// The controller's routing, once it exists.
+    snapshot: Arc<std::sync::OnceLock<SharedSnapshot>>,
 }
 
-/// One checker started: for which upstream, what would wake it, and when its first
-/// check was due.
+/// One checker started: for which upstream, what would wake it, when its first check
+/// was due, and whether routing already had its upstream.
 #[derive(Clone)]
 struct Started {
     address: SocketAddr,
     woken: Arc<Notify>,
     checked_within: Option<Duration>,
+    routed: bool,
 }
 
 impl SpawnChecker for ManualChecks {
@@ -39,11 +42,18 @@ impl SpawnChecker for ManualChecks {
         checked_within: Option<Duration>,
     ) -> Checker {
         let checker = Checker::new();
+        let routed = self.snapshot.get().is_some_and(|snapshot| {
+            snapshot
+                .load()
+                .pool(&upstream.pool)
+                .is_some_and(|route| route.upstreams.iter().any(|u| u.id == upstream.id))
+        });
         if let Ok(mut started) = self.started.lock() {
             started.push(Started {
                 address: upstream.config.address,
                 woken: checker.woken(),
                 checked_within,
+                routed,
             });
         }
         checker
@@ -112,6 +122,7 @@ impl Harness {
         let checks = ManualChecks::default();
         let controller =
             Controller::with_checkers(config, events.clone(), Box::new(checks.clone()));
+        let _ = checks.snapshot.set(controller.snapshot());
         Self {
             snapshot: controller.snapshot(),
             controller,
@@ -602,6 +613,50 @@ async fn a_reload_carries_the_state_of_upstreams_that_stay() {
     h.check("a", true);
     assert_eq!(h.active(), Some(0));
     assert_eq!(h.usable(), labels(&["a", "c"]));
+}
+
+/// A reload that adds a whole pool checks its upstreams before the swap, and their
+/// checkers count that check as done: were they to check again at once, a reload adding
+/// 1,000 pools would be followed by a second burst of 1,000 checks, in its swap. And
+/// the checkers start once routing has the pool, not within the swap.
+#[tokio::test(start_paused = true)]
+async fn a_pool_a_reload_adds_is_not_checked_again_at_once_nor_before_the_swap() {
+    let mut h = Harness::start(&config("", TWO));
+    let q = "[pools.q]\nupstreams = [{ address = \"127.0.0.1:20\" }, \
+             { address = \"127.0.0.1:21\" }, { address = \"127.0.0.1:22\" }]\n\
+             [pools.q.health]\ninterval = \"3s\"\nfast_interval = \"1s\"\nrise = 1\nfall = 1\n";
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    // 22's check could not run (the proxy was out of descriptors): it has none.
+    let first_checks = FirstChecks::from([
+        (("q".to_string(), at(20)), Ok(())),
+        (
+            ("q".to_string(), at(21)),
+            Err(CheckFailure::Connect(ConnectFailure::Refused)),
+        ),
+    ]);
+    h.reload(config(q, TWO), first_checks);
+
+    let started = h.checks.started();
+    let added: Vec<_> = started[2..]
+        .iter()
+        .map(|s| (s.address.port(), s.checked_within))
+        .collect();
+    assert_eq!(
+        added,
+        vec![
+            (20, Some(Duration::from_secs(3))),
+            (21, Some(Duration::from_secs(3))),
+            (22, None),
+        ],
+        "checked before the swap: next an interval later; never checked: at once"
+    );
+    assert!(
+        started[2..].iter().all(|s| s.routed),
+        "started after the swap"
+    );
+    let route = h.snapshot.load().pool("q").cloned();
+    let states = route.map(|r| r.states.to_vec()).unwrap_or_default();
+    assert_eq!(states, vec![State::Up, State::Down, State::Up]);
 }
 
 #[tokio::test(start_paused = true)]
