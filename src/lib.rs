@@ -87,7 +87,16 @@ impl Proxy {
         health: &[CarriedPool],
     ) -> Result<Self, error::StartError> {
         let workers = match config.runtime.scheduler {
-            Scheduler::Shared => None,
+            Scheduler::Shared => {
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = shutdown.drained() => {}
+                        _ = proxy::workers::keep_a_timer_due() => {}
+                    }
+                });
+                None
+            }
             Scheduler::PerThread => Some(
                 Workers::start(config.runtime.worker_threads)
                     .map_err(error::StartError::Runtime)?,

@@ -50,7 +50,14 @@ impl Workers {
                     .name(format!("{THREAD_NAME}{index}"))
                     // The tasks still there when it stops (none after a drain) are
                     // dropped with the runtime, on this thread.
-                    .spawn(move || runtime.block_on(stop.cancelled()))?;
+                    .spawn(move || {
+                        runtime.block_on(async {
+                            tokio::select! {
+                                _ = stop.cancelled() => {}
+                                _ = keep_a_timer_due() => {}
+                            }
+                        });
+                    })?;
                 Ok((handle, thread))
             });
             match started {
@@ -102,6 +109,19 @@ impl Workers {
             // A panic there was already reported by the panic hook; nothing to add.
             let _ = thread.join();
         }
+    }
+}
+
+/// Never ends; keeps a timer of this runtime due within a second. Tokio's time driver
+/// wakes its own thread (an eventfd write, then one more epoll_wait) whenever a new
+/// timer falls due before the earliest one it went to sleep for, and with none at all
+/// that is every new connection's connect timeout. With this tick the thread sleeps for
+/// at most a second, and a timeout of a second or more is never the earliest.
+pub async fn keep_a_timer_due() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
