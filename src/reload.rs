@@ -172,7 +172,14 @@ impl Reloader {
         current: &Config,
     ) -> Result<(Arc<Config>, ConfigDiff, ReloadTimes), ReloadError> {
         let started = Instant::now();
-        let new = Arc::new(Config::load(&self.path)?);
+        // Off the async threads: reading a large file takes tens of milliseconds, which
+        // the connections of a runtime worker would otherwise wait out.
+        let path = self.path.clone();
+        let new = match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+            Ok(loaded) => Arc::new(loaded?),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(ReloadError::Stopped),
+        };
         let diff = ConfigDiff::between(current, &new);
         let prepared = self.proxy.listeners.prepare(&new)?;
         let read = started.elapsed();
