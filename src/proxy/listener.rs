@@ -22,7 +22,7 @@ use tokio::runtime::RuntimeFlavor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::wake_gate::WakeGate;
+use super::wake_gate;
 use super::workers::Workers;
 use crate::config::{Config, ListenerConfig};
 use crate::error::StartError;
@@ -399,15 +399,9 @@ async fn accept_loop(
     // Made once and polled only when they fire: the tokens are shared by every accept
     // loop of the process, and a wait made anew per accepted client would take their
     // locks for each.
-    let mut stopping = std::pin::pin!(shutdown.stopping());
-    let mut removed = std::pin::pin!(stop.cancelled());
-    let mut stopped = WakeGate::new(std::future::poll_fn(|cx| {
-        if stopping.as_mut().poll(cx).is_ready() || removed.as_mut().poll(cx).is_ready() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    }));
+    let stopping = std::pin::pin!(shutdown.stopping());
+    let removed = std::pin::pin!(stop.cancelled());
+    let mut stopped = wake_gate::either(stopping, removed);
     loop {
         let accepted = tokio::select! {
             biased;

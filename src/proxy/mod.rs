@@ -41,7 +41,6 @@ use opening::{Moved, Opening, Replay, Unanswered};
 use tls::{ClientStream, UpstreamStream, client_socket};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
-use wake_gate::WakeGate;
 
 /// Decrements a gauge when the connection ends, however it ends.
 struct Active<'a>(&'a AtomicU64);
@@ -284,15 +283,9 @@ fn relay(
             }
             // Two waits, polled by hand (`select!` would add its own state to every
             // connection), and only when one of them woke the task.
-            let mut forced = std::pin::pin!(shutdown.force_closed());
-            let mut down = std::pin::pin!(link.close.cancelled());
-            let closed = WakeGate::new(std::future::poll_fn(move |cx| {
-                if forced.as_mut().poll(cx).is_ready() || down.as_mut().poll(cx).is_ready() {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            }));
+            let forced = std::pin::pin!(shutdown.force_closed());
+            let down = std::pin::pin!(link.close.cancelled());
+            let closed = wake_gate::either(forced, down);
             // Done ends this function (a reconnect follows only a close from outside), and
             // with it both streams.
             let limits = Limits {

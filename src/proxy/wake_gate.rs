@@ -41,6 +41,20 @@ impl<F: Future + Unpin> WakeGate<F> {
     }
 }
 
+/// Resolves once either of two pinned futures has, behind one gate.
+pub fn either<'a, A: Future, B: Future>(
+    mut a: Pin<&'a mut A>,
+    mut b: Pin<&'a mut B>,
+) -> WakeGate<impl Future<Output = ()> + Unpin + 'a> {
+    WakeGate::new(std::future::poll_fn(move |cx| {
+        if a.as_mut().poll(cx).is_ready() || b.as_mut().poll(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }))
+}
+
 impl<F: Future + Unpin> Future for WakeGate<F> {
     type Output = F::Output;
 
