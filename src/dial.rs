@@ -48,11 +48,14 @@ pub async fn open(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, Unco
         Err(e) => return Err(classify(e)),
     }
     let stream = TcpStream::from_std(socket.into()).map_err(Unconnected::LocalResources)?;
-    let ready = match tokio::time::timeout_at(deadline, stream.ready(Interest::WRITABLE)).await {
-        Err(_) => return Err(Unconnected::Upstream(ConnectFailure::Timeout)),
-        Ok(Err(e)) => return Err(classify(e)),
-        Ok(Ok(ready)) => ready,
-    };
+    let ready =
+        match tokio::time::timeout_at(deadline, stream.ready(Interest::WRITABLE | Interest::ERROR))
+            .await
+        {
+            Err(_) => return Err(Unconnected::Upstream(ConnectFailure::Timeout)),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(ready)) => ready,
+        };
     // A connecting socket turns writable only once the handshake is over, one way or
     // the other; the socket's error is asked for only when the event says the
     // connection is closed, which saves tokio's getsockopt(2) on every connect that

@@ -44,9 +44,36 @@ async fn the_pid_file_holds_the_serving_pid_and_goes_at_exit() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Descriptors the process has open now.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+/// Whether process `pid` has accepted the connection from `client` to `server`
+/// (IPv4): the kernel gives a connection a socket inode only when it is accepted, and
+/// the process then holds a descriptor to it. Counting the process's descriptors
+/// instead raced with the close of the start-up probe's connection.
+fn accepted(pid: u32, server: SocketAddr, client: SocketAddr) -> bool {
+    let hex = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| fields.get(9).map(|i| i.to_string()))
+            .flatten()
+    });
+    let Some(inode) = inode.filter(|i| i != "0") else {
+        return false;
+    };
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|link| link.to_string_lossy() == wanted)
+        })
+    })
 }
 
 /// The race a binary upgrade (or any stop) has with an admin client: a connection the
@@ -68,10 +95,10 @@ async fn an_admin_call_accepted_before_a_stop_is_answered() {
         .expect("connect");
     assert_eq!(read_line(&mut held).await.expect("greeting"), "hello a");
 
-    let before = open_fds(pid);
     let mut call = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let from = call.local_addr().expect("the call's address");
     let deadline = Instant::now() + SOON;
-    while open_fds(pid) <= before {
+    while !accepted(pid, admin, from) {
         assert!(
             Instant::now() < deadline,
             "the admin connection was not accepted"
