@@ -418,7 +418,7 @@ async fn accept_loop(
                     failures_in_a_row = 0;
                     backoff = MIN_ACCEPT_BACKOFF;
                 }
-                admit(stream, peer, clears_readiness, &context, &shutdown);
+                admit(stream, peer, !clears_readiness, &context, &shutdown);
             }
             Err(e) if is_client_gone(&e) => {
                 debug!(listener = %context.name, error = %e, "client left before accept");
@@ -454,7 +454,7 @@ fn forget_assumed_readiness(stream: &TcpStream) {
 fn admit(
     stream: TcpStream,
     peer: SocketAddr,
-    readiness_is_news: bool,
+    readiness_may_lie: bool,
     context: &Arc<ListenerContext>,
     shutdown: &Shutdown,
 ) {
@@ -487,7 +487,7 @@ fn admit(
     let task = connection_task(
         stream,
         peer,
-        readiness_is_news,
+        readiness_may_lie,
         admitted,
         listener,
         shutdown.clone(),
@@ -507,7 +507,7 @@ fn admit(
 fn connection_task(
     stream: TcpStream,
     peer: SocketAddr,
-    readiness_is_news: bool,
+    readiness_may_lie: bool,
     admitted: Admitted,
     listener: Arc<ListenerRoute>,
     shutdown: Shutdown,
@@ -516,7 +516,7 @@ fn connection_task(
         super::serve(
             stream,
             peer,
-            readiness_is_news,
+            readiness_may_lie,
             &admitted,
             &listener,
             &shutdown,

@@ -60,12 +60,12 @@ impl Drop for Active<'_> {
 
 /// Serves one client (an `async move` block rather than an `async fn`, see
 /// `listener::connection_task`).
-/// `readiness_is_news`: the accept loop cleared the readiness tokio assumes of a new
-/// socket, so readable means bytes or an end.
+/// `readiness_may_lie`: the accept loop could not clear the readiness tokio assumes of
+/// a new socket (see [`Origin::readiness_may_lie`]).
 pub(crate) fn serve<'a>(
     client: TcpStream,
     peer: SocketAddr,
-    readiness_is_news: bool,
+    readiness_may_lie: bool,
     context: &'a ListenerContext,
     listener: &'a ListenerRoute,
     shutdown: &'a Shutdown,
@@ -93,7 +93,7 @@ pub(crate) fn serve<'a>(
             let Some(mut origin) = client_origin(
                 &client,
                 peer,
-                readiness_is_news,
+                readiness_may_lie,
                 listener,
                 &steps,
                 &mut record,
@@ -505,7 +505,7 @@ struct Origin {
 async fn client_origin(
     client: &TcpStream,
     peer: SocketAddr,
-    readiness_is_news: bool,
+    readiness_may_lie: bool,
     listener: &ListenerRoute,
     steps: &Handshake<'_>,
     record: &mut ConnectionRecord<'_>,
@@ -515,7 +515,7 @@ async fn client_origin(
         source: peer,
         destination: None,
         early: Vec::new(),
-        readiness_may_lie: !readiness_is_news,
+        readiness_may_lie,
     };
     let settings = &listener.config;
     let Some(accept) = settings.accept_proxy_protocol else {
