@@ -162,8 +162,20 @@ async fn attempts_go_to_distinct_upstreams_of_the_active_tier_before_the_backup(
     }
 }
 
+/// On a current-thread runtime (as `runtime.scheduler = "per_thread"` runs
+/// connections) the accept loop clears the readiness tokio assumes of a new socket and
+/// the client is not peeked; on the shared runtime it is. Both must move the client.
 #[tokio::test]
 async fn an_upstream_that_closes_before_any_byte_is_a_failed_attempt_the_client_never_sees() {
+    upstream_closes_before_any_byte().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_shared_runtime_too_an_upstream_that_closes_before_any_byte_is_invisible() {
+    upstream_closes_before_any_byte().await;
+}
+
+async fn upstream_closes_before_any_byte() {
     // Accepts, then closes at once without a word: like a dying server's accept queue.
     let slammer = Server::start(|stream: TcpStream| async move { drop(stream) }).await;
     let backup = Backend::start("backup").await;
