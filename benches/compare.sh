@@ -7,9 +7,9 @@
 #   benches/compare.sh --install       # as root: first apt-get install what is missing
 #   benches/compare.sh --help          # this text; runs nothing
 #
-# Targets: direct (no proxy), switchyard (runtime.scheduler "shared", the default),
-# switchyard per_thread (the same config with scheduler = "per_thread": one event loop
-# per thread), HAProxy, HAProxy with splice forced (option
+# Targets: direct (no proxy), switchyard (runtime.scheduler "per_thread", the default:
+# one event loop per thread), switchyard shared (the same config with scheduler =
+# "shared": one work-stealing runtime), HAProxy, HAProxy with splice forced (option
 # splice-request/splice-response) and NGINX stream. Each proxy forwards one
 # listener to one upstream per measurement, with the same settings: 2 worker threads or
 # processes, long timeouts, a high maxconn, logging at warn, no health checks, backlog 4096;
@@ -305,8 +305,8 @@ SVC_IPERF=1
 SVC_SOCK=2
 SVC_HTTP=3
 SVC_HOLD=4
-TARGETS=(direct switchyard switchyard_per_thread haproxy haproxy_splice nginx)
-declare -A TARGET_INDEX=([direct]=0 [switchyard]=1 [haproxy]=2 [haproxy_splice]=3 [nginx]=4 [switchyard_per_thread]=5)
+TARGETS=(direct switchyard switchyard_shared haproxy haproxy_splice nginx)
+declare -A TARGET_INDEX=([direct]=0 [switchyard]=1 [haproxy]=2 [haproxy_splice]=3 [nginx]=4 [switchyard_shared]=5)
 
 upstream_port() { echo $((BASE_PORT + $1)); }
 # Where a client connects for a target and service: the upstream itself for direct.
@@ -321,9 +321,9 @@ write_configs() {
     # switchyard: one listener and pool per service, health checks off, warn logging;
     # the two variants differ only in runtime.scheduler.
     local scheduler variant
-    for variant in switchyard switchyard_per_thread; do
-        scheduler=shared
-        if [[ $variant == switchyard_per_thread ]]; then scheduler=per_thread; fi
+    for variant in switchyard switchyard_shared; do
+        scheduler=per_thread
+        if [[ $variant == switchyard_shared ]]; then scheduler=shared; fi
         {
             printf '[runtime]\nworker_threads = 2\nscheduler = "%s"\nshutdown_grace = "1s"\n\n[log]\nlevel = "warn"\n' "$scheduler"
             for svc in 1 2 3 4; do
@@ -418,15 +418,15 @@ start_proxies() {
     local t svc ok=1
     start switchyard "$work/switchyard" run -c "$work/switchyard.toml"
     PROXY_PID[switchyard]=$LAST_PID
-    start switchyard_per_thread "$work/switchyard" run -c "$work/switchyard_per_thread.toml"
-    PROXY_PID[switchyard_per_thread]=$LAST_PID
+    start switchyard_shared "$work/switchyard" run -c "$work/switchyard_shared.toml"
+    PROXY_PID[switchyard_shared]=$LAST_PID
     start haproxy haproxy -db -f "$work/haproxy.cfg"
     PROXY_PID[haproxy]=$LAST_PID
     start haproxy_splice haproxy -db -f "$work/haproxy_splice.cfg"
     PROXY_PID[haproxy_splice]=$LAST_PID
     start nginx nginx -p "$work/nginx-prefix" -e "$work/nginx-stream.err" -c "$work/nginx-stream.conf"
     PROXY_PID[nginx]=$LAST_PID
-    for t in switchyard switchyard_per_thread haproxy haproxy_splice nginx; do
+    for t in switchyard switchyard_shared haproxy haproxy_splice nginx; do
         for svc in 1 2 3 4; do
             if ! wait_listen "$(target_port "$t" "$svc")" "${PROXY_PID[$t]}" "$t"; then
                 ok=0
@@ -449,7 +449,7 @@ start_proxies() {
 
 stop_proxies() {
     local t
-    for t in switchyard switchyard_per_thread haproxy haproxy_splice nginx; do
+    for t in switchyard switchyard_shared haproxy haproxy_splice nginx; do
         if [[ -n ${PROXY_PID[$t]:-} ]]; then
             stop_pid "${PROXY_PID[$t]}"
         fi

@@ -37,7 +37,7 @@ import time
 TARGETS = [
     ("direct", "direct"),
     ("switchyard", "switchyard"),
-    ("switchyard_per_thread", "switchyard per_thread"),
+    ("switchyard_shared", "switchyard shared"),
     ("haproxy", "HAProxy"),
     ("haproxy_splice", "HAProxy splice"),
     ("nginx", "NGINX stream"),
@@ -277,7 +277,7 @@ def svg_chart(medians, meta, path):
     colours = {
         "direct": "#9e9e9e",
         "switchyard": "#d9480f",
-        "switchyard_per_thread": "#f59f00",
+        "switchyard_shared": "#f59f00",
         "haproxy": "#1c7ed6",
         "haproxy_splice": "#74c0fc",
         "nginx": "#2f9e44",

@@ -245,7 +245,7 @@ fn default_worker_threads() -> S<i64> {
     at(0)
 }
 fn default_scheduler() -> S<String> {
-    text("shared")
+    text("per_thread")
 }
 fn default_shutdown_grace() -> S<String> {
     text("30s")

@@ -52,7 +52,7 @@ fn defaults_follow_the_spec() {
     let config = parse(MINIMAL).unwrap();
     assert_eq!(config.runtime.shutdown_grace, Duration::from_secs(30));
     assert!(config.runtime.worker_threads >= 1);
-    assert_eq!(config.runtime.scheduler, Scheduler::Shared);
+    assert_eq!(config.runtime.scheduler, Scheduler::PerThread);
     assert_eq!(config.runtime.pid_file, None);
     assert_eq!(config.log.level, "info");
     assert_eq!(config.log.format, LogFormat::Text);
