@@ -222,6 +222,15 @@ impl ListenerSet {
         set
     }
 
+    /// The worker threads' runtimes with `runtime.scheduler = "per_thread"`; empty on
+    /// the shared runtime.
+    pub fn worker_runtimes(&self) -> Vec<tokio::runtime::Handle> {
+        self.workers
+            .as_ref()
+            .map(|workers| workers.runtimes().to_vec())
+            .unwrap_or_default()
+    }
+
     pub fn views(&self) -> Vec<ListenerView> {
         self.lock()
             .iter()

@@ -80,6 +80,11 @@ impl Workers {
         })
     }
 
+    /// The workers' runtimes, to spread a burst of work over their threads.
+    pub fn runtimes(&self) -> &[Handle] {
+        &self.runtimes
+    }
+
     /// How many worker threads run.
     pub fn len(&self) -> usize {
         self.runtimes.len()

@@ -1,8 +1,9 @@
-//! `runtime.scheduler = "per_thread"` on real child processes over loopback: every
-//! worker thread accepts on its own socket of every listener (seen in the threads'
-//! context switches, which count each wake-up), reload adds and removes listeners on
-//! every thread, SIGTERM drains, SIGUSR2 hands the sockets over without a failed
-//! client, and the threads end with the process.
+//! Both `runtime.scheduler`s on real child processes over loopback. With `per_thread`
+//! (the default) every worker thread accepts on its own socket of every listener (seen
+//! in the threads' context switches, which count each wake-up). With either,
+//! `max_connections` holds across the threads, reload adds and removes listeners,
+//! SIGTERM drains, SIGUSR2 hands the sockets over without a failed client, and the
+//! threads end with the process. The rest of the suite runs with the default.
 
 mod common;
 
@@ -19,6 +20,8 @@ use tokio::time::Instant;
 const WORKERS: usize = 2;
 const WORKER_THREAD: &str = "sy-worker-";
 
+const SCHEDULERS: [&str; 2] = ["per_thread", "shared"];
+
 /// Listeners `(name, address)` into pool `p` over `upstream`, per-thread runtimes with
 /// [`WORKERS`] threads, health checks off (their timers would wake threads by
 /// themselves) and `runtime` lines.
@@ -28,8 +31,19 @@ fn config(
     upstream: SocketAddr,
     runtime: &str,
 ) -> String {
+    config_with("per_thread", listeners, admin, upstream, runtime)
+}
+
+/// [`config`] with the scheduler named.
+fn config_with(
+    scheduler: &str,
+    listeners: &[(&str, SocketAddr)],
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    runtime: &str,
+) -> String {
     let mut text = format!(
-        "[runtime]\nworker_threads = {WORKERS}\nscheduler = \"per_thread\"\n{runtime}\n[admin]\nlisten = \"{admin}\"\n\n"
+        "[runtime]\nworker_threads = {WORKERS}\nscheduler = \"{scheduler}\"\n{runtime}\n[admin]\nlisten = \"{admin}\"\n\n"
     );
     for (name, addr) in listeners {
         text.push_str(&format!(
@@ -202,9 +216,15 @@ async fn short_connections_through_several_listeners_are_served_on_every_worker_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_across_the_worker_threads() {
+    for scheduler in SCHEDULERS {
+        max_connections_hold_with(scheduler).await;
+    }
+}
+
+async fn max_connections_hold_with(scheduler: &str) {
     let upstream = Server::echo().await;
     let (admin, front) = (closed_port(), closed_port());
-    let toml = config(&[("front", front)], admin, upstream.addr, "")
+    let toml = config_with(scheduler, &[("front", front)], admin, upstream.addr, "")
         .replace("pool = \"p\"\n", "pool = \"p\"\nmax_connections = 3\n");
     let proxy = ChildProxy::start(&toml, admin).await;
     // Twelve clients at once, from twelve source ports: the kernel spreads them over
@@ -219,14 +239,14 @@ async fn max_connections_holds_across_the_worker_threads() {
             served += 1;
         }
     }
-    assert_eq!(served, 3, "{}", proxy.stderr());
+    assert_eq!(served, 3, "{scheduler}: {}", proxy.stderr());
     let rejected = metric_sum(
         admin,
         "switchyard_connections_rejected_total",
         &[("listener", "front"), ("reason", "max_connections")],
     )
     .await;
-    assert_eq!(rejected, 9.0);
+    assert_eq!(rejected, 9.0, "{scheduler}");
     assert_eq!(
         metric_sum(
             admin,
@@ -256,9 +276,19 @@ async fn max_connections_holds_across_the_worker_threads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_a_listener_on_every_worker_thread_and_a_removed_one_drains() {
+    for scheduler in SCHEDULERS {
+        listeners_added_and_removed_with(scheduler).await;
+    }
+}
+
+async fn listeners_added_and_removed_with(scheduler: &str) {
     let upstream = Server::echo().await;
     let (admin, a, b) = (closed_port(), closed_port(), closed_port());
-    let proxy = ChildProxy::start(&config(&[("a", a)], admin, upstream.addr, ""), admin).await;
+    let proxy = ChildProxy::start(
+        &config_with(scheduler, &[("a", a)], admin, upstream.addr, ""),
+        admin,
+    )
+    .await;
     let pid = proxy.child.id();
     let mut held = TcpStream::connect(a).await.expect("connect to a");
     echo_on(&mut held, b"held through a")
@@ -267,22 +297,37 @@ async fn sighup_adds_a_listener_on_every_worker_thread_and_a_removed_one_drains(
 
     assert_eq!(
         proxy
-            .reload_with(&config(&[("a", a), ("b", b)], admin, upstream.addr, ""))
+            .reload_with(&config_with(
+                scheduler,
+                &[("a", a), ("b", b)],
+                admin,
+                upstream.addr,
+                ""
+            ))
             .await,
         "ok"
     );
-    // Only b's connections now: both workers must own one of b's sockets.
+    // Only b's connections now: with per_thread both workers must own one of b's
+    // sockets.
     let (workers, _) = wake_ups_during(pid, short_connections(&[b], 200)).await;
-    for (worker, woke) in worker_names().iter().zip(&workers) {
-        assert!(
-            *woke >= 20,
-            "{worker} woke {woke} times for b's 200 connections"
-        );
+    if scheduler == "per_thread" {
+        for (worker, woke) in worker_names().iter().zip(&workers) {
+            assert!(
+                *woke >= 20,
+                "{worker} woke {woke} times for b's 200 connections"
+            );
+        }
     }
 
     assert_eq!(
         proxy
-            .reload_with(&config(&[("b", b)], admin, upstream.addr, ""))
+            .reload_with(&config_with(
+                scheduler,
+                &[("b", b)],
+                admin,
+                upstream.addr,
+                ""
+            ))
             .await,
         "ok"
     );
@@ -293,14 +338,21 @@ async fn sighup_adds_a_listener_on_every_worker_thread_and_a_removed_one_drains(
         .await
         .expect("the held connection survives the reload");
     let log = proxy.stderr();
-    assert!(log.contains("listener removed"), "{log}");
+    assert!(log.contains("listener removed"), "{scheduler}: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_held_connection_then_closes_it_and_every_thread_ends() {
+    for scheduler in SCHEDULERS {
+        sigterm_drains_with(scheduler).await;
+    }
+}
+
+async fn sigterm_drains_with(scheduler: &str) {
     let upstream = Server::echo().await;
     let (admin, front) = (closed_port(), closed_port());
-    let toml = config(
+    let toml = config_with(
+        scheduler,
         &[("front", front)],
         admin,
         upstream.addr,
@@ -328,11 +380,17 @@ async fn sigterm_drains_a_held_connection_then_closes_it_and_every_thread_ends()
         "closed after {took:?}, before the grace period ended"
     );
     let log = proxy.stderr();
-    assert!(log.contains("shutdown complete"), "{log}");
+    assert!(log.contains("shutdown complete"), "{scheduler}: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
+    for scheduler in SCHEDULERS {
+        sigusr2_hands_over_with(scheduler).await;
+    }
+}
+
+async fn sigusr2_hands_over_with(scheduler: &str) {
     let backend = Backend::start("a").await;
     let (admin, front) = (closed_port(), closed_port());
     let dir = test_dir();
@@ -342,7 +400,13 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
         pid_path.display()
     );
     let mut old = ChildProxy::start(
-        &config(&[("front", front)], admin, backend.addr, &runtime),
+        &config_with(
+            scheduler,
+            &[("front", front)],
+            admin,
+            backend.addr,
+            &runtime,
+        ),
         admin,
     )
     .await;
@@ -358,8 +422,11 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
     let _successor = Successor(Some(new_pid));
     let status = wait_exit(&mut old.child, SOON).await;
     assert!(status.success(), "the old process exits 0: {status}");
-    // The new process serves on its own worker threads, from the handed-over sockets.
-    wait_for_worker_threads(new_pid).await;
+    if scheduler == "per_thread" {
+        // The new process serves on its own worker threads, from the handed-over
+        // sockets.
+        wait_for_worker_threads(new_pid).await;
+    }
     stop_clients.cancel();
     let timeline = clients.await.expect("client loop");
     let failed: Vec<_> = timeline
@@ -373,7 +440,7 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
         failed.len()
     );
     assert!(timeline.records.len() > 50, "too few clients to tell");
-    assert!(failed.is_empty(), "failed clients: {failed:?}");
+    assert!(failed.is_empty(), "{scheduler}: failed clients: {failed:?}");
     assert!(old.stderr().contains("the new process serves"));
     let _ = std::fs::remove_dir_all(dir);
 }
