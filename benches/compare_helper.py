@@ -256,6 +256,10 @@ def load_meta(path):
             if key == "warning":
                 meta["warnings"].append(value)
                 continue
+            if key == "commit":
+                # Text even when it reads as a number: 01e6295 is not 10^6295.
+                meta[key] = value
+                continue
             try:
                 meta[key] = int(value)
             except ValueError:
