@@ -397,6 +397,15 @@ impl Settings {
                     )
                     .into());
                 }
+                // Set but naming nothing would run nothing and write an empty result
+                // over the last one.
+                if parts.is_empty() {
+                    return Err(format!(
+                        "SCALE_ONLY is set but names no part; name some of {}, or unset it for all",
+                        all.join(", ")
+                    )
+                    .into());
+                }
                 parts
             }
         };
