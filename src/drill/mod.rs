@@ -267,15 +267,19 @@ where
             biased;
             () = cancelled.cancelled() => break,
             () = sleep_until(end) => break,
-            _ = tick.tick() => {
+            due = tick.tick() => {
                 let request = client(n);
                 n += 1;
+                // The tick the stream started the client at, not when its task first
+                // ran nor when this loop woke: on a loaded machine either can be after
+                // the limit, and the task's out of order.
+                let started = due.saturating_duration_since(start);
                 clients.spawn(async move {
-                    let started = Instant::now();
+                    let began = Instant::now();
                     let served_by = request.await;
                     ClientRecord {
-                        started: started.saturating_duration_since(start),
-                        latency: started.elapsed(),
+                        started,
+                        latency: began.elapsed(),
                         served_by,
                     }
                 });
