@@ -422,6 +422,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_started_before_the_limit_is_recorded_so_when_its_task_runs_late() {
+        // The first client's making stalls the thread past the limit, as a loaded machine
+        // can: its task first runs after the limit, yet the stream started it before.
+        let limit = Duration::from_millis(50);
+        let timeline = run_clients(Duration::from_millis(5), limit, Stop::AtLimit, |n| {
+            if n == 0 {
+                std::thread::sleep(limit + Duration::from_millis(30));
+            }
+            async { Ok::<_, ClientError>("a".to_string()) }
+        })
+        .await;
+        assert!(!timeline.records.is_empty());
+        assert!(
+            timeline.records.iter().all(|r| r.started < limit),
+            "{:?}",
+            timeline.records
+        );
+    }
+
+    #[tokio::test]
     async fn a_stream_records_every_client_in_start_order_within_its_limit() {
         let upstream = GreetingUpstream::start("backup").await.expect("upstream");
         let limit = Duration::from_millis(300);
