@@ -83,6 +83,14 @@ pub enum Message {
     },
 }
 
+/// What answering a [`Message`] leaves to do.
+#[must_use]
+enum Applied {
+    Answered,
+    /// A new configuration is in force; its new upstreams' checkers are yet to start.
+    Reload,
+}
+
 /// A pool's state as a binary upgrade hands it over, keyed as a reload keys it (pool
 /// name, upstream addresses).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -396,7 +404,13 @@ impl Controller {
                 biased;
                 _ = shutdown.drained() => return,
                 Some(message) = self.commands.recv() => {
-                    self.on_command(message);
+                    if let Applied::Reload = self.on_command(message) {
+                        // The reload's caller finishes the swap (new listeners, its log
+                        // line) first: with `per_thread` it runs on this thread, and
+                        // starting 1,000 checkers took 5 ms of the swap it reported.
+                        tokio::task::yield_now().await;
+                        self.start_checkers();
+                    }
                     None
                 }
                 Some(report) = self.checks.recv() => Some(self.on_check(report)),
@@ -419,7 +433,9 @@ impl Controller {
         }
     }
 
-    fn on_command(&mut self, message: Message) {
+    /// Answers `message`. After a reload the new upstreams' checkers are still to start:
+    /// the caller starts them once the reload's caller has run.
+    fn on_command(&mut self, message: Message) -> Applied {
         match message {
             Message::SetAdmin {
                 pool,
@@ -440,7 +456,7 @@ impl Controller {
                 self.apply_config(&config, &first_checks);
                 let _ = reply.send(());
                 // Routing has swapped: what the checkers do next is an interval away.
-                self.start_checkers();
+                return Applied::Reload;
             }
             Message::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -449,6 +465,7 @@ impl Controller {
                 let _ = reply.send(self.carried());
             }
         }
+        Applied::Answered
     }
 
     fn carried(&self) -> Vec<CarriedPool> {

@@ -194,7 +194,7 @@ impl Harness {
 
     fn failback(&mut self) -> Result<u32, ControlError> {
         let (reply, answer) = oneshot::channel();
-        self.controller.on_command(Message::Failback {
+        let _ = self.controller.on_command(Message::Failback {
             pool: "p".to_string(),
             reply,
         });
@@ -203,11 +203,14 @@ impl Harness {
 
     fn reload(&mut self, config: Config, first_checks: FirstChecks) {
         let (reply, done) = oneshot::channel();
-        self.controller.on_command(Message::Reload {
+        // As the message loop does: the checkers start once the swap is answered.
+        if let Applied::Reload = self.controller.on_command(Message::Reload {
             config: Arc::new(config),
             first_checks,
             reply,
-        });
+        }) {
+            self.controller.start_checkers();
+        }
         answered(done);
     }
 
@@ -657,6 +660,42 @@ async fn a_pool_a_reload_adds_is_not_checked_again_at_once_nor_before_the_swap()
     let route = h.snapshot.load().pool("q").cloned();
     let states = route.map(|r| r.states.to_vec()).unwrap_or_default();
     assert_eq!(states, vec![State::Up, State::Down, State::Up]);
+}
+
+/// Through the message loop, a reload is answered before its new upstreams' checkers
+/// start (the caller's swap must not wait for 1,000 spawns), and they do start.
+#[tokio::test(start_paused = true)]
+async fn the_message_loop_answers_a_reload_then_starts_its_checkers() {
+    let h = Harness::start(&config("", TWO));
+    let handle = h.controller.handle();
+    let shutdown = crate::shutdown::Shutdown::new();
+    let running = tokio::spawn(h.controller.run(shutdown.clone()));
+    let e = SocketAddr::from(([127, 0, 0, 1], 14));
+    let with_e = config(
+        "",
+        r#"
+  { address = "127.0.0.1:10", name = "a" },
+  { address = "127.0.0.1:12", name = "c", priority = 1 },
+  { address = "127.0.0.1:14", name = "e", priority = 1 },
+"#,
+    );
+    let first_checks = FirstChecks::from([(("p".to_string(), e), Ok(()))]);
+
+    assert_eq!(handle.reload(Arc::new(with_e), first_checks).await, Ok(()));
+    let started = |h: &ManualChecks| h.started().iter().any(|s| s.address == e);
+    assert!(
+        !started(&h.checks),
+        "the reload's caller runs before the checkers start"
+    );
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !started(&h.checks) {
+        assert!(Instant::now() < deadline, "no checker for the new upstream");
+        tokio::task::yield_now().await;
+    }
+
+    shutdown.begin();
+    shutdown.drain(Duration::ZERO).await;
+    assert!(running.await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
