@@ -10,7 +10,7 @@ const TOKEN: &str = "correct-horse-battery-staple";
 
 /// A proxy with the admin API on port 0 and a token file; primary `a`, backup `b`.
 async fn start(a: std::net::SocketAddr, b: std::net::SocketAddr) -> TestProxy {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let config = format!(
@@ -18,7 +18,7 @@ async fn start(a: std::net::SocketAddr, b: std::net::SocketAddr) -> TestProxy {
         token_file.display(),
         pool_config(&[("a", a, 0), ("b", b, 1)], "", FAST_HEALTH)
     );
-    let proxy = start_proxy(&config);
+    let proxy = start_proxy_in(dir, "switchyard.toml", &config);
     let admin = proxy.admin.expect("admin API started");
     // Wait for the first checks so that states are settled.
     let deadline = tokio::time::Instant::now() + SOON;
@@ -233,7 +233,7 @@ async fn upstream_state_operations_and_manual_failback() {
 async fn manual_failback_over_http() {
     let mut a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let dir = test_dir();
+    let dir = TestDir::new();
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
     let config = format!(
@@ -412,7 +412,7 @@ async fn switchyard_status_prints_a_table_and_json_from_a_running_instance() {
 async fn token_file_changes_take_effect_on_reload() {
     let a = Server::echo().await;
     let (admin, front) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let (first, second) = (dir.join("first"), dir.join("second"));
     std::fs::write(&first, "first-token\n").unwrap();
     std::fs::write(&second, "second-token\n").unwrap();
@@ -450,5 +450,4 @@ async fn token_file_changes_take_effect_on_reload() {
 
     assert_eq!(proxy.reload_with(&config(None)).await, "ok");
     assert_eq!(status(None).await, 404);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -19,13 +19,15 @@ struct Live {
     _backup: Backend,
     proxy: ChildProxy,
     token_file: std::path::PathBuf,
+    /// Holds the token file; goes after the proxy that reads it.
+    _dir: TestDir,
 }
 
 impl Live {
     async fn start(pool_extra: &str, with_backup: bool) -> Self {
         let primary = Backend::start("primary").await;
         let backup = Backend::start("backup").await;
-        let dir = test_dir();
+        let dir = TestDir::new();
         let token_file = dir.join("admin-token");
         std::fs::write(&token_file, "drill-secret\n").expect("token file");
         let admin = closed_port();
@@ -46,6 +48,7 @@ impl Live {
             _backup: backup,
             proxy,
             token_file,
+            _dir: dir,
         };
         live.wait_all_up().await;
         live
@@ -105,7 +108,8 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_fails_over_and_back_and_reports_every_phase_as_json() {
     let live = Live::start("", true).await;
-    let json = test_dir().join("drill.json");
+    let json_dir = TestDir::new();
+    let json = json_dir.join("drill.json");
     let out = finish(live.drill(
         &[
             "--hold",

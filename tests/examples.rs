@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,8 +51,8 @@ fn rewrite(file: &str, text: &str, replacements: &[(&str, String)]) -> String {
 
 /// Writes `text` as `dir/file_name` and starts a proxy from that file in this runtime.
 /// Relative paths in it resolve against `dir`, which goes when the proxy is dropped.
-fn start_example(dir: PathBuf, file_name: &str, text: &str) -> TestProxy {
-    start_proxy_at(dir.join(file_name), text)
+fn start_example(dir: TestDir, file_name: &str, text: &str) -> TestProxy {
+    start_proxy_in(dir, file_name, text)
 }
 
 /// A client connection from `source` (any 127.0.0.0/8 address is loopback).
@@ -265,7 +264,7 @@ async fn minimal_forwards_to_the_primary_and_uses_the_backup_while_it_is_gone() 
             ("\"127.0.0.1:9002\"", quoted(backup.addr)),
         ],
     );
-    let proxy = start_example(test_dir(), "minimal.toml", &text);
+    let proxy = start_example(TestDir::new(), "minimal.toml", &text);
     let front = proxy.addr("app");
     assert_eq!(greeted_by(front).await.expect("served"), "primary");
     echo_round_trip_after_greeting(front).await;
@@ -335,8 +334,8 @@ async fn default_config_connect_check_misses_a_frozen_postgres_and_the_commented
         ],
     );
     let protocol = with_commented_check(&connect_only);
-    let plain = start_example(test_dir(), "switchyard.toml", &connect_only);
-    let checked = start_example(test_dir(), "switchyard.toml", &protocol);
+    let plain = start_example(TestDir::new(), "switchyard.toml", &connect_only);
+    let checked = start_example(TestDir::new(), "switchyard.toml", &protocol);
     assert!(
         matches!(
             &checked.config.pool("postgres").expect("pool").health.kind,
@@ -436,7 +435,7 @@ async fn database_failover_moves_clients_off_frozen_postgres_and_fails_back_afte
             ("\"10.0.1.1:5432\"", quoted(dr.addr)),
         ],
     );
-    let proxy = start_example(test_dir(), "database-failover.toml", &text);
+    let proxy = start_example(TestDir::new(), "database-failover.toml", &text);
     let front = proxy.addr("postgres");
     let pool = proxy.config.pool("postgres").expect("pool").clone();
     wait_all_checked(&proxy, "postgres").await;
@@ -579,7 +578,7 @@ async fn sticky_cache_keeps_clients_on_their_redis_node_and_fails_over_and_back_
         replacements.push((from.as_str(), quoted(loopback(*port))));
     }
     let text = rewrite(file, &shipped(file), &replacements);
-    let proxy_dir = test_dir();
+    let proxy_dir = TestDir::new();
     std::fs::create_dir_all(proxy_dir.join("secrets")).expect("secrets dir");
     let token = "example-token-7f3a";
     std::fs::write(proxy_dir.join("secrets/admin-token"), format!("{token}\n")).expect("token");
@@ -792,7 +791,7 @@ async fn sticky_cache_keeps_clients_on_their_redis_node_and_fails_over_and_back_
 async fn tls_sni_example_terminates_and_passes_through_by_server_name() {
     let file = "config/examples/tls-sni.toml";
     let shipped_text = shipped(file);
-    let dir = test_dir();
+    let dir = TestDir::new();
     let ca = TestCa::new();
     let mut shown_for: Vec<(Vec<String>, CertificateDer<'static>)> = Vec::new();
     for (cert, key, names) in certificate_entries(&shipped_text, "https") {
@@ -965,7 +964,7 @@ async fn postgres_primary_sends_clients_only_to_the_primary_and_follows_a_promot
             ("\"10.0.0.3:5432\"", quoted(closed_port())),
         ],
     );
-    let proxy = start_example(test_dir(), "postgres-primary.toml", &text);
+    let proxy = start_example(TestDir::new(), "postgres-primary.toml", &text);
     let front = proxy.addr("postgres");
     assert_eq!(
         became_after(&proxy, 0, "pg-1", "down").await,
@@ -1005,7 +1004,7 @@ async fn patroni_example_follows_the_leader_by_its_rest_api() {
             ("port = 8008", format!("port = {rest_port}")),
         ],
     );
-    let proxy = start_example(test_dir(), "patroni.toml", &text);
+    let proxy = start_example(TestDir::new(), "patroni.toml", &text);
     let front = proxy.addr("postgres");
     assert_eq!(became_after(&proxy, 0, "node-2", "down").await, "http 503");
     assert_eq!(became_after(&proxy, 0, "node-3", "down").await, "http 503");
@@ -1050,7 +1049,7 @@ async fn redis_master_example_routes_only_to_the_master() {
             ("\"10.0.0.2:6379\"", quoted(b.addr)),
         ],
     );
-    let proxy = start_example(test_dir(), "redis-master.toml", &text);
+    let proxy = start_example(TestDir::new(), "redis-master.toml", &text);
     let front = proxy.addr("redis");
     assert_eq!(
         became_after(&proxy, 0, "redis-b", "down").await,
@@ -1096,7 +1095,7 @@ async fn mysql_example_checks_the_server_greeting() {
             ("\"10.0.0.2:3306\"", quoted(closed_port())),
         ],
     );
-    let proxy = start_example(test_dir(), "mysql.toml", &text);
+    let proxy = start_example(TestDir::new(), "mysql.toml", &text);
     let front = proxy.addr("mysql");
     became_after(&proxy, 0, "db-2", "down").await;
     let mut stream = TcpStream::connect(front).await.expect("connect");

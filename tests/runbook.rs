@@ -76,15 +76,6 @@ fn runbook_blocks(readme: &str) -> Vec<Block> {
     blocks
 }
 
-/// A temporary folder laid out like the repository root for the runbook; removed on drop.
-struct Workdir(PathBuf);
-
-impl Drop for Workdir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The PATH the runbook expects: the `switchyard` under test first.
 fn path_with_switchyard() -> String {
     let bin = Path::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -331,8 +322,9 @@ async fn the_operations_runbook_works_as_written() {
             .expect("every step was found")
     };
 
-    let work = Workdir(test_dir());
-    let dir = work.0.clone();
+    // Laid out like the repository root, for the runbook.
+    let work = TestDir::new();
+    let dir = work.to_path_buf();
     std::fs::create_dir_all(dir.join("config/examples")).expect("mkdir");
     std::fs::copy(repo.join(CONFIG), dir.join(CONFIG)).expect("copy the runbook config");
     let mut session = Session::start(&dir);

@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -393,7 +392,7 @@ async fn sigusr2_hands_every_workers_sockets_over_without_a_failed_client() {
 async fn sigusr2_hands_over_with(scheduler: &str) {
     let backend = Backend::start("a").await;
     let (admin, front) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pid_path = dir.join("switchyard.pid");
     let runtime = format!(
         "shutdown_grace = \"5s\"\npid_file = \"{}\"\n",
@@ -442,12 +441,11 @@ async fn sigusr2_hands_over_with(scheduler: &str) {
     assert!(timeline.records.len() > 50, "too few clients to tell");
     assert!(failed.is_empty(), "{scheduler}: failed clients: {failed:?}");
     assert!(old.stderr().contains("the new process serves"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_bad_scheduler_is_named_with_its_position_and_what_is_allowed() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let path = dir.join("switchyard.toml");
     let binary = env!("CARGO_BIN_EXE_switchyard");
     let body = "\n[listeners.l]\nbind = \"127.0.0.1:1\"\npool = \"p\"\n\n[pools.p]\nupstreams = [{ address = \"127.0.0.1:2\" }]\n";
@@ -497,5 +495,4 @@ fn a_bad_scheduler_is_named_with_its_position_and_what_is_allowed() {
         .expect("run switchyard check");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("scheduler per_thread"));
-    let _ = std::fs::remove_dir_all(Path::new(&dir));
 }

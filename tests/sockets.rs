@@ -99,7 +99,7 @@ async fn a_reload_keeps_the_sockets_of_staying_addresses_and_binds_only_new_ones
 async fn a_second_instance_serves_from_the_first_ones_sockets_after_it_stops() {
     let upstream = Server::echo().await;
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let path = dir.join("switchyard.toml");
     std::fs::write(
         &path,
@@ -140,5 +140,4 @@ async fn a_second_instance_serves_from_the_first_ones_sockets_after_it_stops() {
     assert_eq!(status, 200, "{body}");
     assert!(inodes(&old.sockets(), Kind::Traffic, front).is_empty());
     new_shutdown.begin();
-    let _ = std::fs::remove_dir_all(dir);
 }

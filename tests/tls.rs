@@ -159,7 +159,7 @@ async fn tls_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminates_with_the_certificate_chosen_by_sni() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     let a = pki.leaf("a", &["a.example.com"]);
     let b = pki.leaf("b", &["b.example.com"]);
@@ -191,7 +191,7 @@ async fn terminates_with_the_certificate_chosen_by_sni() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mtls_listener_refuses_a_client_without_a_certificate() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     pki.leaf("server", &["db.example.com"]);
     pki.leaf("client", &["client.example.com"]);
@@ -241,7 +241,7 @@ async fn an_mtls_listener_refuses_a_client_without_a_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn originates_tls_with_the_configured_server_name_byte_exact() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     pki.leaf("backend", &["backend.internal"]);
     let (upstream, _task) = tls_echo(
@@ -272,7 +272,7 @@ async fn originates_tls_with_the_configured_server_name_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_with_an_untrusted_certificate_fails_its_checks_and_the_pool_fails_over() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let trusted = Pki::new(&dir, "trusted");
     let rogue = Pki::new(&dir, "rogue");
     trusted.leaf("good", &["backend.internal"]);
@@ -298,7 +298,7 @@ async fn an_upstream_with_an_untrusted_certificate_fails_its_checks_and_the_pool
 
 #[test]
 fn a_bad_certificate_file_fails_check_with_its_position() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     std::fs::write(dir.join("broken.pem"), "not a certificate").unwrap();
     std::fs::write(dir.join("broken.key"), "not a key").unwrap();
     let text = format!(
@@ -323,7 +323,7 @@ fn a_bad_certificate_file_fails_check_with_its_position() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     pki.leaf("wild", &["a.example.com", "b.example.com"]);
     let pa = Backend::start("pa").await;
@@ -369,7 +369,7 @@ async fn in_termination_mode_routes_choose_the_pool_after_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_version_handshake_timeout_and_a_bad_certificate_on_reload() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     pki.leaf("server", &["db.example.com"]);
     let upstream = Server::echo().await;
@@ -453,7 +453,7 @@ async fn read_tls_line(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_clients_waiting_on_a_hung_primary_move_to_the_backup_when_it_goes_down() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pki = Pki::new(&dir, "main");
     pki.leaf("front", &["db.example.com"]);
     let primary = Backend::start("primary").await;
@@ -509,7 +509,7 @@ struct HungTlsPrimary {
 impl HungTlsPrimary {
     /// `pool_extra` lines in `[pools.p]`, `health` as the whole health table.
     async fn start(pool_extra: &str, health: &str) -> Self {
-        let dir = test_dir();
+        let dir = TestDir::new();
         let pki = Pki::new(&dir, "main");
         pki.leaf("backend", &["backend.internal"]);
         let hung = Arc::new(AtomicBool::new(false));
@@ -526,11 +526,15 @@ impl HungTlsPrimary {
             "[pools.p.tls]\nserver_name = \"backend.internal\"\nca = \"{}\"\n\n{health}",
             pki.ca_path("main").display(),
         );
-        let proxy = start_proxy(&pool_config(
-            &[("primary", primary, 0), ("backup", backup, 1)],
-            pool_extra,
-            &tls_and_health,
-        ));
+        let proxy = start_proxy_in(
+            dir,
+            "switchyard.toml",
+            &pool_config(
+                &[("primary", primary, 0), ("backup", backup, 1)],
+                pool_extra,
+                &tls_and_health,
+            ),
+        );
         wait_first_checks(&proxy).await;
         hung.store(true, SeqCst);
         Self {

@@ -27,7 +27,7 @@ fn child_config(
 async fn the_pid_file_holds_the_serving_pid_and_goes_at_exit() {
     let backend = Backend::start("a").await;
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pid_path = dir.join("run/switchyard.pid");
     std::fs::create_dir_all(pid_path.parent().unwrap()).unwrap();
     let runtime = format!("pid_file = \"{}\"\n", pid_path.display());
@@ -41,7 +41,6 @@ async fn the_pid_file_holds_the_serving_pid_and_goes_at_exit() {
     let status = wait_exit(&mut proxy.child, SOON).await;
     assert!(status.success(), "{status}: {}", proxy.stderr());
     assert!(!pid_path.exists(), "the pid file is removed at exit");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Whether process `pid` has accepted the connection from `client` to `server`
@@ -133,7 +132,7 @@ async fn an_admin_call_accepted_before_a_stop_is_answered() {
 async fn a_pid_file_that_cannot_be_written_fails_the_start() {
     let backend = Backend::start("a").await;
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let config = dir.join("switchyard.toml");
     let runtime = "pid_file = \"no-such-folder/switchyard.pid\"\n";
     std::fs::write(
@@ -149,7 +148,6 @@ async fn a_pid_file_that_cannot_be_written_fails_the_start() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot write the pid file"), "{stderr}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Waits within [`SOON`] until `/status` shows `pid`: the new process answers the admin
@@ -220,7 +218,7 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
     let backend = Backend::start("a").await;
     let dead = closed_port();
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pid_path = dir.join("switchyard.pid");
     // Two workers: two SO_REUSEPORT sockets for the address, both handed over.
     let runtime = format!(
@@ -336,14 +334,13 @@ async fn an_upgrade_under_load_refuses_nothing_keeps_streams_and_health() {
     );
     let log = old.stderr();
     assert!(log.contains("the new process serves"), "{log}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
     let backend = Backend::start("a").await;
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let pid_path = dir.join("switchyard.pid");
     let runtime = format!("pid_file = \"{}\"\n", pid_path.display());
     let toml = child_config(front, admin, &[("a", backend.addr, 0)], &runtime);
@@ -378,7 +375,6 @@ async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
     let _successor = Successor(Some(new_pid));
     wait_status_pid(admin, new_pid).await;
     assert_eq!(greeted_by(front).await.expect("served by the new one"), "a");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Under systemd (`Type=notify`): READY=1 once serving, and on an upgrade the old
@@ -387,7 +383,7 @@ async fn a_new_binary_that_exits_at_start_leaves_the_old_one_serving() {
 async fn systemd_hears_ready_and_the_new_main_pid() {
     let backend = Backend::start("a").await;
     let (front, admin) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let config = dir.join("switchyard.toml");
     std::fs::write(
         &config,
@@ -425,5 +421,4 @@ async fn systemd_hears_ready_and_the_new_main_pid() {
     wait_status_pid(admin, new_pid).await;
     let status = wait_exit(&mut old, SOON).await;
     assert!(status.success());
-    let _ = std::fs::remove_dir_all(dir);
 }

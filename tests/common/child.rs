@@ -7,14 +7,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{SOON, metrics, test_dir};
+use super::{SOON, TestDir, metrics};
 
-/// `switchyard run` as a child process, killed on drop.
+/// `switchyard run` as a child process, killed on drop; its folder (config, stderr) goes
+/// after it.
 pub struct ChildProxy {
     pub child: std::process::Child,
     pub admin: SocketAddr,
     pub config_path: std::path::PathBuf,
     pub stderr_path: std::path::PathBuf,
+    _dir: TestDir,
 }
 
 impl ChildProxy {
@@ -36,7 +38,7 @@ impl ChildProxy {
     }
 
     async fn launch(toml: &str, admin: SocketAddr, args: &[&str], nofile: Option<u64>) -> Self {
-        let dir = test_dir();
+        let dir = TestDir::new();
         let config_path = dir.join("switchyard.toml");
         let stderr_path = dir.join("stderr.log");
         std::fs::write(&config_path, toml).expect("write config");
@@ -71,6 +73,7 @@ impl ChildProxy {
             admin,
             config_path,
             stderr_path,
+            _dir: dir,
         };
         let deadline = Instant::now() + SOON;
         while TcpStream::connect(admin).await.is_err() {
@@ -151,11 +154,6 @@ impl Drop for ChildProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(
-            self.config_path
-                .parent()
-                .unwrap_or(Path::new("/nonexistent")),
-        );
     }
 }
 

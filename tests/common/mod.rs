@@ -38,7 +38,68 @@ use tokio::time::Instant;
 /// Generous bound for anything that should happen "at once" on a loaded 2-core machine.
 pub const SOON: Duration = Duration::from_secs(10);
 
-/// A fresh private directory for one test's files.
+/// Set (to anything but empty or `0`) to keep every test's folder for a look afterwards;
+/// each one kept is named on the test's stderr.
+pub const KEEP_TEST_DIRS: &str = "SWITCHYARD_KEEP_TEST_DIRS";
+
+/// A fresh private folder for one test's files, removed with all it holds when this
+/// drops: at the end of the test and, as unwinding drops it too, when the test fails.
+/// It must outlive whatever still reads the folder: a proxy re-reads its config on
+/// reload, so whoever owns a child process (or an in-process proxy) also owns its folder
+/// and drops it after stopping that. `TestDir::new().join(..)` drops it at once: bind it.
+pub struct TestDir(std::path::PathBuf);
+
+impl TestDir {
+    pub fn new() -> Self {
+        Self(test_dir())
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TestDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TestDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let keep = std::env::var_os(KEEP_TEST_DIRS).is_some_and(|v| !v.is_empty() && v != "0");
+        if keep {
+            eprintln!("{KEEP_TEST_DIRS}: kept {}", self.0.display());
+        } else {
+            // Errors are ignored: a panic here, while unwinding from a failed test,
+            // would abort the whole run and hide that failure.
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh private folder that the caller removes itself. Tests take a [`TestDir`],
+/// which does; this is for benches/scale.rs, whose HaproxyChild removes it on drop.
 pub fn test_dir() -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,7 +1,6 @@
 //! switchyard in this test's runtime, configs for it, and what to wait for in it.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,7 +9,7 @@ use switchyard::Proxy;
 use switchyard::config::Config;
 use switchyard::shutdown::Shutdown;
 
-use super::{SOON, test_dir, wait_until};
+use super::{SOON, TestDir, wait_until};
 
 pub struct TestProxy {
     pub proxy: Proxy,
@@ -20,6 +19,9 @@ pub struct TestProxy {
     pub admin: Option<SocketAddr>,
     /// The file the config was loaded from; rewrite it and reload.
     pub config_path: std::path::PathBuf,
+    /// Holds the config and what it names; goes after the proxy (fields drop after
+    /// `drop` has begun the shutdown).
+    _dir: TestDir,
 }
 
 impl TestProxy {
@@ -37,22 +39,19 @@ impl TestProxy {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.begin();
-        let _ = std::fs::remove_dir_all(
-            self.config_path
-                .parent()
-                .unwrap_or(Path::new("/nonexistent")),
-        );
     }
 }
 
 /// Starts a proxy in this runtime from TOML text (binds should use port 0), loaded
 /// from a file of its own so that tests can rewrite it and reload.
 pub fn start_proxy(toml: &str) -> TestProxy {
-    start_proxy_at(test_dir().join("switchyard.toml"), toml)
+    start_proxy_in(TestDir::new(), "switchyard.toml", toml)
 }
 
-/// Like [`start_proxy`], from a file at `config_path` (its folder is removed on drop).
-pub fn start_proxy_at(config_path: std::path::PathBuf, toml: &str) -> TestProxy {
+/// Like [`start_proxy`], from `dir/file_name`; the proxy owns `dir` (and whatever the
+/// test put in it) until it is dropped.
+pub fn start_proxy_in(dir: TestDir, file_name: &str, toml: &str) -> TestProxy {
+    let config_path = dir.join(file_name);
     std::fs::write(&config_path, toml).expect("write test config");
     let config = Config::load(&config_path)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
@@ -66,6 +65,7 @@ pub fn start_proxy_at(config_path: std::path::PathBuf, toml: &str) -> TestProxy 
         reloader: running.reloader,
         admin: running.admin_addr,
         config_path,
+        _dir: dir,
     }
 }
 

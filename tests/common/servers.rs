@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{SOON, closed_port, loopback, test_dir};
+use super::{SOON, TestDir, closed_port, loopback};
 
 // ---------------------------------------------------------------- processes
 
@@ -54,19 +54,13 @@ pub fn stop_child(child: &mut Child, request: libc::c_int, grace: Duration) {
     let _ = child.wait();
 }
 
-/// A private folder, removed on drop (after the processes that use it have stopped:
-/// they hold an `Arc` of it).
-pub struct TempDir(pub PathBuf);
+/// A [`TestDir`] shared by the server processes that use it: each holds an `Arc` of it,
+/// so it is removed after the last of them has stopped.
+pub struct TempDir(pub TestDir);
 
 impl TempDir {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self(test_dir()))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        Arc::new(Self(TestDir::new()))
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,13 +24,13 @@ const MARGIN: Duration = Duration::from_secs(5);
 struct Setup {
     proxy: TestProxy,
     _echo: Server,
-    token_dir: PathBuf,
+    _token_dir: TestDir,
 }
 
 impl Setup {
     async fn start() -> Self {
         let echo = Server::echo().await;
-        let token_dir = test_dir();
+        let token_dir = TestDir::new();
         let token_file = token_dir.join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
         let config = format!(
@@ -42,7 +41,7 @@ impl Setup {
         Self {
             proxy: start_proxy(&config),
             _echo: echo,
-            token_dir,
+            _token_dir: token_dir,
         }
     }
 
@@ -52,12 +51,6 @@ impl Setup {
 
     async fn assert_serving(&self) {
         assert_serving(self.proxy.addr("front"), self.admin()).await;
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.token_dir);
     }
 }
 
@@ -507,7 +500,7 @@ async fn a_thousand_idle_admin_connections_neither_lock_out_livez_nor_starve_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guessing_does_not_flood_the_log() {
     let echo = Server::echo().await;
-    let dir = test_dir();
+    let dir = TestDir::new();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let (admin, front) = (closed_port(), closed_port());
@@ -537,5 +530,4 @@ async fn token_guessing_does_not_flood_the_log() {
         started.elapsed()
     );
     assert_serving(front, admin).await;
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -107,9 +107,11 @@ fn config_with_durations(
     (lines.join("\n") + "\n", positions)
 }
 
-/// `switchyard check` on `text`; returns its exit code, stderr and the file's path.
+/// `switchyard check` on `text`; returns its exit code, stderr and the path the file
+/// had (for matching messages: the file is gone by then).
 fn check(text: &str) -> (Option<i32>, String, PathBuf) {
-    let path = test_dir().join("switchyard.toml");
+    let dir = TestDir::new();
+    let path = dir.join("switchyard.toml");
     std::fs::write(&path, text).expect("write config");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["check", "-c"])

@@ -229,7 +229,7 @@ async fn a_byte_at_a_time_trickle_is_cut_at_handshake_timeout_across_steps() {
 /// handshake timeout, not a failed handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_on_a_tls_listener_counts_as_a_handshake_timeout() {
-    let dir = test_dir();
+    let dir = TestDir::new();
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["a.example".to_string()])
         .unwrap()
@@ -252,7 +252,6 @@ async fn a_silent_client_on_a_tls_listener_counts_as_a_handshake_timeout() {
     assert_eq!(fixture.rejected("edge", "handshake_timeout").await, 1.0);
     assert_eq!(fixture.rejected("edge", "tls_handshake").await, 0.0);
     fixture.assert_serving().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Waits for the child to exit; its status and how long that took.
@@ -325,7 +324,7 @@ async fn a_second_stop_signal_exits_at_once() {
 async fn a_sighup_during_start_up_does_not_kill_the_proxy() {
     let upstream = Server::echo().await;
     let (admin, front) = (closed_port(), closed_port());
-    let dir = test_dir();
+    let dir = TestDir::new();
     let fifo = dir.join("switchyard.toml");
     let made = std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -367,5 +366,4 @@ async fn a_sighup_during_start_up_does_not_kill_the_proxy() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(dir);
 }
