@@ -19,18 +19,17 @@ fn switchyard(args: &[&str]) -> Output {
         .expect("run switchyard")
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A child process, killed and reaped on drop, and the folder it reads from, removed
+/// after it.
+struct ChildGuard {
+    process: Child,
+    _dir: TestDir,
 }
-
-struct ChildGuard(Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
@@ -64,23 +63,25 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
 
 /// Starts `switchyard run` on a config whose listener binds a free port.
 async fn run_child(
-    tag: &str,
     upstream: std::net::SocketAddr,
     extra: &str,
 ) -> (ChildGuard, std::net::SocketAddr) {
     let port = closed_port().port();
-    let dir = temp_dir(tag);
+    let dir = TestDir::new();
     let path = dir.join("run.toml");
     let config = format!("{extra}\n{}", one_pool_config(&[(upstream, 0)], ""))
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start switchyard");
+    let child = ChildGuard {
+        process: Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start switchyard"),
+        _dir: dir,
+    };
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + SOON;
     while echo_round_trip(addr, b"ready?").await.is_err() {
@@ -90,7 +91,7 @@ async fn run_child(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (ChildGuard(child), addr)
+    (child, addr)
 }
 
 /// Every shipped config, as a file `check` can load. No private keys ship with the
@@ -99,11 +100,11 @@ async fn run_child(
 /// operator brings their own; its comments say where). The copies go when this drops.
 struct ShippedConfigs {
     files: Vec<PathBuf>,
-    copies: Vec<PathBuf>,
+    copies: Vec<TestDir>,
 }
 
 impl ShippedConfigs {
-    fn new(tag: &str) -> Self {
+    fn new() -> Self {
         let mut shipped = Self {
             files: vec![PathBuf::from("config/switchyard.toml")],
             copies: Vec::new(),
@@ -114,13 +115,13 @@ impl ShippedConfigs {
             .collect();
         examples.sort();
         for example in examples {
-            let file = shipped.with_certificates(&example, tag);
+            let file = shipped.with_certificates(&example);
             shipped.files.push(file);
         }
         shipped
     }
 
-    fn with_certificates(&mut self, file: &Path, tag: &str) -> PathBuf {
+    fn with_certificates(&mut self, file: &Path) -> PathBuf {
         let text = std::fs::read_to_string(file).unwrap();
         let table: toml::Table = text
             .parse()
@@ -164,9 +165,7 @@ impl ShippedConfigs {
         {
             return file.to_path_buf();
         }
-        let stem = file.file_stem().unwrap().to_string_lossy();
-        let dir = temp_dir(&format!("{tag}-{stem}"));
-        self.copies.push(dir.clone());
+        let dir = TestDir::new();
         let copy = dir.join(file.file_name().unwrap());
         std::fs::write(&copy, text).unwrap();
         if let Some(token) = token {
@@ -191,21 +190,14 @@ impl ShippedConfigs {
                 std::fs::write(path, pem).unwrap();
             }
         }
+        self.copies.push(dir);
         copy
-    }
-}
-
-impl Drop for ShippedConfigs {
-    fn drop(&mut self) {
-        for dir in &self.copies {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
 #[test]
 fn check_accepts_every_shipped_config_and_prints_the_summary() {
-    let shipped = ShippedConfigs::new("check");
+    let shipped = ShippedConfigs::new();
     assert!(shipped.files.len() >= 3);
     for file in &shipped.files {
         let out = switchyard(&["check", "-c", file.to_str().unwrap()]);
@@ -297,7 +289,7 @@ fn check_on_a_missing_file_exits_1_and_bad_usage_exits_2() {
 #[test]
 fn run_exits_1_with_one_sentence_when_the_port_is_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = temp_dir("port-in-use");
+    let dir = TestDir::new();
     let path = dir.join("busy.toml");
     let config = one_pool_config(&[(closed_port(), 0)], "")
         .replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
@@ -316,19 +308,14 @@ fn run_exits_1_with_one_sentence_when_the_port_is_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_lets_connections_finish_then_exits_0() {
     let upstream = Server::echo().await;
-    let (mut child, addr) = run_child(
-        "sigterm",
-        upstream.addr,
-        "[runtime]\nshutdown_grace = \"20s\"",
-    )
-    .await;
+    let (mut child, addr) = run_child(upstream.addr, "[runtime]\nshutdown_grace = \"20s\"").await;
 
     let mut established = TcpStream::connect(addr).await.unwrap();
     established.write_all(b"before").await.unwrap();
     let mut buf = [0u8; 6];
     established.read_exact(&mut buf).await.unwrap();
 
-    send_signal(&child.0, libc::SIGTERM);
+    send_signal(&child.process, libc::SIGTERM);
     let deadline = Instant::now() + SOON;
     while TcpStream::connect(addr).await.is_ok() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
@@ -339,32 +326,27 @@ async fn sigterm_stops_accepting_lets_connections_finish_then_exits_0() {
     established.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"during");
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        child.process.try_wait().unwrap().is_none(),
         "exited while a connection was open"
     );
 
     // Once it ends, the process exits 0 well before the grace period is over.
     drop(established);
-    let status = wait_exit(&mut child.0, Duration::from_secs(10)).await;
+    let status = wait_exit(&mut child.process, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_shutdown_grace_remaining_connections_are_closed_and_it_exits_0() {
     let upstream = Server::echo().await;
-    let (mut child, addr) = run_child(
-        "grace",
-        upstream.addr,
-        "[runtime]\nshutdown_grace = \"500ms\"",
-    )
-    .await;
+    let (mut child, addr) = run_child(upstream.addr, "[runtime]\nshutdown_grace = \"500ms\"").await;
     let mut established = TcpStream::connect(addr).await.unwrap();
     established.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
     established.read_exact(&mut b).await.unwrap();
 
     let signalled = Instant::now();
-    send_signal(&child.0, libc::SIGINT);
+    send_signal(&child.process, libc::SIGINT);
     assert!(
         is_closed(&mut established, SOON).await,
         "connection closed after the grace period"
@@ -373,22 +355,22 @@ async fn after_shutdown_grace_remaining_connections_are_closed_and_it_exits_0() 
         signalled.elapsed() >= Duration::from_millis(450),
         "closed before the grace period ended"
     );
-    let status = wait_exit(&mut child.0, SOON).await;
+    let status = wait_exit(&mut child.process, SOON).await;
     assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_does_not_kill_the_process() {
     let upstream = Server::echo().await;
-    let (mut child, addr) = run_child("sighup", upstream.addr, "").await;
-    send_signal(&child.0, libc::SIGHUP);
+    let (mut child, addr) = run_child(upstream.addr, "").await;
+    send_signal(&child.process, libc::SIGHUP);
     // SIGHUP's default action would end the process before these round trips are done.
     for _ in 0..50 {
         echo_round_trip(addr, b"still here")
             .await
             .expect("still serving after SIGHUP");
     }
-    assert!(child.0.try_wait().unwrap().is_none());
+    assert!(child.process.try_wait().unwrap().is_none());
 }
 
 #[test]
@@ -454,36 +436,36 @@ fn every_flag_has_help_text() {
 async fn logs_written_to_a_file_have_no_colour_codes_and_plain_values() {
     let upstream = Server::echo().await;
     let port = closed_port().port();
-    let dir = temp_dir("plain-logs");
+    let dir = TestDir::new();
     let path = dir.join("run.toml");
     let log_path = dir.join("stderr.log");
     let config = one_pool_config(&[(upstream.addr, 0)], "")
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&path, config).unwrap();
-    let mut child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let mut child = ChildGuard {
+        process: Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["--log-level", "debug", "run", "-c"])
             .arg(&path)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
             .unwrap(),
-    );
+        _dir: dir,
+    };
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + SOON;
     while echo_round_trip(addr, b"logged").await.is_err() {
         assert!(Instant::now() < deadline, "switchyard did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    send_signal(&child.0, libc::SIGTERM);
-    assert!(wait_exit(&mut child.0, SOON).await.success());
+    send_signal(&child.process, libc::SIGTERM);
+    assert!(wait_exit(&mut child.process, SOON).await.success());
     let log = std::fs::read(&log_path).unwrap();
     let text = String::from_utf8_lossy(&log);
     assert!(text.contains("switchyard started"), "{text}");
     assert!(!log.contains(&0x1b), "escape bytes in a log file:\n{text}");
     assert!(text.contains("pool=p"), "{text}");
     assert!(!text.contains("Some("), "Debug-formatted values:\n{text}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// With one `SO_REUSEPORT` socket per worker, an address is still one address to an
@@ -526,7 +508,7 @@ fn the_systemd_unit_waits_longer_than_any_shipped_shutdown_grace() {
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))
         .expect("TimeoutStopSec in the unit");
     let stop_timeout = humantime::parse_duration(stop_timeout.trim()).unwrap();
-    let shipped = ShippedConfigs::new("grace");
+    let shipped = ShippedConfigs::new();
     for file in &shipped.files {
         let config = switchyard::config::Config::load(file).unwrap();
         assert!(
@@ -541,7 +523,7 @@ fn the_systemd_unit_waits_longer_than_any_shipped_shutdown_grace() {
 /// `check` exit 0 means `run` starts: a token file `run` could not read fails `check`.
 #[test]
 fn check_fails_on_a_missing_token_file() {
-    let dir = temp_dir("missing-token");
+    let dir = TestDir::new();
     let path = dir.join("admin.toml");
     let config = format!(
         "[admin]\nlisten = \"127.0.0.1:9900\"\ntoken_file = \"secrets/admin-token\"\n{}",
@@ -560,7 +542,6 @@ fn check_fails_on_a_missing_token_file() {
     std::fs::write(dir.join("secrets/admin-token"), "t0ken\n").unwrap();
     let out = switchyard(&["check", "-c", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// JSON logs keep types: numbers as numbers, lists as JSON arrays.

@@ -88,8 +88,7 @@ fn cpu_time(pid: u32) -> Duration {
 async fn out_of_file_descriptors_the_proxy_neither_exits_nor_spins_and_recovers() {
     let upstream = Server::echo().await;
     let port = closed_port().port();
-    let dir = std::env::temp_dir().join(format!("switchyard-rlimit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new();
     let config_path = dir.join("rlimit.toml");
     std::fs::write(
         &config_path,
@@ -154,5 +153,4 @@ async fn out_of_file_descriptors_the_proxy_neither_exits_nor_spins_and_recovers(
         log.contains("accept failed"),
         "the test never ran the proxy out of descriptors:\n{log}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
