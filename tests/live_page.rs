@@ -568,14 +568,15 @@ fn chromium() -> Option<PathBuf> {
 }
 
 /// A headless Chromium driven over the DevTools protocol on a pipe (fd 3 to it, fd 4
-/// from it, JSON messages ending in NUL), killed by its PID on drop.
+/// from it, JSON messages ending in NUL), killed on drop with its helper processes (its
+/// process group) before its folder goes.
 struct Browser {
     child: Child,
     to_browser: std::io::PipeWriter,
     from_browser: mpsc::Receiver<Value>,
     next_id: u64,
     session: Option<String>,
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 /// How long one DevTools call may take.
@@ -585,7 +586,11 @@ impl Browser {
     fn launch(path: &std::path::Path) -> Self {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let dir = test_dir();
+        let dir = TestDir::new();
+        // Chromium puts its singleton socket in a folder of its own under TMPDIR and
+        // removes it only at a clean exit, which a killed browser never has.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir(&tmp).expect("tmp folder");
         let (commands_in, to_browser) = std::io::pipe().expect("pipe");
         let (mut replies_in, replies_out) = std::io::pipe().expect("pipe");
         let (commands_fd, replies_fd) = (commands_in.as_raw_fd(), replies_out.as_raw_fd());
@@ -603,6 +608,10 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", dir.join("profile").display()))
             .arg("about:blank")
+            .env("TMPDIR", &tmp)
+            // Its helpers (zygotes, renderers, network service) stay in this group; left
+            // alive after the browser, they write into the profile as it is removed.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("chromium.log")).expect("log file"));
@@ -788,9 +797,14 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Ok(group) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) takes plain integers. The group's id is the PID of our own
+            // child, which leads it (`process_group(0)`) and is not reaped yet (the wait
+            // below does that), so the id cannot name anyone else's group.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
