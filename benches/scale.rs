@@ -222,7 +222,8 @@ struct Haproxy {
 /// An HAProxy child process, killed by its PID on drop, with its folder.
 struct HaproxyChild {
     child: Child,
-    dir: PathBuf,
+    /// Dropped after `drop` has killed the child.
+    dir: common::TestDir,
 }
 
 /// How the primary fails in the failover part (benches/failover.rs's names).
@@ -1445,7 +1446,7 @@ impl HaproxyChild {
     /// Validates `config` (`haproxy -c`), starts HAProxy in the foreground and waits
     /// until it listens on `front`.
     async fn start(haproxy: &Haproxy, config: &str, front: SocketAddr) -> Result<Self> {
-        let dir = common::test_dir();
+        let dir = common::TestDir::new();
         let config_path = dir.join("haproxy.cfg");
         std::fs::write(&config_path, config)?;
         let check = timeout(
@@ -1501,7 +1502,6 @@ impl Drop for HaproxyChild {
         // Child::kill sends SIGKILL to this child's PID only.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

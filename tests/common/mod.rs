@@ -98,9 +98,8 @@ impl Drop for TestDir {
     }
 }
 
-/// A fresh private folder that the caller removes itself. Tests take a [`TestDir`],
-/// which does; this is for benches/scale.rs, whose HaproxyChild removes it on drop.
-pub fn test_dir() -> std::path::PathBuf {
+/// A fresh private folder, for [`TestDir`] to own.
+fn test_dir() -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("switchyard-test-{}-{n}", std::process::id()));
