@@ -73,14 +73,19 @@ async fn endless(first: &'static [u8], pattern: &'static [u8]) -> SocketAddr {
     .0
 }
 
-/// A server that writes `bytes` one byte every 100 ms.
+/// A server that writes `bytes` one byte every 100 ms: slower than [`SHORT`] allows.
 async fn dribbling(bytes: &'static [u8]) -> SocketAddr {
+    dribbling_every(bytes, Duration::from_millis(100)).await
+}
+
+/// A server that writes `bytes` one byte every `gap`.
+async fn dribbling_every(bytes: &'static [u8], gap: Duration) -> SocketAddr {
     server(move |mut w| async move {
         for b in bytes {
             if w.write_all(&[*b]).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(gap).await;
         }
     })
     .await
@@ -159,8 +164,13 @@ async fn http_sends_the_configured_request_line_host_and_connection_close() {
 #[tokio::test]
 async fn http_body_contains_searches_a_bounded_body() {
     let body = format!("{HTTP}\nbody_contains = \"\\\"role\\\": \\\"master\\\"\"");
-    let found =
-        dribbling(b"HTTP/1.1 200 OK\r\n\r\n{\"state\": \"running\", \"role\": \"master\"}").await;
+    // 58 bytes, one every 20 ms: over a second, well within the 10 s timeout even on a
+    // loaded machine (one every 100 ms, the whole 6 s, timed out once under load).
+    let found = dribbling_every(
+        b"HTTP/1.1 200 OK\r\n\r\n{\"state\": \"running\", \"role\": \"master\"}",
+        Duration::from_millis(20),
+    )
+    .await;
     let slow_but_in_time = format!("{body}\ntimeout = \"10s\"");
     let slow_but_in_time = slow_but_in_time.replace("timeout = \"2s\"\n", "");
     assert_eq!(checked(found, &slow_but_in_time).await, Ok(()));
