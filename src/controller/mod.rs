@@ -407,7 +407,7 @@ impl Controller {
                     if let Applied::Reload = self.on_command(message) {
                         // The reload's caller finishes the swap (new listeners, its log
                         // line) first: with `per_thread` it runs on this thread, and
-                        // starting 1,000 checkers took 5 ms of the swap it reported.
+                        // starting 1,000 checkers took 3.5 ms of the swap it reported.
                         tokio::task::yield_now().await;
                         self.start_checkers();
                     }
